@@ -1,0 +1,270 @@
+"""The feature cache: one Zarr v3 store per (dataset, split, extraction settings).
+
+Layout of a store::
+
+    STORE/
+      zarr.json            group attributes: {"fusion_seg": <CacheSpec>}
+      s2, s4, ..., s32     (views, C, h, w) float16, one view per chunk
+      labels               (views, H, W) uint8, one view per chunk, ignore = spec.ignore_index
+      views                (views, 9) float64, one view per chunk: per-view metadata, see VIEW_FIELDS
+
+Every chunk is compressed (Blosc-zstd with byte shuffle by default) and carries a
+crc32c checksum, so a flipped bit is an error rather than a silently wrong feature.
+
+Arrays are sized for the largest view; a smaller view (a whole image of a smaller
+size) is stored top-left and its valid size is in its metadata row, with the
+padding holding zeros in the features and the ignore index in the labels.
+
+Completion record: a view's row in ``views`` is written *after* its features and
+labels, and zarr writes each chunk atomically, so a view is complete exactly when
+its row is present. An interrupted extraction resumes by filling the missing rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .errors import CacheError
+from .shapes import ShapeSpec
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "fusion_seg"
+VIEW_FIELDS = ("image_index", "view_index", "scale", "flip", "resized_h", "resized_w", "valid_h", "valid_w", "seed")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that determines a store's contents. Two runs with equal specs write identical stores."""
+
+    encoder: dict                     # EncoderIdentity.to_dict()
+    dataset: dict                     # SegDataset.describe()
+    classes: tuple[str, ...]
+    ignore_index: int
+    image_ids: tuple[str, ...]
+    views_per_image: int
+    augment: dict                     # {"enabled", "crop", "scale_range", "flip", "seed"}
+    resize: dict                      # {"short_side", "size"}
+    label_shape: tuple[int, int]      # (H, W) of the labels array
+    feature_shapes: dict              # {name: [C, h, w]} of the feature arrays
+    dtype: str = "float16"
+    codec: dict = field(default_factory=lambda: {"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "shuffle"})
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_views(self) -> int:
+        return len(self.image_ids) * self.views_per_image
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples -> lists, plain JSON
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CacheSpec":
+        d = dict(d)
+        d["classes"] = tuple(d["classes"])
+        d["image_ids"] = tuple(d["image_ids"])
+        d["label_shape"] = tuple(d["label_shape"])
+        return cls(**d)
+
+    def input_shapes(self) -> dict[str, ShapeSpec]:
+        return {f["name"]: ShapeSpec(f["channels"], f["stride"]) for f in self.encoder["features"]}
+
+    def differences(self, other: "CacheSpec") -> list[str]:
+        a, b = self.to_json(), other.to_json()
+        return [f"{k}: stored {a[k]!r}, requested {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def _compressors(codec: dict) -> list:
+    if codec["name"] != "blosc":
+        raise CacheError(f"unknown codec {codec['name']!r} in store settings")
+    return [BloscCodec(cname=codec["cname"], clevel=codec["clevel"], shuffle=codec["shuffle"]), Crc32cCodec()]
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+class FeatureStore:
+    """Read and write access to one feature store."""
+
+    def __init__(self, path: str | Path, group: zarr.Group, spec: CacheSpec):
+        self.path = str(path)
+        self.group = group
+        self.spec = spec
+        self._arrays = {name: group[name] for name in spec.feature_shapes}
+        self._labels = group["labels"]
+        self._views = group["views"]
+        self._strides = {name: spec.input_shapes()[name].stride for name in spec.feature_shapes}
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
+        """Open an existing store, checking that it is one and that its schema is readable."""
+        if _is_local(path) and not (Path(str(path).removeprefix("file://")) / "zarr.json").is_file():
+            raise CacheError(
+                f"{path} is not a fusion-seg feature store (no zarr.json). "
+                "Create it with `fusion-seg extract ... --out STORE`."
+            )
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+            attrs = group.attrs.asdict()
+        except Exception as exc:
+            raise CacheError(f"cannot open feature store {path}: {exc}") from exc
+        if ATTRS_KEY not in attrs:
+            raise CacheError(f"{path} is a Zarr group but not a fusion-seg feature store (no '{ATTRS_KEY}' attributes).")
+        stored = attrs[ATTRS_KEY]
+        version = stored.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise CacheError(
+                f"{path} has cache schema version {version}, newer than this fusion-seg understands "
+                f"({SCHEMA_VERSION}). Upgrade fusion-seg, or re-extract the store with this version."
+            )
+        return cls(path, group, CacheSpec.from_json(stored))
+
+    @classmethod
+    def create_or_resume(cls, path: str | Path, spec: CacheSpec) -> "FeatureStore":
+        """Create a new store for ``spec``, or reopen an existing one made with exactly the same settings."""
+        exists = (Path(str(path)) / "zarr.json").is_file() if _is_local(path) else _remote_exists(path)
+        if exists:
+            store = cls.open(path, mode="r+")
+            diffs = store.spec.differences(spec)
+            if diffs:
+                raise CacheError(
+                    f"{path} was extracted with different settings and cannot be resumed with these: "
+                    + "; ".join(diffs)
+                    + ". Use a new --out, or delete the store to start over."
+                )
+            return store
+        group = zarr.open_group(str(path), mode="w-")
+        compressors = _compressors(spec.codec)
+        n = spec.num_views
+        for name, shape in spec.feature_shapes.items():
+            group.create_array(name, shape=(n, *shape), chunks=(1, *shape), dtype=spec.dtype,
+                               compressors=compressors, fill_value=0)
+        group.create_array("labels", shape=(n, *spec.label_shape), chunks=(1, *spec.label_shape), dtype="uint8",
+                           compressors=compressors, fill_value=spec.ignore_index)
+        group.create_array("views", shape=(n, len(VIEW_FIELDS)), chunks=(1, len(VIEW_FIELDS)), dtype="float64",
+                           compressors=compressors, fill_value=math.nan)
+        # Attributes last: a store without them is not yet a store (open() refuses it).
+        group.attrs[ATTRS_KEY] = spec.to_json()
+        return cls(path, group, spec)
+
+    # ----------------------------------------------------------------- writing
+    def write_view(self, v: int, features: dict[str, np.ndarray], labels: np.ndarray, meta: dict) -> None:
+        """Write view ``v``; its metadata row goes last and marks it complete."""
+        for name, arr in features.items():
+            c, h, w = arr.shape
+            target = self._arrays[name]
+            if (h, w) == tuple(target.shape[2:]):
+                target[v] = arr.astype(self.spec.dtype, copy=False)
+            else:
+                full = np.zeros(target.shape[1:], dtype=self.spec.dtype)
+                full[:, :h, :w] = arr
+                target[v] = full
+        lh, lw = labels.shape
+        if (lh, lw) == tuple(self.spec.label_shape):
+            self._labels[v] = labels
+        else:
+            full = np.full(self.spec.label_shape, self.spec.ignore_index, dtype=np.uint8)
+            full[:lh, :lw] = labels
+            self._labels[v] = full
+        self._views[v] = np.array([float(meta[k]) for k in VIEW_FIELDS], dtype=np.float64)
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def num_views(self) -> int:
+        return self.spec.num_views
+
+    def completed(self) -> np.ndarray:
+        """Boolean mask of complete views."""
+        return ~np.isnan(self._views[:, 0])
+
+    def check_complete(self) -> None:
+        done = self.completed()
+        if not done.all():
+            missing = np.flatnonzero(~done)
+            raise CacheError(
+                f"{self.path} is incomplete: {len(missing)} of {len(done)} views missing "
+                f"(first: {missing[:5].tolist()}). Re-run the same `fusion-seg extract` command to finish it."
+            )
+
+    def view_meta(self, v: int) -> dict:
+        row = self._views[v]
+        return {k: float(x) for k, x in zip(VIEW_FIELDS, row)}
+
+    def chunk_path(self, name: str, v: int) -> str:
+        ndim = len(self.group[name].shape)
+        return f"{self.path}/{name}/c/{v}" + "/0" * (ndim - 1)
+
+    def read_view(self, v: int, names: list[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+        """Features (cropped to the view's valid region), labels and metadata of view ``v``."""
+        if not 0 <= v < self.num_views:
+            raise IndexError(v)
+        meta = self._read(lambda: self.view_meta(v), "views", v)
+        if math.isnan(meta["image_index"]):
+            raise CacheError(f"view {v} of {self.path} was never completed. Re-run the extraction command to finish it.")
+        vh, vw = int(meta["valid_h"]), int(meta["valid_w"])
+        labels = self._read(lambda: self._labels[v], "labels", v)[:vh, :vw]
+        features = {}
+        for name in names or list(self._arrays):
+            arr = self._read(lambda: self._arrays[name][v], name, v)
+            stride = self._strides[name]
+            features[name] = arr[:, : -(-vh // stride), : -(-vw // stride)]
+        return features, labels, meta
+
+    def _read(self, fn, name: str, v: int):
+        try:
+            return fn()
+        except CacheError:
+            raise
+        except Exception as exc:
+            raise CacheError(
+                f"cannot read view {v} of {self.path}: chunk {self.chunk_path(name, v)} is corrupt or unreadable "
+                f"({type(exc).__name__}: {exc}). Run `fusion-seg verify {self.path}` to list all bad views, "
+                "and `fusion-seg extract ... --repair` to re-extract them."
+            ) from exc
+
+    # ----------------------------------------------------------------- summary
+    def info(self) -> dict:
+        """Schema, size on disk, compression ratio and encoder identity."""
+        raw = sum(math.prod(a.shape) * a.dtype.itemsize for a in self._arrays.values())
+        raw += math.prod(self._labels.shape)
+        stored = _bytes_on_disk(self.path) if _is_local(self.path) else None
+        done = int(self.completed().sum())
+        return {
+            "path": self.path,
+            "schema_version": self.spec.schema_version,
+            "dataset": self.spec.dataset.get("name"),
+            "split": self.spec.dataset.get("split"),
+            "num_classes": len(self.spec.classes),
+            "images": len(self.spec.image_ids),
+            "views": self.num_views,
+            "views_complete": done,
+            "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in self._arrays.items()},
+            "label_shape": list(self.spec.label_shape),
+            "codec": self.spec.codec,
+            "bytes_raw_complete": int(raw * done / max(1, self.num_views)),
+            "bytes_on_disk": stored,
+            "compression_ratio": (raw * done / max(1, self.num_views)) / stored if stored else None,
+            "encoder": self.spec.encoder,
+            "augment": self.spec.augment,
+            "resize": self.spec.resize,
+        }
+
+
+def _bytes_on_disk(path: str) -> int:
+    root = Path(path.removeprefix("file://"))
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _remote_exists(path: str | Path) -> bool:
+    try:
+        zarr.open_group(str(path), mode="r")
+        return True
+    except Exception:
+        return False

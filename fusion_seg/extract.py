@@ -1,0 +1,161 @@
+"""Stage one: run the frozen encoder once per view and store the features.
+
+The loop overlaps its three costs: a DataLoader with workers decodes and augments
+the next views while the encoder runs, and a pool of writer threads compresses and
+writes finished views (Blosc releases the GIL) while the encoder runs the next batch.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .cache import CacheSpec, FeatureStore
+from .datasets import build_dataset
+from .datasets.base import SegDataset
+from .device import autocast, resolve_device, to_device
+from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, FrozenEncoder, build_encoder
+from .errors import CacheError, UserError
+from .transforms import resized_shape
+from .views import Augment, Resize, ViewSource, collate_list, stack_groups
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    views_total: int
+    views_written: int
+    seconds: float
+
+    @property
+    def views_per_second(self) -> float:
+        return self.views_written / self.seconds if self.seconds > 0 else 0.0
+
+
+def label_shape_for(dataset: SegDataset, augment: Augment, resize: Resize) -> tuple[int, int]:
+    """The labels array's (H, W): the crop, or the largest resized image."""
+    if augment.enabled:
+        return tuple(augment.crop)
+    sizes = {resized_shape(dataset.image_size(i), short_side=resize.short_side, size=resize.size)
+             for i in range(len(dataset))}
+    return max(h for h, _ in sizes), max(w for _, w in sizes)
+
+
+def feature_shapes_for(encoder: FrozenEncoder, hw: tuple[int, int]) -> dict[str, list[int]]:
+    """Shapes of every feature map for an input of size ``hw`` (one probe forward)."""
+    probe = encoder(torch.zeros(1, 3, *hw))
+    return {name: list(t.shape[1:]) for name, t in probe.items()}
+
+
+def build_spec(dataset: SegDataset, encoder: FrozenEncoder, views: int, augment: Augment, resize: Resize) -> CacheSpec:
+    label_shape = label_shape_for(dataset, augment, resize)
+    return CacheSpec(
+        encoder=encoder.identity.to_dict(),
+        dataset=dataset.describe(),
+        classes=tuple(dataset.classes),
+        ignore_index=dataset.ignore_index,
+        image_ids=tuple(dataset.ids),
+        views_per_image=views,
+        augment=augment.to_json(),
+        resize=resize.to_json(),
+        label_shape=label_shape,
+        feature_shapes=feature_shapes_for(encoder, label_shape),
+    )
+
+
+def extract(
+    *,
+    dataset: str,
+    split: str,
+    out: str | Path,
+    root: str | Path | None = None,
+    views: int = 1,
+    augment: bool = True,
+    crop: tuple[int, int] = (512, 512),
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    flip: bool = True,
+    short_side: int | None = None,
+    size: tuple[int, int] | None = None,
+    encoder: str = DEFAULT_ENCODER,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    strides: tuple[int, ...] = DEFAULT_STRIDES,
+    batch_size: int = 4,
+    workers: int = 2,
+    writers: int = 2,
+    device: str = "auto",
+    dataset_options: dict | None = None,
+    progress: bool = True,
+) -> ExtractResult:
+    """Extract features of ``views`` views per image of ``dataset``/``split`` into the store ``out``.
+
+    Re-running the same call resumes: only views without a completion record are made.
+    A store made with other settings is refused, never mixed.
+    """
+    if views < 1:
+        raise UserError("--views must be at least 1.")
+    if not augment and views != 1:
+        raise UserError("--no-augment stores the whole image once; use it with --views 1.")
+    if short_side is not None and size is not None:
+        raise UserError("--short-side and --size are mutually exclusive.")
+    ds = build_dataset(dataset, root=root, split=split, **(dataset_options or {}))
+    if len(ds) == 0:
+        raise UserError(f"dataset {dataset!r} split {split!r} has no images; nothing to extract.")
+    dev = resolve_device(device)
+    enc = build_encoder(encoder, weights_file=weights, random_init=random_init, seed=seed, strides=strides)
+    aug = Augment(enabled=augment, crop=tuple(crop) if augment else None, scale_range=tuple(scale_range),
+                  flip=flip if augment else False, seed=seed)
+    rsz = Resize(short_side=short_side, size=tuple(size) if size else None)
+    spec = build_spec(ds, enc, views, aug, rsz)
+    store = FeatureStore.create_or_resume(out, spec)
+    todo = np.flatnonzero(~store.completed()).tolist()
+    result = ExtractResult(str(out), spec.num_views, 0, 0.0)
+    if not todo:
+        return result
+
+    enc = enc.to(dev)
+    source = ViewSource(ds, views, aug, rsz, enc.identity.mean, enc.identity.std)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(source, todo), batch_size=batch_size, num_workers=workers,
+        collate_fn=collate_list, pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
+    )
+    start = time.perf_counter()
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="zarr-writer") as pool, \
+            tqdm(total=len(todo), desc=f"extract {Path(str(out)).name}", unit="view", disable=not progress) as bar:
+        for items in loader:
+            for group in stack_groups(items):
+                images = to_device(torch.stack([it["image"] for it in group]), dev)
+                with autocast(dev):
+                    feats = enc(images)
+                feats = {k: t.to(torch.float16).cpu().numpy() for k, t in feats.items()}
+                for j, it in enumerate(group):
+                    per_view = {k: a[j] for k, a in feats.items()}
+                    pending.append(pool.submit(store.write_view, it["index"], per_view, it["labels"].numpy(), it["meta"]))
+            # Bound the memory held by views waiting to be written, and surface write errors early.
+            while len(pending) > 4 * max(1, writers):
+                _finish(pending.pop(0), out)
+                result.views_written += 1
+                bar.update(1)
+        while pending:
+            _finish(pending.pop(0), out)
+            result.views_written += 1
+            bar.update(1)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _finish(future: Future, out) -> None:
+    try:
+        future.result()
+    except OSError as exc:
+        raise CacheError(
+            f"writing to {out} failed: {exc}. Free space or fix permissions, then re-run the same command: "
+            "the views already written are kept and only the missing ones are extracted."
+        ) from exc
