@@ -1,0 +1,286 @@
+"""``fusion-seg``: a thin command-line shell over the library functions.
+
+User errors (:class:`fusion_seg.errors.UserError`) are printed as one line, with
+no traceback, and exit with status 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import UserError
+
+
+class HxW(click.ParamType):
+    """``512x1024`` -> (512, 1024); a single number means a square."""
+
+    name = "HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            parts = [int(p) for p in str(value).lower().split("x")]
+            if len(parts) == 1:
+                parts *= 2
+            if len(parts) != 2 or min(parts) <= 0:
+                raise ValueError
+            return tuple(parts)
+        except ValueError:
+            self.fail(f"{value!r} is not a size like 512x1024 (height x width)", param, ctx)
+
+
+class IntList(click.ParamType):
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return tuple(int(v) for v in value)
+        try:
+            return tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+
+
+def parse_dataset_opts(pairs) -> dict:
+    """``("num_images=4", "size=[64,96]")`` -> ``{"num_images": 4, "size": [64, 96]}`` (values as JSON, else text)."""
+    out = {}
+    for item in pairs:
+        if "=" not in item:
+            raise UserError(f"--dataset-opt {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.secho("Interrupted. Re-run the same command to resume.", fg="yellow", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def dataset_options(fn):
+    for opt in reversed([
+        click.option("--dataset", required=True, help="synthetic, camvid or folder."),
+        click.option("--root", type=click.Path(), default=None, help="Dataset root folder."),
+        click.option("--split", required=True, help="Split name, e.g. train or val."),
+        click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE",
+                     help="Dataset-specific option, e.g. num_images=8 for synthetic (repeatable)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def view_options(fn):
+    for opt in reversed([
+        click.option("--no-augment", is_flag=True, help="Store the whole (resized) image, no augmentation."),
+        click.option("--crop", type=HxW(), default="512x512", show_default=True, help="Crop of each view."),
+        click.option("--scale-range", type=float, nargs=2, default=(0.5, 2.0), show_default=True,
+                     help="Random scale range (HRNet: 0.5 2.0)."),
+        click.option("--no-flip", is_flag=True, help="Disable the random horizontal flip."),
+        click.option("--short-side", type=int, default=None, help="Resize so the short side is N, before anything else."),
+        click.option("--size", type=HxW(), default=None, help="Resize to exactly HxW, before anything else."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def encoder_options(fn):
+    from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES
+
+    for opt in reversed([
+        click.option("--encoder", default=DEFAULT_ENCODER, show_default=True,
+                     help="timm model tag. The default (semi-supervised ResNet-50) is CC-BY-NC 4.0."),
+        click.option("--weights", type=click.Path(), default=None, help="Encoder weights (.pth/.safetensors), offline."),
+        click.option("--random-init", is_flag=True, help="Explicitly random encoder weights (seeded by --seed)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--strides", type=IntList(), default=",".join(map(str, DEFAULT_STRIDES)), show_default=True,
+                     help="Feature strides to extract."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--workers", type=int, default=2, show_default=True, help="DataLoader worker processes."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="fusion-seg")
+def main():
+    """Train segmentation decoders on a frozen backbone from a Zarr feature cache."""
+
+
+@main.command()
+@dataset_options
+@click.option("--views", type=int, default=1, show_default=True, help="Augmented views per image.")
+@view_options
+@encoder_options
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Feature store (a .zarr folder).")
+@user_errors
+def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_range, no_flip, short_side, size, encoder, weights,
+            random_init, seed, strides, device, workers, batch_size, out):
+    """Run the frozen encoder once per view and store multi-scale features (resumable)."""
+    from .extract import extract as run
+
+    r = run(dataset=dataset, root=root, split=split, out=out, views=views, augment=not no_augment, crop=crop,
+            scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size, encoder=encoder,
+            weights=weights, random_init=random_init, seed=seed, strides=strides, batch_size=batch_size,
+            workers=workers, device=device, dataset_options=parse_dataset_opts(dataset_opt))
+    click.echo(f"{r.store}: {r.views_written} views written ({r.views_total} in store), "
+               f"{r.views_per_second:.2f} views/s")
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@user_errors
+def info(store, as_json):
+    """Schema, size, compression ratio and encoder identity of a feature store."""
+    from .cache import FeatureStore
+
+    d = FeatureStore.open(store).info()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    enc = d["encoder"]
+    ratio = f"{d['compression_ratio']:.2f}x" if d["compression_ratio"] else "n/a"
+    size = f"{d['bytes_on_disk'] / 2**20:.1f} MiB" if d["bytes_on_disk"] is not None else "n/a (remote)"
+    click.echo(f"store          {d['path']}\nschema         v{d['schema_version']}\n"
+               f"dataset        {d['dataset']} / {d['split']} ({d['num_classes']} classes)\n"
+               f"views          {d['views_complete']} of {d['views']} complete ({d['images']} images)\n"
+               f"on disk        {size}, compression {ratio} ({d['codec']['cname']} via {d['codec']['name']})\n"
+               f"encoder        {enc['tag']}  weights={enc['weights']}  sha256={enc['weights_sha256'][:16]}\n"
+               f"normalise      mean={enc['mean']} std={enc['std']}")
+    for name, a in d["arrays"].items():
+        click.echo(f"  {name:<6} {str(a['shape']):<28} {a['dtype']}")
+    click.echo(f"  labels {d['label_shape']}  augment={d['augment']}  resize={d['resize']}")
+
+
+@main.command("train-decoder")
+@click.option("--cache", type=click.Path(), default=None, help="Training feature store.")
+@click.option("--val-cache", type=click.Path(), default=None, help="Validation feature store (whole images).")
+@click.option("--online", is_flag=True, help="Run the frozen encoder every step instead of reading a cache.")
+@click.option("--dataset", default=None, help="[--online] dataset name.")
+@click.option("--root", type=click.Path(), default=None, help="[--online] dataset root.")
+@click.option("--split", default="train", show_default=True, help="[--online] split.")
+@click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE", help="[--online] dataset option.")
+@view_options
+@encoder_options
+@click.option("--decoder", default="reverse-hrnet", show_default=True)
+@click.option("--streams", type=click.IntRange(4, 5), default=4, show_default=True)
+@click.option("--preset", default="small", show_default=True, help="Decoder widths: small, w18 or w48.")
+@click.option("--modules", type=IntList(), default=None, help="HR modules per stage, e.g. 3,4,1.")
+@click.option("--blocks", type=int, default=None, help="BasicBlocks per branch.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True)
+@click.option("--ohem-thresh", type=float, default=0.9, show_default=True)
+@click.option("--ohem-min-kept", type=int, default=131072, show_default=True)
+@click.option("--val-every", type=int, default=1, show_default=True, help="Validate every N epochs.")
+@click.option("--log-every", type=int, default=10, show_default=True, help="Log the loss every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--out", required=True, type=click.Path(), help="Run directory, e.g. runs/NAME.")
+@click.pass_context
+@user_errors
+def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_opt, no_augment, crop, scale_range, no_flip,
+                  short_side, size, encoder, weights, random_init, seed, strides, device, workers, decoder, streams,
+                  preset, modules, blocks, epochs, batch_size, lr, loss, ohem_thresh, ohem_min_kept,
+                  val_every, log_every, resume, out):
+    """Train only the decoder, from a feature cache (or --online from images)."""
+    from .stages import train_config
+    from .train import train_decoder as from_cache, train_online
+
+    # --online: --crop is the augmentation crop, as in extract. From a cache: a random crop in feature
+    # space when given (a multiple of 32), else whole stored views.
+    crop_given = ctx.get_parameter_source("crop").name != "DEFAULT"
+    feature_crop = crop if crop_given and not online else None
+    cfg = train_config(dict(decoder=decoder, streams=streams, preset=preset, modules=modules, blocks=blocks,
+                            epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, ohem_thresh=ohem_thresh,
+                            ohem_min_kept=ohem_min_kept, crop=list(feature_crop) if feature_crop else None,
+                            seed=seed, workers=workers, val_every=val_every, log_every=log_every, device=device))
+    if online:
+        if not dataset:
+            raise UserError("--online needs --dataset (and --root, --split) to read images from.")
+        r = train_online(out, cfg, dataset=dataset, split=split, root=root, augment=not no_augment, crop=crop,
+                         scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size,
+                         encoder=encoder, weights=weights, random_init=random_init, seed=seed, strides=strides,
+                         val_cache=val_cache, resume=resume, dataset_options=parse_dataset_opts(dataset_opt))
+    else:
+        if not cache:
+            raise UserError("pass --cache STORE (made by `fusion-seg extract`), or --online with dataset options.")
+        r = from_cache(cache, out, cfg, val_cache=val_cache, resume=resume)
+    best = f"{r.best_miou:.4f}" if r.best_miou is not None else "n/a"
+    click.echo(f"{r.run_dir}: {r.steps} steps in {r.seconds:.1f}s, best val mIoU {best}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path())
+@dataset_options
+@click.option("--out", type=click.Path(), default=None, help="Output folder (default: next to the checkpoint).")
+@click.option("--sliding-window", is_flag=True, help="Sliding-window inference with the training crop.")
+@click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
+@click.option("--device", default="auto", show_default=True)
+@user_errors
+def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window, weights, device):
+    """Pixel accuracy, mIoU, per-class IoU and confusion matrix, end to end on images."""
+    from .infer import evaluate as run
+
+    r = run(checkpoint, dataset=dataset, root=root, split=split, out=out, sliding_window=sliding_window,
+            weights=weights, device=device, dataset_options=parse_dataset_opts(dataset_opt))
+    click.echo(f"pixel acc {r['pixel_acc']:.4f}  mIoU {r['miou']:.4f}  mean acc {r['mean_acc']:.4f}")
+    for name, iou in r["per_class_iou"].items():
+        click.echo(f"  {name:<20} {'absent' if iou is None else f'{iou:.4f}'}")
+    click.echo(f"written to {r['out']}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path())
+@click.option("--input", "inputs", required=True, type=click.Path(), help="An image file or a folder of images.")
+@click.option("--out", required=True, type=click.Path())
+@click.option("--sliding-window", is_flag=True, help="Sliding-window inference with the training crop.")
+@click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
+@click.option("--device", default="auto", show_default=True)
+@user_errors
+def predict(checkpoint, inputs, out, sliding_window, weights, device):
+    """Image(s) to label PNGs and colour overlays, end to end."""
+    from .infer import predict as run
+
+    r = run(checkpoint, inputs, out, sliding_window=sliding_window, weights=weights, device=device)
+    click.echo(f"{r['images']} image(s) -> {r['out']}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE", help="Override a [vars] entry.")
+@click.option("--dry-run", is_flag=True, help="Print the stages and resolved settings, run nothing.")
+@user_errors
+def run(recipe, overrides, dry_run):
+    """Run the stages of a TOML recipe; stages already done with the same settings are skipped."""
+    from .recipes import run_recipe
+
+    pairs = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected NAME=VALUE")
+        k, v = item.split("=", 1)
+        pairs[k] = v
+    run_recipe(recipe, overrides=pairs, dry_run=dry_run, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""One function per pipeline stage, taking plain keyword data (from a recipe or the CLI)."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import UserError
+
+DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")
+
+
+def train_config(options: dict):
+    """A TrainConfig from flat options; decoder architecture keys go into ``decoder_config``."""
+    from .train import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    decoder_config = {k: options[k] for k in DECODER_KEYS if options.get(k) is not None}
+    unknown = set(options) - names - set(DECODER_KEYS)
+    if unknown:
+        raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    kwargs = {k: v for k, v in options.items() if k in names and v is not None}
+    if decoder_config:
+        kwargs["decoder_config"] = {**TrainConfig().decoder_config, **decoder_config}
+    return TrainConfig(**kwargs)
+
+
+def _pop(stage: dict, *keys):
+    return [stage.pop(k, None) for k in keys]
+
+
+def run_stage(stage: dict, *, progress: bool = True) -> dict:
+    stage = dict(stage)
+    kind = stage.pop("kind")
+    if kind == "extract":
+        from .extract import extract
+
+        for key in ("crop", "size", "scale_range", "strides"):
+            if stage.get(key) is not None:
+                stage[key] = tuple(stage[key])
+        r = extract(**stage, progress=progress)
+        return {"store": r.store, "views": r.views_total, "written": r.views_written,
+                "views_per_second": round(r.views_per_second, 3)}
+    if kind == "train":
+        from .train import train_decoder, train_online
+
+        out = stage.pop("out")
+        online = stage.pop("online", False)
+        if online:
+            online_keys = ("dataset", "split", "root", "augment", "scale_range", "flip", "short_side", "size",
+                           "encoder", "weights", "random_init", "strides", "dataset_options")
+            online_kwargs = {k: stage.pop(k) for k in online_keys if k in stage}
+            enc_seed, aug_crop = _pop(stage, "encoder_seed", "augment_crop")
+            cfg = train_config({k: v for k, v in stage.items() if k not in ("val_cache", "resume")})
+            r = train_online(out, cfg, val_cache=stage.get("val_cache"), resume=True,
+                             seed=enc_seed if enc_seed is not None else cfg.seed,
+                             **({"crop": tuple(aug_crop)} if aug_crop else {}), **online_kwargs, progress=progress)
+        else:
+            cache, val_cache = _pop(stage, "cache", "val_cache")
+            stage.pop("resume", None)
+            r = train_decoder(cache, out, train_config(stage), val_cache=val_cache,
+                              resume=(Path(out) / "last.pt").exists(), progress=progress)
+        return {"run_dir": r.run_dir, "steps": r.steps, "best_miou": r.best_miou,
+                "final_loss": r.losses[-1] if r.losses else None, "seconds": round(r.seconds, 1)}
+    if kind == "evaluate":
+        from .infer import evaluate
+
+        r = evaluate(**stage, progress=progress)
+        return {"miou": r["miou"], "pixel_acc": r["pixel_acc"], "out": r["out"]}
+    if kind == "predict":
+        from .infer import predict
+
+        stage["inputs"] = stage.pop("input")
+        r = predict(**stage, progress=progress)
+        return {"images": r["images"], "out": r["out"]}
+    raise UserError(f"unknown stage kind {kind!r}")

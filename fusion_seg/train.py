@@ -1,0 +1,349 @@
+"""Stage two: train a decoder, from a feature store or (``--online``) from images.
+
+Both paths share one loop; they differ only in where a batch's features come
+from: read from the cache, or computed by the frozen encoder each step. With the
+same seed and no random crop the two give the same losses up to fp16 rounding of
+the cached features (tested).
+
+The recipe is HRNet's: SGD (momentum 0.9, weight decay 5e-4), lr 0.01 with poly
+decay (power 0.9) per iteration, OHEM cross-entropy, ignore index from the data.
+
+A run directory holds ``last.pt`` (every epoch, atomic), ``best.pt`` (best val
+mIoU), ``metrics.jsonl`` and ``config.json``. ``resume=True`` continues from
+``last.pt``; since every random draw is seeded by (seed, epoch, index), the
+losses after a resume equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cache import FeatureStore
+from .cached_views import CachedViews, collate_views
+from .checkpoint import load_checkpoint, save_checkpoint
+from .datasets import build_dataset
+from .device import autocast, resolve_device, to_device
+from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, build_encoder
+from .errors import CheckpointError, UserError
+from .losses import build_loss
+from .metrics import SegEvaluator
+from .model import decoder_record, upsample_logits
+from .decoders import build_decoder
+from .shapes import ShapeSpec
+from .views import Augment, Resize, ViewSource
+
+
+@dataclass
+class TrainConfig:
+    decoder: str = "reverse-hrnet"
+    decoder_config: dict = field(default_factory=lambda: {"streams": 4, "preset": "small"})
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    crop: list[int] | None = None
+    loss: str = "ohem"
+    ohem_thresh: float = 0.9
+    ohem_min_kept: int = 131072
+    seed: int = 0
+    workers: int = 2
+    val_every: int = 1
+    log_every: int = 10
+    device: str = "auto"
+
+    def architecture(self) -> dict:
+        """The settings a checkpoint must agree on to be resumed."""
+        return {"decoder": self.decoder, "decoder_config": self.decoder_config}
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    epochs: int
+    steps: int
+    losses: list[float]
+    best_miou: float | None
+    val: dict | None
+    seconds: float
+
+
+# --------------------------------------------------------------------------- batch sources
+class CacheSource:
+    """Batches of cached features."""
+
+    online = False
+
+    def __init__(self, path: str, names: list[str], cfg: TrainConfig, device: torch.device):
+        self.views = CachedViews(path, names, crop=cfg.crop, seed=cfg.seed)
+        self.spec = self.views.spec
+        self.device = device
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def batches(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
+        self.views.set_epoch(epoch)
+        for features, labels in _loader(self.views, self.cfg, epoch, collate_views, self.device):
+            yield ({k: to_device(v, self.device).float() for k, v in features.items()},
+                   to_device(labels, self.device))
+
+
+class OnlineSource:
+    """Batches made from images each step: augmentation, then the frozen encoder."""
+
+    online = True
+
+    def __init__(self, views: ViewSource, encoder, cfg: TrainConfig, device: torch.device):
+        self.views = views
+        self.encoder = encoder.to(device)
+        self.device = device
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def batches(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
+        self.views.view_offset = epoch  # a fresh augmentation every epoch
+        for images, labels in _loader(self.views, self.cfg, epoch, _collate_images, self.device):
+            with autocast(self.device):
+                features = self.encoder(to_device(images, self.device))
+            # Inference tensors cannot be saved for backward: clone them into normal tensors.
+            yield ({k: v.float().clone() for k, v in features.items()}, to_device(labels, self.device))
+
+
+def _collate_images(items):
+    shapes = {tuple(it["image"].shape) for it in items}
+    if len(shapes) > 1:
+        raise UserError(f"images have different sizes {sorted(shapes)}; pass --crop or --size, or --batch-size 1.")
+    return torch.stack([it["image"] for it in items]), torch.stack([it["labels"].long() for it in items])
+
+
+def _loader(dataset, cfg: TrainConfig, epoch: int, collate, device):
+    generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+        drop_last=len(dataset) >= cfg.batch_size, pin_memory=device.type == "cuda",
+    )
+
+
+# --------------------------------------------------------------------------- validation
+def validate(decoder: nn.Module, store_path: str, names: list[str], num_classes: int, classes, device,
+             workers: int = 0) -> dict:
+    """mIoU of ``decoder`` on every view of a (whole-image) feature store."""
+    views = CachedViews(store_path, names)
+    loader = torch.utils.data.DataLoader(views, batch_size=1, num_workers=workers, collate_fn=collate_views)
+    evaluator = SegEvaluator(num_classes, views.spec.ignore_index, list(classes))
+    was_training = decoder.training
+    decoder.eval()
+    with torch.inference_mode():
+        for features, labels in loader:
+            features = {k: to_device(v, device).float() for k, v in features.items()}
+            with autocast(device):
+                logits = decoder(features)
+            pred = upsample_logits(logits.float(), labels.shape[-2:]).argmax(1)
+            evaluator.process(pred.cpu(), labels)
+    decoder.train(was_training)
+    return evaluator.evaluate()
+
+
+# --------------------------------------------------------------------------- the loop
+def _make_decoder(cfg: TrainConfig, input_shapes: dict[str, ShapeSpec], num_classes: int):
+    """The seeded decoder, and the names of the feature maps it reads."""
+    torch.manual_seed(cfg.seed)
+    decoder = build_decoder(cfg.decoder, input_shapes, num_classes, **cfg.decoder_config)
+    return decoder, [n for n, s in input_shapes.items() if s.stride in decoder.required_strides]
+
+
+def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: TrainConfig, *,
+         input_shapes: dict[str, ShapeSpec], classes: list[str], ignore_index: int, encoder: dict, data: dict,
+         val_cache: str | None, resume: bool, progress: bool) -> TrainResult:
+    device = resolve_device(cfg.device)
+    decoder = decoder.to(device)
+    if device.type == "cuda":
+        decoder = decoder.to(memory_format=torch.channels_last)
+    criterion = build_loss(cfg.loss, ignore_index, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept)
+    optimizer = torch.optim.SGD(decoder.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(source) // cfg.batch_size if len(source) >= cfg.batch_size else 1
+    total_steps = max(1, steps_per_epoch * cfg.epochs)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=cfg.poly_power)
+    record = decoder_record(cfg.decoder, decoder, input_shapes, len(classes))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
+    start_epoch, step, best = 0, 0, None
+    if resume and last.exists():
+        ckpt = load_checkpoint(last)
+        _check_resumable(ckpt, record, classes, encoder, last)
+        decoder.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt.get("best_miou")
+        _truncate_log(log_path, start_epoch)
+    elif last.exists():
+        raise UserError(f"{run_dir} already holds a run (last.pt). Pass --resume to continue it, or choose a new --out.")
+    elif log_path.exists():
+        log_path.unlink()
+    (run_dir / "config.json").write_text(json.dumps(
+        {"train": asdict(cfg), "decoder": record, "classes": classes, "encoder": encoder, "data": data}, indent=2))
+
+    def payload(epoch: int) -> dict:
+        return {"decoder": record, "classes": classes, "ignore_index": ignore_index, "encoder": encoder,
+                "data": data, "train": asdict(cfg), "epoch": epoch, "step": step, "best_miou": best,
+                "model": decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}
+
+    losses: list[float] = []
+    val = None
+    t0 = time.perf_counter()
+    decoder.train()
+    with open(log_path, "a") as log, tqdm(total=total_steps, initial=step, desc=f"train {run_dir.name}",
+                                          unit="step", disable=not progress) as bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            epoch_losses = []
+            for features, labels in source.batches(epoch):
+                with autocast(device):
+                    logits = decoder(features)
+                    loss = criterion(upsample_logits(logits, labels.shape[-2:]).float(), labels)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"the loss became {loss.item()} at step {step} (epoch {epoch}). The last good checkpoint "
+                        f"is {last if last.exists() else 'not written yet'}; resume with --resume and a lower --lr."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                value = float(loss.detach())
+                losses.append(value)
+                epoch_losses.append(value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
+                if step % cfg.log_every == 0:
+                    _log(log, {"type": "step", "epoch": epoch, "step": step, "loss": value,
+                               "lr": optimizer.param_groups[0]["lr"]})
+            record_epoch = {"type": "epoch", "epoch": epoch + 1, "step": step,
+                            "loss": float(np.mean(epoch_losses)) if epoch_losses else None,
+                            "seconds": time.perf_counter() - t0}
+            if val_cache and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                val = validate(decoder, val_cache, names, len(classes), classes, device, workers=min(cfg.workers, 1))
+                record_epoch["val"] = {k: val[k] for k in ("miou", "pixel_acc", "mean_acc", "per_class_iou")}
+                if best is None or val["miou"] > best:
+                    best = val["miou"]
+                    save_checkpoint(best_path, payload(epoch + 1) | {"val": record_epoch["val"]})
+            _log(log, record_epoch)
+            save_checkpoint(last, payload(epoch + 1))
+    if not val_cache:  # without validation, the final model is the best one we know
+        save_checkpoint(best_path, payload(cfg.epochs))
+    return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0)
+
+
+def _log(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+def _truncate_log(path: Path, epoch: int) -> None:
+    """Drop log records written after the checkpoint being resumed (a partial epoch)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the interruption
+        done = rec["epoch"] if rec.get("type") == "epoch" else rec.get("epoch", 0) + 1
+        if done <= epoch:
+            keep.append(line)
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def _check_resumable(ckpt: dict, record: dict, classes, encoder: dict, path: Path) -> None:
+    diffs = []
+    if ckpt["decoder"] != record:
+        diffs.append(f"decoder {ckpt['decoder']['name']} {ckpt['decoder']['config']} != {record['name']} {record['config']}")
+    if list(ckpt["classes"]) != list(classes):
+        diffs.append("class names differ")
+    enc_diffs = EncoderIdentity.from_dict(ckpt["encoder"]).differences(EncoderIdentity.from_dict(encoder))
+    diffs += [f"encoder {d}" for d in enc_diffs]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(diffs) + ". Use a new --out.")
+
+
+# --------------------------------------------------------------------------- entry points
+def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | None = None,
+                  resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``cfg.decoder`` from the feature store ``cache``; the encoder is never loaded."""
+    store = FeatureStore.open(cache)
+    store.check_complete()
+    spec = store.spec
+    if val_cache:
+        val_store = FeatureStore.open(val_cache)
+        val_store.check_complete()
+        _check_val_store(spec, val_store, val_cache)
+    shapes = spec.input_shapes()
+    decoder, names = _make_decoder(cfg, shapes, len(spec.classes))
+    source = CacheSource(cache, names, cfg, resolve_device(cfg.device))
+    data = {"dataset": spec.dataset, "resize": spec.resize, "augment": spec.augment, "crop": cfg.crop,
+            "source": {"cache": str(cache), "val_cache": str(val_cache) if val_cache else None}}
+    return _fit(source, decoder, names, Path(out), cfg, input_shapes=shapes, classes=list(spec.classes),
+                ignore_index=spec.ignore_index, encoder=spec.encoder, data=data, val_cache=val_cache,
+                resume=resume, progress=progress)
+
+
+def _check_val_store(train_spec, val_store: FeatureStore, path: str) -> None:
+    diffs = []
+    if list(val_store.spec.classes) != list(train_spec.classes):
+        diffs.append(f"classes {list(val_store.spec.classes)} != {list(train_spec.classes)}")
+    if val_store.spec.ignore_index != train_spec.ignore_index:
+        diffs.append(f"ignore index {val_store.spec.ignore_index} != {train_spec.ignore_index}")
+    enc = EncoderIdentity.from_dict(val_store.spec.encoder).differences(EncoderIdentity.from_dict(train_spec.encoder))
+    diffs += [f"encoder {d}" for d in enc]
+    if diffs:
+        raise UserError(f"--val-cache {path} does not match the training cache: " + "; ".join(diffs)
+                        + ". Extract the val split with the same dataset and encoder.")
+
+
+def train_online(out: str | Path, cfg: TrainConfig, *, dataset: str, split: str, root: str | None = None,
+                 augment: bool = True, crop: tuple[int, int] = (512, 512), scale_range=(0.5, 2.0),
+                 flip: bool = True, short_side: int | None = None, size: tuple[int, int] | None = None,
+                 encoder: str = DEFAULT_ENCODER, weights: str | None = None, random_init: bool = False,
+                 seed: int = 0, strides=DEFAULT_STRIDES, val_cache: str | None = None, resume: bool = False,
+                 dataset_options: dict | None = None, progress: bool = True) -> TrainResult:
+    """Train the same decoder with the frozen encoder run every step (no cache): the baseline."""
+    ds = build_dataset(dataset, root=root, split=split, **(dataset_options or {}))
+    enc = build_encoder(encoder, weights_file=weights, random_init=random_init, seed=seed, strides=strides)
+    aug = Augment(enabled=augment, crop=tuple(crop) if augment else None, scale_range=tuple(scale_range),
+                  flip=flip if augment else False, seed=seed)
+    rsz = Resize(short_side=short_side, size=tuple(size) if size else None)
+    views = ViewSource(ds, 1, aug, rsz, enc.identity.mean, enc.identity.std)
+    if val_cache:
+        val_store = FeatureStore.open(val_cache)
+        if list(val_store.spec.classes) != list(ds.classes):
+            raise UserError(f"--val-cache {val_cache} has classes {list(val_store.spec.classes)}, "
+                            f"the dataset has {list(ds.classes)}.")
+        diffs = EncoderIdentity.from_dict(val_store.spec.encoder).differences(enc.identity)
+        if diffs:
+            raise UserError(f"--val-cache {val_cache} was extracted with another encoder: " + "; ".join(diffs))
+    source = OnlineSource(views, enc, cfg, resolve_device(cfg.device))
+    decoder, names = _make_decoder(cfg, enc.output_shape(), len(ds.classes))
+    data = {"dataset": ds.describe(), "resize": rsz.to_json(), "augment": aug.to_json(), "crop": cfg.crop,
+            "source": {"online": True, "val_cache": str(val_cache) if val_cache else None}}
+    return _fit(source, decoder, names, Path(out), cfg, input_shapes=enc.output_shape(), classes=list(ds.classes),
+                ignore_index=ds.ignore_index, encoder=enc.identity.to_dict(), data=data, val_cache=val_cache,
+                resume=resume, progress=progress)

@@ -1,0 +1,80 @@
+"""End to end through the command line (click's CliRunner), on generated data."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from fusion_seg.cli import main
+from fusion_seg.datasets import build_dataset
+
+DATA = ["--dataset", "synthetic", "--dataset-opt", "num_images=4", "--dataset-opt", "size=[64,96]"]
+ENC = ["--encoder", "resnet18", "--random-init", "--seed", "0", "--strides", "4,8,16,32", "--workers", "0",
+       "--device", "cpu"]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_extract_train_evaluate_predict(tmp_path):
+    train, val, run = tmp_path / "train.zarr", tmp_path / "val.zarr", tmp_path / "runs" / "demo"
+    out = invoke("extract", *DATA, "--split", "train", "--views", "2", "--crop", "64x64", *ENC, "--out", train)
+    assert "8 views written" in out
+    invoke("extract", *DATA, "--split", "val", "--views", "1", "--no-augment", *ENC, "--out", val)
+    info = invoke("info", train)
+    assert "8 of 8 complete" in info and "resnet18" in info and "random-init:0" in info
+    assert json.loads(invoke("info", "--json", val))["views"] == 4
+
+    out = invoke("train-decoder", "--cache", train, "--val-cache", val, "--epochs", "2", "--batch-size", "4",
+                 "--workers", "0", "--device", "cpu", "--loss", "ce", "--out", run)
+    assert "8 steps" not in out and "best val mIoU" in out
+    assert (run / "best.pt").exists() and (run / "metrics.jsonl").exists()
+
+    out = invoke("evaluate", "--checkpoint", run / "best.pt", *DATA, "--split", "val", "--device", "cpu")
+    assert "mIoU" in out and "background" in out
+    metrics = json.loads((run / "eval-synthetic-val" / "metrics.json").read_text())
+    assert 0 <= metrics["miou"] <= 1 and metrics["images"] == 4
+    confusion = json.loads((run / "eval-synthetic-val" / "confusion.json").read_text())
+    assert np.asarray(confusion["matrix"]).sum() == metrics["num_pixels"]
+
+    images = tmp_path / "my images"
+    images.mkdir()
+    ds = build_dataset("synthetic", split="test", num_images=2, size=(64, 96))
+    for i in range(2):
+        Image.fromarray(ds[i].image).save(images / f"ünïcode {i}.png")
+    for extra in ([], ["--sliding-window"]):
+        preds = tmp_path / f"preds{len(extra)}"
+        out = invoke("predict", "--checkpoint", run / "best.pt", "--input", images, "--out", preds,
+                     "--device", "cpu", *extra)
+        assert "2 image(s)" in out
+        mask = np.asarray(Image.open(preds / "ünïcode 0.png"))
+        assert mask.shape == (64, 96) and mask.max() < len(ds.classes)
+        assert np.asarray(Image.open(preds / "ünïcode 0_overlay.png").convert("RGB")).shape == (64, 96, 3)
+
+
+def test_online_training_from_cli(tmp_path):
+    out = invoke("train-decoder", "--online", *DATA, "--split", "train", "--crop", "64x64", *ENC,
+                 "--epochs", "1", "--batch-size", "2", "--loss", "ce", "--out", tmp_path / "online")
+    assert "2 steps" in out
+
+
+def test_user_errors_have_no_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "nope.zarr")])
+    assert result.exit_code == 2
+    assert "not a fusion-seg feature store" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["extract", "--dataset", "camvid", "--root", str(tmp_path / "missing"),
+                                       "--split", "train", "--random-init", "--out", str(tmp_path / "x.zarr")])
+    assert result.exit_code == 2 and "missing" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["train-decoder", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--cache" in result.output
+
+
+def test_python_dash_m_is_the_same_program():
+    out = subprocess.run([sys.executable, "-m", "fusion_seg", "--help"], capture_output=True, text=True, check=True)
+    for command in ("extract", "info", "train-decoder", "evaluate", "predict", "run"):
+        assert command in out.stdout

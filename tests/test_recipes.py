@@ -1,0 +1,92 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from fusion_seg.errors import UserError
+from fusion_seg.recipes import load_recipe, run_recipe
+
+RECIPE = """
+name = "tiny"
+[vars]
+work = "{work}"
+images = "4"
+
+[[stage]]
+kind = "extract"
+dataset = "synthetic"
+split = "train"
+dataset_options = {{ num_images = 4, size = [64, 96] }}
+views = 1
+crop = [64, 64]
+encoder = "resnet18"
+random_init = true
+strides = [4, 8, 16, 32]
+workers = 0
+device = "cpu"
+out = "${{work}}/train.zarr"
+
+[[stage]]
+kind = "train"
+cache = "${{work}}/train.zarr"
+epochs = 1
+batch_size = 2
+workers = 0
+loss = "ce"
+device = "cpu"
+out = "${{work}}/run"
+
+[[stage]]
+kind = "evaluate"
+checkpoint = "${{work}}/run/best.pt"
+dataset = "synthetic"
+dataset_options = {{ num_images = 2, size = [64, 96] }}
+split = "val"
+device = "cpu"
+out = "${{work}}/eval"
+"""
+
+
+def write(tmp_path, text=RECIPE):
+    path = tmp_path / "r.toml"
+    path.write_text(text.format(work=tmp_path / "w"))
+    return path
+
+
+def test_dry_run_prints_resolved_stages(tmp_path):
+    lines = []
+    run_recipe(write(tmp_path), overrides={"work": "/elsewhere"}, dry_run=True, echo=lines.append)
+    text = "\n".join(lines)
+    assert "[1/3] extract -> /elsewhere/train.zarr" in text
+    assert 'cache = "/elsewhere/train.zarr"' in text
+    assert not (tmp_path / "w").exists()
+
+
+def test_run_then_skip(tmp_path):
+    path = write(tmp_path)
+    results = run_recipe(path, echo=lambda s: None, progress=False)
+    assert [r["status"] for r in results] == ["ran", "ran", "ran"]
+    assert json.loads((tmp_path / "w" / "eval" / "metrics.json").read_text())["images"] == 2
+    again = run_recipe(path, echo=lambda s: None, progress=False)
+    assert again[0]["summary"]["written"] == 0  # extraction resumed a complete store: nothing to do
+    assert [r["status"] for r in again[1:]] == ["skipped", "skipped"]
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(UserError, match="no variable"):
+        load_recipe(write(tmp_path), overrides={"nope": "1"})
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[stage]]\nkind = "bake"\n')
+    with pytest.raises(UserError, match="bake"):
+        load_recipe(bad)
+    bad.write_text('[[stage]]\nkind = "extract"\nout = "${missing}"\n')
+    with pytest.raises(UserError, match="missing"):
+        load_recipe(bad)
+    bad.write_text("not = = toml")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_recipe(bad)
+
+
+def test_shipped_recipes_dry_run():
+    for recipe in sorted(Path(__file__).parents[1].glob("pipelines/*.toml")):
+        assert load_recipe(recipe)["stages"], recipe
