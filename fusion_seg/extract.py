@@ -128,7 +128,7 @@ def extract(
     start = time.perf_counter()
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="zarr-writer") as pool, \
-            tqdm(total=len(todo), desc=f"extract {Path(str(out)).name}", unit="view", disable=not progress) as bar:
+            tqdm(total=len(todo), desc=f"extract {Path(str(out)).name}", unit="view", disable=None if progress else True) as bar:
         for items in loader:
             for group in stack_groups(items):
                 images = to_device(torch.stack([it["image"] for it in group]), dev)

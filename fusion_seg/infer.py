@@ -116,7 +116,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
     out.mkdir(parents=True, exist_ok=True)
     files = list_images(inputs)
     t0 = time.perf_counter()
-    for path in tqdm(files, desc="predict", unit="img", disable=not progress):
+    for path in tqdm(files, desc="predict", unit="img", disable=None if progress else True):
         image = read_image(path)
         pred = predict_logits(model, image, ckpt, sliding_window=sliding_window).argmax(1)[0]
         mask = pred.cpu().numpy().astype(np.uint8)
@@ -145,7 +145,7 @@ def evaluate(checkpoint: str | Path, *, dataset: str, split: str, root: str | No
         )
     evaluator = SegEvaluator(len(ds.classes), ds.ignore_index, list(ds.classes))
     t0 = time.perf_counter()
-    for i in tqdm(range(len(ds)), desc=f"evaluate {dataset}/{split}", unit="img", disable=not progress):
+    for i in tqdm(range(len(ds)), desc=f"evaluate {dataset}/{split}", unit="img", disable=None if progress else True):
         sample = ds[i]
         if sample.mask is None:
             raise UserError(f"{dataset}/{split} has no labels for {sample.id}; evaluate needs a labelled split.")

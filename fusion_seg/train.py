@@ -62,9 +62,10 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
 
-    def architecture(self) -> dict:
-        """The settings a checkpoint must agree on to be resumed."""
-        return {"decoder": self.decoder, "decoder_config": self.decoder_config}
+    def schedule(self) -> dict:
+        """The settings a run must keep to be resumed (not the operational ones: workers, device, logging)."""
+        operational = {"workers", "device", "log_every", "val_every"}
+        return {k: v for k, v in asdict(self).items() if k not in operational}
 
 
 @dataclass
@@ -187,7 +188,7 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
     start_epoch, step, best = 0, 0, None
     if resume and last.exists():
         ckpt = load_checkpoint(last)
-        _check_resumable(ckpt, record, classes, encoder, last)
+        _check_resumable(ckpt, record, cfg, classes, encoder, last)
         decoder.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -211,7 +212,7 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
     t0 = time.perf_counter()
     decoder.train()
     with open(log_path, "a") as log, tqdm(total=total_steps, initial=step, desc=f"train {run_dir.name}",
-                                          unit="step", disable=not progress) as bar:
+                                          unit="step", disable=None if progress else True) as bar:
         for epoch in range(start_epoch, cfg.epochs):
             epoch_losses = []
             for features, labels in source.batches(epoch):
@@ -273,10 +274,12 @@ def _truncate_log(path: Path, epoch: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
-def _check_resumable(ckpt: dict, record: dict, classes, encoder: dict, path: Path) -> None:
+def _check_resumable(ckpt: dict, record: dict, cfg: TrainConfig, classes, encoder: dict, path: Path) -> None:
     diffs = []
     if ckpt["decoder"] != record:
         diffs.append(f"decoder {ckpt['decoder']['name']} {ckpt['decoder']['config']} != {record['name']} {record['config']}")
+    stored = TrainConfig(**ckpt["train"]).schedule()
+    diffs += [f"{k} {stored[k]!r} != {v!r}" for k, v in cfg.schedule().items() if stored.get(k) != v]
     if list(ckpt["classes"]) != list(classes):
         diffs.append("class names differ")
     enc_diffs = EncoderIdentity.from_dict(ckpt["encoder"]).differences(EncoderIdentity.from_dict(encoder))

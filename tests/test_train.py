@@ -67,12 +67,15 @@ def test_resume_continues_with_identical_losses(stores, tmp_path, monkeypatch):
     assert [r["step"] for r in logged if r["type"] == "step"] == list(range(1, 19))
 
 
-def test_resume_with_other_decoder_refused(stores, tmp_path):
+def test_resume_with_other_decoder_or_schedule_refused(stores, tmp_path):
     cache = str(stores / "train.zarr")
     train_decoder(cache, tmp_path / "r", tiny_config(epochs=1), progress=False)
-    other = tiny_config(epochs=2, decoder_config={"streams": 4, "preset": "small", "blocks": 2})
+    other = tiny_config(epochs=1, decoder_config={"streams": 4, "preset": "small", "blocks": 2})
     with pytest.raises(CheckpointError, match="cannot resume"):
         train_decoder(cache, tmp_path / "r", other, resume=True, progress=False)
+    # A longer schedule changes the poly decay: resuming it would silently blend two schedules.
+    with pytest.raises(CheckpointError, match="epochs 1 != 2"):
+        train_decoder(cache, tmp_path / "r", tiny_config(epochs=2), resume=True, progress=False)
 
 
 def test_cache_and_online_training_agree(stores, tmp_path):
