@@ -24,7 +24,7 @@ pipelines: $(STAMP)
 	$(BIN)/fusion-seg run pipelines/demo.toml
 
 bench: $(STAMP)
-	$(BIN)/fusion-seg bench --out BENCHMARKS.json
+	$(BIN)/python benchmarks/decoder_memory.py --json benchmarks/decoder_memory.json
 
 clean:
 	rm -rf $(VENV) runs cache/*.zarr

@@ -7,6 +7,8 @@ from pathlib import Path
 from .errors import UserError
 
 DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")
+ONLINE_KEYS = ("dataset", "split", "root", "augment", "crop", "scale_range", "flip", "short_side", "size", "encoder",
+               "weights", "random_init", "strides", "dataset_options")
 
 
 def train_config(options: dict):
@@ -24,8 +26,10 @@ def train_config(options: dict):
     return TrainConfig(**kwargs)
 
 
-def _pop(stage: dict, *keys):
-    return [stage.pop(k, None) for k in keys]
+def _tuples(options: dict) -> dict:
+    """TOML arrays -> the tuples the library functions take for sizes and ranges."""
+    return {k: tuple(v) if k in ("crop", "size", "scale_range", "strides") and v is not None else v
+            for k, v in options.items()}
 
 
 def run_stage(stage: dict, *, progress: bool = True) -> dict:
@@ -34,31 +38,22 @@ def run_stage(stage: dict, *, progress: bool = True) -> dict:
     if kind == "extract":
         from .extract import extract
 
-        for key in ("crop", "size", "scale_range", "strides"):
-            if stage.get(key) is not None:
-                stage[key] = tuple(stage[key])
-        r = extract(**stage, progress=progress)
+        r = extract(**_tuples(stage), progress=progress)
         return {"store": r.store, "views": r.views_total, "written": r.views_written,
                 "views_per_second": round(r.views_per_second, 3)}
     if kind == "train":
         from .train import train_decoder, train_online
 
-        out = stage.pop("out")
-        online = stage.pop("online", False)
-        if online:
-            online_keys = ("dataset", "split", "root", "augment", "scale_range", "flip", "short_side", "size",
-                           "encoder", "weights", "random_init", "strides", "dataset_options")
-            online_kwargs = {k: stage.pop(k) for k in online_keys if k in stage}
-            enc_seed, aug_crop = _pop(stage, "encoder_seed", "augment_crop")
-            cfg = train_config({k: v for k, v in stage.items() if k not in ("val_cache", "resume")})
-            r = train_online(out, cfg, val_cache=stage.get("val_cache"), resume=True,
-                             seed=enc_seed if enc_seed is not None else cfg.seed,
-                             **({"crop": tuple(aug_crop)} if aug_crop else {}), **online_kwargs, progress=progress)
+        out, val_cache = stage.pop("out"), stage.pop("val_cache", None)
+        resume = (Path(out) / "last.pt").exists()
+        if stage.pop("online", False):
+            # As on the command line: `crop` is the augmentation crop and `seed` seeds everything.
+            images = _tuples({k: stage.pop(k) for k in ONLINE_KEYS if k in stage})
+            cfg = train_config(stage)
+            r = train_online(out, cfg, seed=cfg.seed, val_cache=val_cache, resume=resume, progress=progress, **images)
         else:
-            cache, val_cache = _pop(stage, "cache", "val_cache")
-            stage.pop("resume", None)
-            r = train_decoder(cache, out, train_config(stage), val_cache=val_cache,
-                              resume=(Path(out) / "last.pt").exists(), progress=progress)
+            cache = stage.pop("cache")
+            r = train_decoder(cache, out, train_config(stage), val_cache=val_cache, resume=resume, progress=progress)
         return {"run_dir": r.run_dir, "steps": r.steps, "best_miou": r.best_miou,
                 "final_loss": r.losses[-1] if r.losses else None, "seconds": round(r.seconds, 1)}
     if kind == "evaluate":

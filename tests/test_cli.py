@@ -57,6 +57,24 @@ def test_extract_train_evaluate_predict(tmp_path):
         assert np.asarray(Image.open(preds / "ünïcode 0_overlay.png").convert("RGB")).shape == (64, 96, 3)
 
 
+def test_predict_refuses_weights_of_another_encoder(tmp_path):
+    import timm
+    import torch
+
+    train = tmp_path / "train.zarr"
+    invoke("extract", *DATA, "--split", "train", "--views", "1", "--crop", "64x64", *ENC, "--out", train)
+    invoke("train-decoder", "--cache", train, "--epochs", "1", "--batch-size", "2", "--workers", "0",
+           "--device", "cpu", "--loss", "ce", "--out", tmp_path / "run")
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "other.pth")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in" / "x.png")
+    result = CliRunner().invoke(main, ["predict", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--input",
+                                       str(tmp_path / "in"), "--out", str(tmp_path / "p"), "--weights",
+                                       str(tmp_path / "other.pth"), "--device", "cpu"])
+    assert result.exit_code == 2 and "does not match" in result.output and "weights_sha256" in result.output
+    assert not (tmp_path / "p" / "x.png").exists()
+
+
 def test_online_training_from_cli(tmp_path):
     out = invoke("train-decoder", "--online", *DATA, "--split", "train", "--crop", "64x64", *ENC,
                  "--epochs", "1", "--batch-size", "2", "--loss", "ce", "--out", tmp_path / "online")

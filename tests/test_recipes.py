@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import UserError
 from fusion_seg.recipes import load_recipe, run_recipe
 
@@ -90,3 +91,29 @@ def test_recipe_errors(tmp_path):
 def test_shipped_recipes_dry_run():
     for recipe in sorted(Path(__file__).parents[1].glob("pipelines/*.toml")):
         assert load_recipe(recipe)["stages"], recipe
+
+
+def test_online_train_stage(tmp_path):
+    path = tmp_path / "online.toml"
+    path.write_text(f"""
+[[stage]]
+kind = "train"
+online = true
+dataset = "synthetic"
+split = "train"
+dataset_options = {{ num_images = 2, size = [64, 96] }}
+crop = [64, 64]
+encoder = "resnet18"
+random_init = true
+strides = [4, 8, 16, 32]
+epochs = 1
+batch_size = 2
+workers = 0
+loss = "ce"
+device = "cpu"
+out = "{tmp_path / 'run'}"
+""")
+    results = run_recipe(path, echo=lambda s: None, progress=False)
+    assert results[0]["summary"]["steps"] == 1
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["data"]["source"]["online"] is True and ckpt["data"]["augment"]["crop"] == [64, 64]
