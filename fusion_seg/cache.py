@@ -21,8 +21,11 @@ its row is present. An interrupted extraction resumes by filling the missing row
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from .shapes import ShapeSpec
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "fusion_seg"
+SKIPPED_KEY = "fusion_seg_skipped"
 VIEW_FIELDS = ("image_index", "view_index", "scale", "flip", "resized_h", "resized_w", "valid_h", "valid_w", "seed")
 
 
@@ -131,6 +135,11 @@ class FeatureStore:
         """Create a new store for ``spec``, or reopen an existing one made with exactly the same settings."""
         exists = (Path(str(path)) / "zarr.json").is_file() if _is_local(path) else _remote_exists(path)
         if exists:
+            group = zarr.open_group(str(path), mode="r+")
+            stored = group.attrs.asdict().get(ATTRS_KEY)
+            if stored is None:
+                raise CacheError(f"{path} exists but is not a fusion-seg feature store; choose another --out.")
+            _ensure_arrays(group, CacheSpec.from_json(stored))
             store = cls.open(path, mode="r+")
             diffs = store.spec.differences(spec)
             if diffs:
@@ -140,18 +149,12 @@ class FeatureStore:
                     + ". Use a new --out, or delete the store to start over."
                 )
             return store
-        group = zarr.open_group(str(path), mode="w-")
-        compressors = _compressors(spec.codec)
-        n = spec.num_views
-        for name, shape in spec.feature_shapes.items():
-            group.create_array(name, shape=(n, *shape), chunks=(1, *shape), dtype=spec.dtype,
-                               compressors=compressors, fill_value=0)
-        group.create_array("labels", shape=(n, *spec.label_shape), chunks=(1, *spec.label_shape), dtype="uint8",
-                           compressors=compressors, fill_value=spec.ignore_index)
-        group.create_array("views", shape=(n, len(VIEW_FIELDS)), chunks=(1, len(VIEW_FIELDS)), dtype="float64",
-                           compressors=compressors, fill_value=math.nan)
-        # Attributes last: a store without them is not yet a store (open() refuses it).
-        group.attrs[ATTRS_KEY] = spec.to_json()
+        # The attributes go in with the group, and any array a killed creation left out is made on
+        # the next open: a store is never stranded half-created.
+        # Local stores are created under writer_lock(), so "a" cannot race; remote ones rely on "w-".
+        group = zarr.open_group(str(path), mode="a" if _is_local(path) else "w-",
+                                attributes={ATTRS_KEY: spec.to_json()})
+        _ensure_arrays(group, spec)
         return cls(path, group, spec)
 
     # ----------------------------------------------------------------- writing
@@ -175,14 +178,67 @@ class FeatureStore:
             self._labels[v] = full
         self._views[v] = np.array([float(meta[k]) for k in VIEW_FIELDS], dtype=np.float64)
 
+    def mark_skipped(self, v: int, image_index: int, view_index: int) -> None:
+        """Record view ``v`` as done but unusable (its source was bad and ``--skip-bad`` was given)."""
+        row = np.full(len(VIEW_FIELDS), math.nan)
+        row[VIEW_FIELDS.index("image_index")] = image_index
+        row[VIEW_FIELDS.index("view_index")] = view_index
+        row[VIEW_FIELDS.index("valid_h")] = row[VIEW_FIELDS.index("valid_w")] = 0
+        self._views[v] = row
+
+    def skipped_report(self) -> list[dict]:
+        """The samples skipped as bad input (``--skip-bad``), with the reason for each."""
+        return list(self.group.attrs.asdict().get(SKIPPED_KEY, []))
+
+    def record_skipped(self, entries: list[dict]) -> None:
+        known = {e["view"] for e in entries}
+        merged = [e for e in self.skipped_report() if e["view"] not in known] + entries
+        self.group.attrs[SKIPPED_KEY] = sorted(merged, key=lambda e: e["view"])
+
+    def invalidate(self, views) -> None:
+        """Drop the completion record of ``views``, so the next extraction makes them again."""
+        for v in views:
+            self._views[int(v)] = np.full(len(VIEW_FIELDS), math.nan)
+
     # ----------------------------------------------------------------- reading
     @property
     def num_views(self) -> int:
         return self.spec.num_views
 
+    def _rows(self) -> np.ndarray:
+        return self._views[:]
+
     def completed(self) -> np.ndarray:
-        """Boolean mask of complete views."""
-        return ~np.isnan(self._views[:, 0])
+        """Boolean mask of complete views (made, or skipped as bad input)."""
+        return ~np.isnan(self._rows()[:, 0])
+
+    def usable_views(self) -> np.ndarray:
+        """Indices of complete views that hold data (not skipped)."""
+        rows = self._rows()
+        return np.flatnonzero(~np.isnan(rows[:, 0]) & (rows[:, VIEW_FIELDS.index("valid_h")] > 0))
+
+    def verify(self, progress: bool = False) -> dict:
+        """Read every chunk of every view; report the views that are corrupt, missing or skipped."""
+        from tqdm.auto import tqdm
+
+        rows = self._rows()
+        bad, incomplete, skipped = [], [], []
+        for v in tqdm(range(self.num_views), desc=f"verify {self.path}", unit="view",
+                      disable=None if progress else True):
+            if np.isnan(rows[v, 0]):
+                incomplete.append(v)
+                continue
+            if rows[v, VIEW_FIELDS.index("valid_h")] == 0:
+                skipped.append(v)
+                continue
+            for name, array in [*self._arrays.items(), ("labels", self._labels)]:
+                try:
+                    array[v]
+                except Exception as exc:
+                    bad.append({"view": v, "array": name, "chunk": self.chunk_path(name, v),
+                                "error": f"{type(exc).__name__}: {exc}"})
+        return {"store": self.path, "views": self.num_views, "bad": bad, "incomplete": incomplete,
+                "skipped": skipped, "ok": not bad and not incomplete}
 
     def check_complete(self) -> None:
         done = self.completed()
@@ -208,6 +264,9 @@ class FeatureStore:
         meta = self._read(lambda: self.view_meta(v), "views", v)
         if math.isnan(meta["image_index"]):
             raise CacheError(f"view {v} of {self.path} was never completed. Re-run the extraction command to finish it.")
+        if meta["valid_h"] == 0:
+            raise CacheError(f"view {v} of {self.path} was skipped as bad input at extraction "
+                             "(`fusion-seg info` lists why).")
         vh, vw = int(meta["valid_h"]), int(meta["valid_w"])
         labels = self._read(lambda: self._labels[v], "labels", v)[:vh, :vw]
         features = {}
@@ -254,7 +313,52 @@ class FeatureStore:
             "encoder": self.spec.encoder,
             "augment": self.spec.augment,
             "resize": self.spec.resize,
+            "skipped": self.skipped_report(),
         }
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path):
+    """Exclusive right to write a local store, held in ``STORE.lock`` until this process exits.
+
+    A second extraction into the same store is refused rather than interleaved. The
+    kernel frees the lock when its holder dies, so a killed run leaves no stale lock.
+    The file sits beside the store because Zarr treats unknown files inside it as errors.
+    """
+    if not _is_local(path):
+        yield
+        return
+    root = Path(str(path).removeprefix("file://"))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            raise CacheError(
+                f"{path} is being written by another fusion-seg process (pid {owner}). Wait for it to finish "
+                "or stop it, then re-run this command: the views it wrote are kept."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def _ensure_arrays(group: zarr.Group, spec: CacheSpec) -> None:
+    """Create whichever of the store's arrays do not exist yet."""
+    existing = set(group.array_keys())
+    compressors = _compressors(spec.codec)
+    n = spec.num_views
+    wanted = {name: ((n, *shape), spec.dtype, 0) for name, shape in spec.feature_shapes.items()}
+    wanted["labels"] = ((n, *spec.label_shape), "uint8", spec.ignore_index)
+    wanted["views"] = ((n, len(VIEW_FIELDS)), "float64", math.nan)
+    for name, (shape, dtype, fill) in wanted.items():
+        if name not in existing:
+            group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
+                               compressors=compressors, fill_value=fill)
 
 
 def _bytes_on_disk(path: str) -> int:

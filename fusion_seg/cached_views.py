@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .cache import FeatureStore
-from .errors import UserError
+from .errors import Failed, UserError
 
 ALIGN = 32
 
@@ -59,6 +59,7 @@ class CachedViews(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str, names: list[str], crop: tuple[int, int] | None = None, seed: int = 0):
+        """Item ``j`` is the ``j``-th *usable* view (views skipped as bad input at extraction are left out)."""
         self.path = path
         self.names = list(names)
         self.crop = tuple(crop) if crop else None
@@ -66,6 +67,7 @@ class CachedViews(torch.utils.data.Dataset):
         self.epoch = 0
         store = FeatureStore.open(path)
         self.spec = store.spec
+        self.views = store.usable_views()
         self.strides = {n: s.stride for n, s in store.spec.input_shapes().items()}
         if self.crop and any(c % ALIGN for c in self.crop):
             raise UserError(f"--crop {self.crop[0]}x{self.crop[1]} must be a multiple of {ALIGN} for feature-space crops.")
@@ -75,15 +77,19 @@ class CachedViews(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.spec.num_views
+        return len(self.views)
 
     def _open(self) -> FeatureStore:
         if self._store is None or self._pid != os.getpid():
             self._store, self._pid = FeatureStore.open(self.path), os.getpid()
         return self._store
 
-    def __getitem__(self, v: int):
-        features, labels, _ = self._open().read_view(v, self.names)
+    def __getitem__(self, j: int):
+        v = int(self.views[j])
+        try:
+            features, labels, _ = self._open().read_view(v, self.names)
+        except UserError as exc:  # a corrupt chunk: raised in the main process by the collate function
+            return Failed(v, exc)
         if self.crop:
             rng = np.random.default_rng([self.seed, self.epoch, v])
             box = aligned_crop_box(labels.shape, self.crop, rng)
@@ -94,6 +100,7 @@ class CachedViews(torch.utils.data.Dataset):
 
 def collate_views(items):
     """Stack features and labels; views of different sizes need a crop or batch size 1."""
+    Failed.raise_first(items)
     shapes = {tuple(lbl.shape) for _, lbl in items}
     if len(shapes) > 1:
         raise UserError(

@@ -129,19 +129,50 @@ def main():
 @view_options
 @encoder_options
 @click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--repair", is_flag=True, help="Verify every chunk first and re-extract corrupt or skipped views.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (`fusion-seg info` lists them) instead of stopping.")
 @click.option("--out", required=True, type=click.Path(), help="Feature store (a .zarr folder).")
 @user_errors
 def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_range, no_flip, short_side, size, encoder, weights,
-            random_init, seed, strides, device, workers, batch_size, out):
+            random_init, seed, strides, device, workers, batch_size, repair, skip_bad, out):
     """Run the frozen encoder once per view and store multi-scale features (resumable)."""
     from .extract import extract as run
 
     r = run(dataset=dataset, root=root, split=split, out=out, views=views, augment=not no_augment, crop=crop,
             scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size, encoder=encoder,
             weights=weights, random_init=random_init, seed=seed, strides=strides, batch_size=batch_size,
-            workers=workers, device=device, dataset_options=parse_dataset_opts(dataset_opt))
+            workers=workers, device=device, dataset_options=parse_dataset_opts(dataset_opt), repair=repair,
+            skip_bad=skip_bad)
     click.echo(f"{r.store}: {r.views_written} views written ({r.views_total} in store), "
                f"{r.views_per_second:.2f} views/s")
+    for bad in r.skipped:
+        click.secho(f"skipped view {bad['view']} ({bad['image_id']}): {bad['error']}", fg="yellow", err=True)
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@user_errors
+def verify(store, as_json):
+    """Read every chunk of a feature store and list the views that are corrupt or missing (exit 1 if any)."""
+    from .cache import FeatureStore
+
+    report = FeatureStore.open(store).verify(progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for bad in report["bad"]:
+            click.echo(f"BAD view {bad['view']}: {bad['chunk']}: {bad['error']}")
+        if report["incomplete"]:
+            click.echo(f"INCOMPLETE {len(report['incomplete'])} views (first: {report['incomplete'][:10]})")
+        if report["skipped"]:
+            click.echo(f"SKIPPED {len(report['skipped'])} views as bad input (`fusion-seg info` lists why)")
+        views_bad = len({b["view"] for b in report["bad"]})
+        click.echo(f"{store}: {report['views']} views, {views_bad} corrupt, {len(report['incomplete'])} incomplete, "
+                   f"{len(report['skipped'])} skipped")
+        if not report["ok"]:
+            click.echo("Fix: re-run the extract command that made this store with --repair.")
+    sys.exit(0 if report["ok"] else 1)
 
 
 @main.command()
@@ -168,6 +199,8 @@ def info(store, as_json):
     for name, a in d["arrays"].items():
         click.echo(f"  {name:<6} {str(a['shape']):<28} {a['dtype']}")
     click.echo(f"  labels {d['label_shape']}  augment={d['augment']}  resize={d['resize']}")
+    for bad in d["skipped"]:
+        click.echo(f"  skipped view {bad['view']} ({bad['image_id']}): {bad['error']}")
 
 
 @main.command("train-decoder")

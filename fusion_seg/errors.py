@@ -22,3 +22,28 @@ class CacheError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, or does not match the request."""
+
+
+class Failed:
+    """A dataset item that could not be made, returned instead of raising.
+
+    DataLoader workers re-raise exceptions wrapped in a worker traceback; returning
+    the error as an item lets the main process raise it as the plain one-line
+    user error it is, or skip the item (``--skip-bad``) and report why.
+    """
+
+    def __init__(self, index: int, error: UserError, **info):
+        self.index, self.error, self.info = index, error, info
+
+    def __reduce__(self):  # picklable across worker processes
+        return (_rebuild_failed, (self.index, type(self.error), str(self.error), self.info))
+
+    @staticmethod
+    def raise_first(items) -> None:
+        for item in items:
+            if isinstance(item, Failed):
+                raise item.error
+
+
+def _rebuild_failed(index, error_type, message, info):
+    return Failed(index, error_type(message), **info)

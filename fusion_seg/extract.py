@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CacheSpec, FeatureStore
+from .cache import CacheSpec, FeatureStore, writer_lock
 from .datasets import build_dataset
 from .datasets.base import SegDataset
 from .device import autocast, resolve_device, to_device
 from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, FrozenEncoder, build_encoder
-from .errors import CacheError, UserError
+from .errors import CacheError, DataError, Failed, UserError
 from .transforms import resized_shape
 from .views import Augment, Resize, ViewSource, collate_list, stack_groups
+
+
+SKIP_HINT = "(or pass --skip-bad to skip bad samples and go on)"
 
 
 @dataclass
@@ -31,18 +34,29 @@ class ExtractResult:
     views_total: int
     views_written: int
     seconds: float
+    skipped: list = field(default_factory=list)  # [{"view", "image_id", "error", ...}] with --skip-bad
 
     @property
     def views_per_second(self) -> float:
         return self.views_written / self.seconds if self.seconds > 0 else 0.0
 
 
-def label_shape_for(dataset: SegDataset, augment: Augment, resize: Resize) -> tuple[int, int]:
-    """The labels array's (H, W): the crop, or the largest resized image."""
+def label_shape_for(dataset: SegDataset, augment: Augment, resize: Resize, skip_bad: bool = False) -> tuple[int, int]:
+    """The labels array's (H, W): the crop, or the largest resized image.
+
+    With ``skip_bad`` an unreadable image is left out here; the extraction loop skips it.
+    """
     if augment.enabled:
         return tuple(augment.crop)
-    sizes = {resized_shape(dataset.image_size(i), short_side=resize.short_side, size=resize.size)
-             for i in range(len(dataset))}
+    sizes = set()
+    for i in range(len(dataset)):
+        try:
+            sizes.add(resized_shape(dataset.image_size(i), short_side=resize.short_side, size=resize.size))
+        except DataError as exc:
+            if not skip_bad:
+                raise DataError(f"{exc} {SKIP_HINT}") from exc
+    if not sizes:
+        raise DataError(f"no readable image in {dataset.name}/{dataset.split}; nothing to extract.")
     return max(h for h, _ in sizes), max(w for _, w in sizes)
 
 
@@ -52,8 +66,9 @@ def feature_shapes_for(encoder: FrozenEncoder, hw: tuple[int, int]) -> dict[str,
     return {name: list(t.shape[1:]) for name, t in probe.items()}
 
 
-def build_spec(dataset: SegDataset, encoder: FrozenEncoder, views: int, augment: Augment, resize: Resize) -> CacheSpec:
-    label_shape = label_shape_for(dataset, augment, resize)
+def build_spec(dataset: SegDataset, encoder: FrozenEncoder, views: int, augment: Augment, resize: Resize,
+               skip_bad: bool = False) -> CacheSpec:
+    label_shape = label_shape_for(dataset, augment, resize, skip_bad)
     return CacheSpec(
         encoder=encoder.identity.to_dict(),
         dataset=dataset.describe(),
@@ -91,13 +106,26 @@ def extract(
     writers: int = 2,
     device: str = "auto",
     dataset_options: dict | None = None,
+    repair: bool = False,
+    skip_bad: bool = False,
     progress: bool = True,
 ) -> ExtractResult:
     """Extract features of ``views`` views per image of ``dataset``/``split`` into the store ``out``.
 
     Re-running the same call resumes: only views without a completion record are made.
-    A store made with other settings is refused, never mixed.
+    A store made with other settings is refused, never mixed; a store being written by
+    another process is refused. ``repair`` first verifies every chunk and re-extracts the
+    views that are corrupt (or were skipped). ``skip_bad`` records unreadable samples as
+    skipped, lists them (with the reason) in the store's attributes, and goes on.
     """
+    arguments = dict(locals())
+    with writer_lock(out):
+        return _extract_locked(**arguments)
+
+
+def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_range, flip, short_side, size,
+                    encoder, weights, random_init, seed, strides, batch_size, workers, writers, device,
+                    dataset_options, repair, skip_bad, progress) -> ExtractResult:
     if views < 1:
         raise UserError("--views must be at least 1.")
     if not augment and views != 1:
@@ -112,12 +140,16 @@ def extract(
     aug = Augment(enabled=augment, crop=tuple(crop) if augment else None, scale_range=tuple(scale_range),
                   flip=flip if augment else False, seed=seed)
     rsz = Resize(short_side=short_side, size=tuple(size) if size else None)
-    spec = build_spec(ds, enc, views, aug, rsz)
+    spec = build_spec(ds, enc, views, aug, rsz, skip_bad)
     store = FeatureStore.create_or_resume(out, spec)
+    if repair:
+        report = store.verify(progress=progress)
+        store.invalidate(sorted({b["view"] for b in report["bad"]} | set(report["skipped"])))
     todo = np.flatnonzero(~store.completed()).tolist()
     result = ExtractResult(str(out), spec.num_views, 0, 0.0)
     if not todo:
         return result
+    skipped: list[dict] = []
 
     enc = enc.to(dev)
     source = ViewSource(ds, views, aug, rsz, enc.identity.mean, enc.identity.std)
@@ -130,7 +162,14 @@ def extract(
     with ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="zarr-writer") as pool, \
             tqdm(total=len(todo), desc=f"extract {Path(str(out)).name}", unit="view", disable=None if progress else True) as bar:
         for items in loader:
-            for group in stack_groups(items):
+            for bad in [it for it in items if isinstance(it, Failed)]:
+                if not skip_bad:
+                    raise type(bad.error)(f"{bad.error} {SKIP_HINT}")
+                store.mark_skipped(bad.index, bad.info["image_index"], bad.info["view_index"])
+                skipped.append({"view": bad.index, **bad.info, "error": str(bad.error)})
+                result.views_written += 1
+                bar.update(1)
+            for group in stack_groups([it for it in items if not isinstance(it, Failed)]):
                 images = to_device(torch.stack([it["image"] for it in group]), dev)
                 with autocast(dev):
                     feats = enc(images)
@@ -148,6 +187,9 @@ def extract(
             result.views_written += 1
             bar.update(1)
     result.seconds = time.perf_counter() - start
+    result.skipped = skipped
+    if skipped:
+        store.record_skipped(skipped)
     return result
 
 

@@ -33,7 +33,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import build_dataset
 from .device import autocast, resolve_device, to_device
 from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, build_encoder
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, Failed, UserError
 from .losses import build_loss
 from .metrics import SegEvaluator
 from .model import decoder_record, upsample_logits
@@ -125,6 +125,7 @@ class OnlineSource:
 
 
 def _collate_images(items):
+    Failed.raise_first(items)
     shapes = {tuple(it["image"].shape) for it in items}
     if len(shapes) > 1:
         raise UserError(f"images have different sizes {sorted(shapes)}; pass --crop or --size, or --batch-size 1.")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .datasets.base import SegDataset
+from .errors import Failed, UserError
 from .transforms import hrnet_train_view, resize_pair, to_tensor, view_rng
 
 
@@ -64,9 +65,12 @@ class ViewSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset) * self.views_per_image
 
-    def __getitem__(self, v: int) -> dict:
+    def __getitem__(self, v: int) -> dict | Failed:
         i, k = divmod(v, self.views_per_image)
-        sample = self.dataset[i]
+        try:
+            sample = self.dataset[i]
+        except UserError as exc:
+            return Failed(v, exc, image_index=i, view_index=k, image_id=self.dataset.ids[i])
         mask = sample.mask
         if mask is None:
             mask = np.full(sample.image.shape[:2], self.dataset.ignore_index, np.uint8)
