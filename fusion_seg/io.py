@@ -111,6 +111,23 @@ def read_mask(path) -> np.ndarray:
     )
 
 
+def _orientation_from_header(img: Image.Image) -> int:
+    """EXIF orientation without decoding pixels.
+
+    For PNG, Pillow's ``getexif()`` loads the whole image (an eXIf chunk may follow the
+    pixel data): 60 ms instead of 0.2 ms for a 2048x1024 Cityscapes frame. An eXIf chunk
+    *before* the pixels is in ``img.info``; one after them is not looked for.
+    """
+    if img.format == "PNG":
+        raw = img.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(_EXIF_ORIENTATION, 1)
+    return img.getexif().get(_EXIF_ORIENTATION, 1)
+
+
 def image_size(path) -> tuple[int, int]:
     """``(H, W)`` of an image as :func:`read_image` would return it, without decoding pixels.
 
@@ -121,7 +138,7 @@ def image_size(path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            orientation = _orientation_from_header(img)
     except Exception as exc:
         raise DataError(
             f"cannot read image header of {path} ({type(exc).__name__}: {exc}); {_FIX_IMAGE}."

@@ -27,7 +27,7 @@ def _mask(path, values, h=8, w=12):
 # ----- registry ---------------------------------------------------------------------------------
 
 def test_registry_names_and_unknown_dataset():
-    assert set(DATASETS) == {"synthetic", "camvid", "folder"}
+    assert set(DATASETS) == {"synthetic", "camvid", "folder", "cityscapes", "mapillary", "voc", "coco"}
     with pytest.raises(UserError) as info:
         build_dataset("cityscapes")
     assert "camvid" in str(info.value) and "folder" in str(info.value) and "synthetic" in str(info.value)

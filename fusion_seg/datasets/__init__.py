@@ -6,13 +6,21 @@ import inspect
 from ..errors import UserError
 from .base import SegDataset, SegSample
 from .camvid import CamVidDataset
+from .cityscapes import CityscapesDataset
+from .coco import COCODataset
 from .folder import FolderDataset
+from .mapillary import MapillaryDataset
 from .synthetic import SyntheticDataset
+from .voc import VOCDataset
 
 DATASETS: dict[str, type[SegDataset]] = {
     "synthetic": SyntheticDataset,
     "camvid": CamVidDataset,
     "folder": FolderDataset,
+    "cityscapes": CityscapesDataset,
+    "mapillary": MapillaryDataset,
+    "voc": VOCDataset,
+    "coco": COCODataset,
 }
 
 __all__ = ["DATASETS", "SegDataset", "SegSample", "build_dataset"]
@@ -22,7 +30,8 @@ def build_dataset(name: str, root=None, split: str = "train", **options) -> SegD
     """The dataset ``name`` at ``root`` (ignored by ``synthetic``), split ``split``.
 
     ``options`` are the dataset's own keyword arguments (e.g. ``num_images``
-    for synthetic, ``require_masks`` for camvid and folder).
+    for synthetic, ``require_masks`` for the file datasets, ``version`` for
+    mapillary, ``sbd`` for voc, ``classes`` and ``min_pixels`` for coco).
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}.")

@@ -9,6 +9,7 @@ image/mask file pairs.
 from __future__ import annotations
 
 import abc
+import importlib
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,12 +170,27 @@ class FileSegDataset(SegDataset):
     def _load(self, i: int) -> SegSample:
         sid, image_path, mask_path = self._entries[i]
         image = read_image(image_path)
-        mask = None
-        if mask_path is not None:
-            mask = read_mask(mask_path)
-            if self.label_map is not None:
-                mask = self.label_map[mask]
+        mask = None if mask_path is None else self._read_mask(mask_path)
         return SegSample(image=image, mask=mask, id=sid)
+
+    def _read_mask(self, path: Path) -> np.ndarray:
+        """A mask file as uint8 class ids, before validation: ``read_mask`` then ``label_map``.
+
+        Datasets whose label files differ per sample (encodings, file formats) override this.
+        """
+        mask = read_mask(path)
+        return mask if self.label_map is None else self.label_map[mask]
+
+
+def import_optional(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or raise a DataError saying which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise DataError(
+            f"{purpose} needs the Python package {module.split('.')[0]!r}, which is not installed "
+            f"({exc}). Install it with: pip install 'fusion-seg[{extra}]'"
+        ) from exc
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
