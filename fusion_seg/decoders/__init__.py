@@ -9,14 +9,26 @@ its logits) and ``required_strides``.
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
+from fusion_seg.decoders.eseg import ESeg
+from fusion_seg.decoders.exfuse import ExFuse
+from fusion_seg.decoders.fpn import SemanticFPN
+from fusion_seg.decoders.frm import FRM
+from fusion_seg.decoders.linear import LinearProbe
 from fusion_seg.decoders.reverse_hrnet import ReverseHRNet
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 
 DECODERS: dict[str, type[nn.Module]] = {
     "reverse-hrnet": ReverseHRNet,
+    "linear": LinearProbe,
+    "fpn": SemanticFPN,
+    "eseg": ESeg,
+    "frm": FRM,
+    "exfuse": ExFuse,
 }
 
 
@@ -25,7 +37,15 @@ def build_decoder(name: str, input_shapes: dict[str, ShapeSpec], num_classes: in
     """Instantiate the decoder registered as ``name``."""
     if name not in DECODERS:
         raise UserError(f"unknown decoder {name!r}; known decoders: {', '.join(sorted(DECODERS))}")
-    return DECODERS[name](input_shapes, num_classes, **config)
+    cls = DECODERS[name]
+    params = inspect.signature(cls).parameters
+    options = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(config) - set(options))
+    if unknown and not any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values()):
+        raise UserError(f"decoder {name!r} has no option(s) {', '.join(unknown)}; its options: "
+                        f"{', '.join(options) or 'none'}")
+    return cls(input_shapes, num_classes, **config)
 
 
-__all__ = ["DECODERS", "ReverseHRNet", "build_decoder"]
+__all__ = ["DECODERS", "ESeg", "ExFuse", "FRM", "LinearProbe", "ReverseHRNet", "SemanticFPN",
+           "build_decoder"]

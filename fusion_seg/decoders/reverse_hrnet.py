@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fusion_seg.decoders.common import init_weights, select_features
 from fusion_seg.decoders.hrnet_blocks import HighResolutionModule
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
@@ -122,14 +123,15 @@ class ReverseHRNet(nn.Module):
                  modules: Sequence[int] | None = None, blocks: int | None = None):
         super().__init__()
         if streams not in STREAM_STRIDES:
-            raise UserError(f"reverse_hrnet supports streams=4 or 5, got {streams}")
+            raise UserError(f"reverse-hrnet supports streams=4 or 5, got {streams}")
         if preset not in PRESETS:
-            raise UserError(f"unknown reverse_hrnet preset {preset!r}; "
+            raise UserError(f"unknown reverse-hrnet preset {preset!r}; "
                             f"choose one of {', '.join(PRESETS)}")
         p = PRESETS[preset]
         self.required_strides = STREAM_STRIDES[streams]
         self.output_stride = self.required_strides[0]
-        self.in_features = _select_features(input_shapes, self.required_strides)
+        self.in_features = select_features(input_shapes, self.required_strides, f"{streams}-stream reverse-hrnet",
+                                           hint=" or use streams=4" if streams == 5 else "")
         widths = _resolve_widths(p, streams, widths)
         depth = p.depths[streams]
         modules = depth.modules if modules is None else tuple(int(m) for m in modules)
@@ -156,7 +158,7 @@ class ReverseHRNet(nn.Module):
             )))
         self.head = _conv_bn_relu(widths[0], widths[0])
         self.classifier = nn.Conv2d(widths[0], num_classes, 1)
-        self._init_weights()
+        init_weights(self, [self.classifier])  # Kaiming convs; HRNet's tiny normal init for the classifier
 
     @property
     def config(self) -> dict:
@@ -164,40 +166,11 @@ class ReverseHRNet(nn.Module):
         c = self._config
         return {**c, "widths": list(c["widths"]), "modules": list(c["modules"])}
 
-    def _init_weights(self) -> None:
-        # Kaiming fan-out as timm's ResNet; HRNet's tiny normal init for the classifier.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier.weight, std=0.001)
-        nn.init.zeros_(self.classifier.bias)
-
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         xs = [align(features[name]) for align, name in zip(self.align, self.in_features)]
         for stage in self.stages:
             xs = stage(xs)
         return self.classifier(self.head(xs[0]))
-
-
-def _select_features(input_shapes: dict[str, ShapeSpec], strides: Sequence[int]) -> list[str]:
-    """Names of the feature maps at ``strides``, matched on ``ShapeSpec.stride``."""
-    by_stride = {spec.stride: name for name, spec in input_shapes.items()}
-    missing = [s for s in strides if s not in by_stride]
-    if missing:
-        available = ", ".join(f"{n} (stride {s.stride})" for n, s in
-                              sorted(input_shapes.items(), key=lambda kv: kv[1].stride))
-        need = ", ".join(str(s) for s in missing)
-        what = f"stride-{need} map" if len(missing) == 1 else f"maps at strides {need}"
-        fewer = " or use streams=4" if missing == [2] else ""
-        raise UserError(f"{len(strides)}-stream reverse_hrnet decoder needs the {what} "
-                        f"(available: {available or 'none'}); re-extract with stride "
-                        f"{need} in --strides{fewer}.")
-    return [by_stride[s] for s in strides]
 
 
 def _resolve_widths(p: Preset, streams: int, widths: Sequence[int] | None) -> tuple[int, ...]:
