@@ -143,7 +143,13 @@ def evaluate(checkpoint: str | Path, *, dataset: str, split: str, root: str | No
             f"the checkpoint was trained on classes {list(ckpt['classes'])}, but {dataset}/{split} has "
             f"{list(ds.classes)}; evaluate on a dataset with the same class set."
         )
-    evaluator = SegEvaluator(len(ds.classes), ds.ignore_index, list(ds.classes))
+    instance_aware = hasattr(ds, "instance_ids")  # Cityscapes: iIoU when *_instanceIds.png are present
+    if instance_aware:
+        from .cityscapes_metrics import CityscapesEvaluator
+
+        evaluator = CityscapesEvaluator(ds.ignore_index)
+    else:
+        evaluator = SegEvaluator(len(ds.classes), ds.ignore_index, list(ds.classes))
     t0 = time.perf_counter()
     for i in tqdm(range(len(ds)), desc=f"evaluate {dataset}/{split}", unit="img", disable=None if progress else True):
         sample = ds[i]
@@ -151,7 +157,11 @@ def evaluate(checkpoint: str | Path, *, dataset: str, split: str, root: str | No
             raise UserError(f"{dataset}/{split} has no labels for {sample.id}; evaluate needs a labelled split.")
         logits = predict_logits(model, sample.image, ckpt, sliding_window=sliding_window,
                                 out_size=sample.mask.shape)
-        evaluator.process(logits.argmax(1)[0].cpu(), torch.from_numpy(sample.mask.astype(np.int64)))
+        pred, gt = logits.argmax(1)[0].cpu(), torch.from_numpy(sample.mask.astype(np.int64))
+        if instance_aware:
+            evaluator.process(pred, gt, ds.instance_ids(i))
+        else:
+            evaluator.process(pred, gt)
     result = evaluator.evaluate()
     result.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "images": len(ds),
                    "sliding_window": sliding_window, "seconds": time.perf_counter() - t0})
