@@ -45,12 +45,12 @@ class IntList(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
 
 
-def parse_dataset_opts(pairs) -> dict:
+def parse_key_values(pairs) -> dict:
     """``("num_images=4", "size=[64,96]")`` -> ``{"num_images": 4, "size": [64, 96]}`` (values as JSON, else text)."""
     out = {}
     for item in pairs:
         if "=" not in item:
-            raise UserError(f"--dataset-opt {item!r}: expected KEY=VALUE")
+            raise UserError(f"{item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         try:
             out[key] = json.loads(value)
@@ -141,7 +141,7 @@ def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_ra
     r = run(dataset=dataset, root=root, split=split, out=out, views=views, augment=not no_augment, crop=crop,
             scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size, encoder=encoder,
             weights=weights, random_init=random_init, seed=seed, strides=strides, batch_size=batch_size,
-            workers=workers, device=device, dataset_options=parse_dataset_opts(dataset_opt), repair=repair,
+            workers=workers, device=device, dataset_options=parse_key_values(dataset_opt), repair=repair,
             skip_bad=skip_bad)
     click.echo(f"{r.store}: {r.views_written} views written ({r.views_total} in store), "
                f"{r.views_per_second:.2f} views/s")
@@ -213,11 +213,14 @@ def info(store, as_json):
 @click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE", help="[--online] dataset option.")
 @view_options
 @encoder_options
-@click.option("--decoder", default="reverse-hrnet", show_default=True)
-@click.option("--streams", type=click.IntRange(4, 5), default=4, show_default=True)
-@click.option("--preset", default="small", show_default=True, help="Decoder widths: small, w18 or w48.")
-@click.option("--modules", type=IntList(), default=None, help="HR modules per stage, e.g. 3,4,1.")
-@click.option("--blocks", type=int, default=None, help="BasicBlocks per branch.")
+@click.option("--decoder", default="reverse-hrnet", show_default=True,
+              help="reverse-hrnet, linear, fpn, eseg, frm or exfuse.")
+@click.option("--streams", type=click.IntRange(4, 5), default=None, help="[reverse-hrnet] 4 (default) or 5 streams.")
+@click.option("--preset", default=None, help="Decoder size preset (reverse-hrnet: small (default), w18, w48).")
+@click.option("--modules", type=IntList(), default=None, help="[reverse-hrnet] HR modules per stage, e.g. 3,4,1.")
+@click.option("--blocks", type=int, default=None, help="[reverse-hrnet] BasicBlocks per branch.")
+@click.option("--decoder-opt", "decoder_opt", multiple=True, metavar="KEY=VALUE",
+              help="Any other decoder option, e.g. width=128 (repeatable).")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True)
@@ -226,14 +229,17 @@ def info(store, as_json):
 @click.option("--ohem-min-kept", type=int, default=131072, show_default=True)
 @click.option("--val-every", type=int, default=1, show_default=True, help="Validate every N epochs.")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Log the loss every N steps.")
+@click.option("--init", "init", type=click.Path(), default=None,
+              help="Start from a decoder checkpoint trained on another dataset (classifier re-initialised "
+                   "when the class sets differ).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory, e.g. runs/NAME.")
 @click.pass_context
 @user_errors
 def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_opt, no_augment, crop, scale_range, no_flip,
                   short_side, size, encoder, weights, random_init, seed, strides, device, workers, decoder, streams,
-                  preset, modules, blocks, epochs, batch_size, lr, loss, ohem_thresh, ohem_min_kept,
-                  val_every, log_every, resume, out):
+                  preset, modules, blocks, decoder_opt, epochs, batch_size, lr, loss, ohem_thresh, ohem_min_kept,
+                  val_every, log_every, init, resume, out):
     """Train only the decoder, from a feature cache (or --online from images)."""
     from .stages import train_config
     from .train import train_decoder as from_cache, train_online
@@ -243,16 +249,18 @@ def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_o
     crop_given = ctx.get_parameter_source("crop").name != "DEFAULT"
     feature_crop = crop if crop_given and not online else None
     cfg = train_config(dict(decoder=decoder, streams=streams, preset=preset, modules=modules, blocks=blocks,
+                            decoder_options=parse_key_values(decoder_opt),
                             epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, ohem_thresh=ohem_thresh,
                             ohem_min_kept=ohem_min_kept, crop=list(feature_crop) if feature_crop else None,
-                            seed=seed, workers=workers, val_every=val_every, log_every=log_every, device=device))
+                            seed=seed, workers=workers, val_every=val_every, log_every=log_every, device=device,
+                            init=init))
     if online:
         if not dataset:
             raise UserError("--online needs --dataset (and --root, --split) to read images from.")
         r = train_online(out, cfg, dataset=dataset, split=split, root=root, augment=not no_augment, crop=crop,
                          scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size,
                          encoder=encoder, weights=weights, random_init=random_init, seed=seed, strides=strides,
-                         val_cache=val_cache, resume=resume, dataset_options=parse_dataset_opts(dataset_opt))
+                         val_cache=val_cache, resume=resume, dataset_options=parse_key_values(dataset_opt))
     else:
         if not cache:
             raise UserError("pass --cache STORE (made by `fusion-seg extract`), or --online with dataset options.")
@@ -274,8 +282,12 @@ def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window,
     from .infer import evaluate as run
 
     r = run(checkpoint, dataset=dataset, root=root, split=split, out=out, sliding_window=sliding_window,
-            weights=weights, device=device, dataset_options=parse_dataset_opts(dataset_opt))
+            weights=weights, device=device, dataset_options=parse_key_values(dataset_opt))
     click.echo(f"pixel acc {r['pixel_acc']:.4f}  mIoU {r['miou']:.4f}  mean acc {r['mean_acc']:.4f}")
+    if "iiou_class" in r:  # Cityscapes with instance maps
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        click.echo(f"iIoU class {fmt(r['iiou_class'])}  IoU category {fmt(r['iou_category'])}  "
+                   f"iIoU category {fmt(r['iiou_category'])}")
     for name, iou in r["per_class_iou"].items():
         click.echo(f"  {name:<20} {'absent' if iou is None else f'{iou:.4f}'}")
     click.echo(f"written to {r['out']}")
@@ -301,8 +313,10 @@ def predict(checkpoint, inputs, out, sliding_window, weights, device):
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE", help="Override a [vars] entry.")
 @click.option("--dry-run", is_flag=True, help="Print the stages and resolved settings, run nothing.")
+@click.option("--epoch-scale", type=float, default=1.0, show_default=True,
+              help="Multiply every train stage's epochs (e.g. 0.1 for a tenth of the paper's schedule).")
 @user_errors
-def run(recipe, overrides, dry_run):
+def run(recipe, overrides, dry_run, epoch_scale):
     """Run the stages of a TOML recipe; stages already done with the same settings are skipped."""
     from .recipes import run_recipe
 
@@ -312,7 +326,7 @@ def run(recipe, overrides, dry_run):
             raise UserError(f"--set {item!r}: expected NAME=VALUE")
         k, v = item.split("=", 1)
         pairs[k] = v
-    run_recipe(recipe, overrides=pairs, dry_run=dry_run, echo=click.echo)
+    run_recipe(recipe, overrides=pairs, dry_run=dry_run, epoch_scale=epoch_scale, echo=click.echo)
 
 
 if __name__ == "__main__":

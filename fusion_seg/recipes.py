@@ -1,9 +1,12 @@
 """Recipes: a TOML file listing stages (extract, train, evaluate, predict) run in order.
 
-A recipe is data, never code. Its only indirection is ``${name}`` in strings,
-replaced by values from its ``[vars]`` table, which ``--set name=value`` overrides
-(e.g. a dataset root). Each stage's keys are the keyword arguments of the library
-function it calls, so a recipe reads like the equivalent command lines::
+A recipe is data, never code. Its only indirection is ``${name}``, replaced by the
+value of ``name`` in its ``[vars]`` table, which ``--set name=value`` overrides (e.g.
+a dataset root). A string that is exactly ``"${name}"`` takes the variable's value
+with its type (a number, a boolean); inside a longer string the value is inserted
+as text. ``--set`` values are read as JSON when they parse (``8``, ``true``), else
+as text. Each stage's keys are the keyword arguments of the library function it
+calls, so a recipe reads like the equivalent command lines::
 
     name = "demo"
     [vars]
@@ -44,11 +47,14 @@ def load_recipe(path: str | Path, overrides: dict[str, str] | None = None) -> di
         raise UserError(f"recipe not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path} is not valid TOML: {exc}") from exc
-    variables = {k: str(v) for k, v in recipe.get("vars", {}).items()}
+    variables = dict(recipe.get("vars", {}))
     for key, value in (overrides or {}).items():
         if key not in variables:
             raise UserError(f"--set {key}: the recipe {path} has no variable {key!r} (it has {sorted(variables)}).")
-        variables[key] = value
+        try:
+            variables[key] = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            variables[key] = value
     stages = recipe.get("stage", [])
     if not stages:
         raise UserError(f"{path} has no [[stage]] tables; nothing to run.")
@@ -61,13 +67,16 @@ def load_recipe(path: str | Path, overrides: dict[str, str] | None = None) -> di
     return {"name": recipe.get("name", path.stem), "vars": variables, "stages": resolved}
 
 
-def _substitute(value: Any, variables: dict[str, str], path: Path) -> Any:
+def _substitute(value: Any, variables: dict[str, Any], path: Path) -> Any:
     if isinstance(value, str):
-        def repl(m):
-            if m.group(1) not in variables:
-                raise UserError(f"{path}: ${{{m.group(1)}}} is used but not defined in [vars].")
-            return variables[m.group(1)]
-        return _VAR.sub(repl, value)
+        def lookup(name):
+            if name not in variables:
+                raise UserError(f"{path}: ${{{name}}} is used but not defined in [vars].")
+            return variables[name]
+        whole = _VAR.fullmatch(value)
+        if whole:
+            return lookup(whole.group(1))
+        return _VAR.sub(lambda m: str(lookup(m.group(1))), value)
     if isinstance(value, list):
         return [_substitute(v, variables, path) for v in value]
     if isinstance(value, dict):
@@ -98,11 +107,20 @@ def _fingerprint(stage: dict) -> str:
 
 
 def run_recipe(path: str | Path, *, overrides: dict[str, str] | None = None, dry_run: bool = False,
-               echo: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
-    """Run every stage of a recipe; returns one summary per stage."""
+               epoch_scale: float = 1.0, echo: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+    """Run every stage of a recipe; returns one summary per stage.
+
+    ``epoch_scale`` multiplies every train stage's epochs (at least 1), to run a paper-length
+    schedule shorter.
+    """
     from .stages import run_stage  # heavy imports only when actually running
 
     recipe = load_recipe(path, overrides)
+    if epoch_scale <= 0:
+        raise UserError("--epoch-scale must be positive.")
+    for stage in recipe["stages"]:
+        if stage["kind"] == "train" and "epochs" in stage:
+            stage["epochs"] = max(1, round(stage["epochs"] * epoch_scale))
     results = []
     for i, stage in enumerate(recipe["stages"], 1):
         title = f"[{i}/{len(recipe['stages'])}] {stage_title(stage)}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")
+DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")  # reverse-hrnet's; others via decoder_options
 ONLINE_KEYS = ("dataset", "split", "root", "augment", "crop", "scale_range", "flip", "short_side", "size", "encoder",
                "weights", "random_init", "strides", "dataset_options")
 
@@ -15,14 +15,15 @@ def train_config(options: dict):
     """A TrainConfig from flat options; decoder architecture keys go into ``decoder_config``."""
     from .train import TrainConfig
 
+    options = dict(options)
     names = {f.name for f in fields(TrainConfig)}
-    decoder_config = {k: options[k] for k in DECODER_KEYS if options.get(k) is not None}
-    unknown = set(options) - names - set(DECODER_KEYS)
+    decoder_config = {k: options.pop(k) for k in DECODER_KEYS if options.get(k) is not None}
+    decoder_config.update(options.pop("decoder_options", None) or {})
+    unknown = {k for k, v in options.items() if v is not None} - names - set(DECODER_KEYS)
     if unknown:
         raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     kwargs = {k: v for k, v in options.items() if k in names and v is not None}
-    if decoder_config:
-        kwargs["decoder_config"] = {**TrainConfig().decoder_config, **decoder_config}
+    kwargs["decoder_config"] = {**kwargs.get("decoder_config", {}), **decoder_config}
     return TrainConfig(**kwargs)
 
 

@@ -15,12 +15,12 @@ losses after a resume equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, build_en
 from .errors import CheckpointError, Failed, UserError
 from .losses import build_loss
 from .metrics import SegEvaluator
-from .model import decoder_record, upsample_logits
+from .model import decoder_from_record, decoder_record, upsample_logits
 from .decoders import build_decoder
 from .shapes import ShapeSpec
 from .views import Augment, Resize, ViewSource
@@ -45,7 +45,7 @@ from .views import Augment, Resize, ViewSource
 @dataclass
 class TrainConfig:
     decoder: str = "reverse-hrnet"
-    decoder_config: dict = field(default_factory=lambda: {"streams": 4, "preset": "small"})
+    decoder_config: dict = field(default_factory=dict)  # the decoder's own options; {} = its defaults
     epochs: int = 10
     batch_size: int = 8
     lr: float = 0.01
@@ -57,6 +57,7 @@ class TrainConfig:
     ohem_thresh: float = 0.9
     ohem_min_kept: int = 131072
     seed: int = 0
+    init: str | None = None  # a checkpoint to start from (two-stage schedules)
     workers: int = 2
     val_every: int = 1
     log_every: int = 10
@@ -187,6 +188,9 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
     run_dir.mkdir(parents=True, exist_ok=True)
     last, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
     start_epoch, step, best = 0, 0, None
+    init_info = None
+    if cfg.init and not (resume and last.exists()):
+        init_info = init_from_checkpoint(decoder, cfg.init, record, classes, encoder)
     if resume and last.exists():
         ckpt = load_checkpoint(last)
         _check_resumable(ckpt, record, cfg, classes, encoder, last)
@@ -194,6 +198,7 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt.get("best_miou")
+        init_info = ckpt.get("init")
         _truncate_log(log_path, start_epoch)
     elif last.exists():
         raise UserError(f"{run_dir} already holds a run (last.pt). Pass --resume to continue it, or choose a new --out.")
@@ -204,7 +209,7 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
 
     def payload(epoch: int) -> dict:
         return {"decoder": record, "classes": classes, "ignore_index": ignore_index, "encoder": encoder,
-                "data": data, "train": asdict(cfg), "epoch": epoch, "step": step, "best_miou": best,
+                "data": data, "train": asdict(cfg), "init": init_info, "epoch": epoch, "step": step, "best_miou": best,
                 "model": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}
 
@@ -220,6 +225,8 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
                 with autocast(device):
                     logits = decoder(features)
                     loss = criterion(upsample_logits(logits, labels.shape[-2:]).float(), labels)
+                    if hasattr(decoder, "aux_loss"):  # deep supervision (ExFuse)
+                        loss = loss + decoder.aux_loss(labels, criterion)
                 if not torch.isfinite(loss):
                     raise UserError(
                         f"the loss became {loss.item()} at step {step} (epoch {epoch}). The last good checkpoint "
@@ -252,6 +259,40 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
     if not val_cache:  # without validation, the final model is the best one we know
         save_checkpoint(best_path, payload(cfg.epochs))
     return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0)
+
+
+def class_dependent_keys(record: dict) -> set[str]:
+    """State-dict keys whose shape depends on the number of classes (classifiers, auxiliary heads)."""
+    n = int(record["num_classes"])
+    a = decoder_from_record(record).state_dict()
+    b = decoder_from_record({**record, "num_classes": n + 1}).state_dict()
+    return {k for k in a if a[k].shape != b[k].shape}
+
+
+def init_from_checkpoint(decoder: nn.Module, path: str, record: dict, classes: list[str], encoder: dict) -> dict:
+    """Start ``decoder`` from a decoder trained on another dataset (the paper's two-stage schedules).
+
+    Everything carries over when the class lists are equal; otherwise the class-dependent
+    layers (the classifier) keep their fresh initialisation. The encoder must be the same,
+    and so must the architecture.
+    """
+    ckpt = load_checkpoint(path)
+    enc_diffs = EncoderIdentity.from_dict(ckpt["encoder"]).differences(EncoderIdentity.from_dict(encoder))
+    if enc_diffs:
+        raise CheckpointError(f"--init {path} was trained on features of another encoder: " + "; ".join(enc_diffs)
+                              + ". Extract both datasets with the same encoder and weights.")
+    theirs = ckpt["decoder"]
+    if (theirs["name"], theirs["config"], theirs["input_shapes"]) != (record["name"], record["config"],
+                                                                      record["input_shapes"]):
+        raise CheckpointError(f"--init {path} holds decoder {theirs['name']} {theirs['config']}, not "
+                              f"{record['name']} {record['config']}; train with the same --decoder settings.")
+    same_classes = list(ckpt["classes"]) == list(classes)
+    skip = set() if same_classes else class_dependent_keys(record)
+    state = {k: v for k, v in ckpt["model"].items() if k not in skip}
+    decoder.load_state_dict(state, strict=same_classes)
+    return {"checkpoint": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "classes": list(ckpt["classes"]), "dataset": ckpt["data"].get("dataset", {}).get("name"),
+            "reinitialised": sorted(skip)}
 
 
 def _log(f, record: dict) -> None:

@@ -89,8 +89,25 @@ def test_recipe_errors(tmp_path):
 
 
 def test_shipped_recipes_dry_run():
-    for recipe in sorted(Path(__file__).parents[1].glob("pipelines/*.toml")):
-        assert load_recipe(recipe)["stages"], recipe
+    recipes = sorted(Path(__file__).parents[1].glob("pipelines/*.toml"))
+    assert {r.stem for r in recipes} >= {"demo", "camvid", "cityscapes", "voc", "mapillary_to_cityscapes",
+                                         "mapillary_to_camvid", "coco_to_voc"}
+    for recipe in recipes:
+        lines = []
+        run_recipe(recipe, dry_run=True, echo=lines.append)
+        assert lines and "${" not in "\n".join(lines), recipe
+
+
+def test_typed_variables_and_epoch_scale(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[vars]\nepochs = 484\nflag = false\nroot = "/d"\n'
+                    '[[stage]]\nkind = "train"\nepochs = "${epochs}"\nrandom_init = "${flag}"\n'
+                    'cache = "${root}/c.zarr"\nout = "r"\n')
+    stage = load_recipe(path, overrides={"flag": "true"})["stages"][0]
+    assert stage["epochs"] == 484 and stage["random_init"] is True and stage["cache"] == "/d/c.zarr"
+    lines = []
+    run_recipe(path, dry_run=True, epoch_scale=0.1, echo=lines.append)
+    assert "epochs = 48" in "\n".join(lines)
 
 
 def test_online_train_stage(tmp_path):

@@ -19,7 +19,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from fusion_seg.cache import FeatureStore
+from fusion_seg.cache import FeatureStore, writer_lock
 from fusion_seg.checkpoint import load_checkpoint, save_checkpoint
 from fusion_seg.cli import main
 from fusion_seg.errors import CacheError, CheckpointError, UserError
@@ -140,14 +140,20 @@ def test_disk_full_is_a_clear_error_and_resumes(reference, tmp_path, monkeypatch
 
 def test_second_writer_is_refused(reference, tmp_path):
     out = tmp_path / "busy.zarr"
-    first = subprocess.Popen(cli(*EXTRACT, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not (out / "zarr.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    second = subprocess.run(cli(*EXTRACT, "--out", out), capture_output=True, text=True)
-    assert first.wait() == 0
+    # A real second process is refused while another holds the store (here: this test process).
+    with writer_lock(out):
+        second = subprocess.run(cli(*EXTRACT, "--out", out), capture_output=True, text=True)
     assert second.returncode == 2, second.stderr
-    assert "being written by another fusion-seg process" in second.stderr
+    assert "being written by another fusion-seg process" in second.stderr and "Traceback" not in second.stderr
+    # And while a real extraction runs, nobody else gets the lock; its store comes out whole.
+    first = subprocess.Popen(cli(*EXTRACT, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "zarr.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(CacheError, match="another fusion-seg process"):
+        with writer_lock(out):
+            pass
+    assert first.wait() == 0
     assert_same_store(reference, out)
 
 

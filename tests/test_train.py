@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import fusion_seg.train
 
@@ -114,3 +113,12 @@ def test_five_stream_decoder_trains_from_stride2_maps(tmp_path):
 def test_nan_loss_stops_with_clear_error(stores, tmp_path):
     with pytest.raises(UserError, match="lower --lr"):
         train_decoder(str(stores / "train.zarr"), tmp_path / "nan", tiny_config(epochs=1, lr=1e30), progress=False)
+
+
+@pytest.mark.parametrize("name", ["reverse-hrnet", "linear", "fpn", "eseg", "frm", "exfuse"])
+def test_every_decoder_trains_from_the_cache(stores, tmp_path, name):
+    cfg = tiny_config(epochs=1, decoder=name, decoder_config={})
+    r = train_decoder(str(stores / "train.zarr"), tmp_path / name, cfg, val_cache=str(stores / "val.zarr"),
+                      progress=False)
+    assert r.steps == 6 and all(np.isfinite(r.losses)) and r.val is not None
+    assert load_checkpoint(tmp_path / name / "best.pt")["decoder"]["name"] == name
