@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -307,6 +308,36 @@ def predict(checkpoint, inputs, out, sliding_window, weights, device):
 
     r = run(checkpoint, inputs, out, sliding_window=sliding_window, weights=weights, device=device)
     click.echo(f"{r['images']} image(s) -> {r['out']}")
+
+
+@main.command()
+@click.option("--cache", required=True, type=click.Path(), help="Training feature store.")
+@click.option("--val-cache", type=click.Path(), default=None, help="Validation feature store.")
+@click.option("--decoders", default="reverse-hrnet,linear,fpn,eseg,frm,exfuse", show_default=True,
+              help="Comma-separated decoder names, each trained with its defaults.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True)
+@click.option("--crop", type=HxW(), default=None, help="Random feature-space crop (multiple of 32).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timing repetitions (median).")
+@click.option("--out", required=True, type=click.Path(), help="Output folder, e.g. runs/compare.")
+@user_errors
+def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed, workers, device, repeats, out):
+    """Train several decoders from one cache with one schedule and tabulate them."""
+    from .compare import compare as run
+    from .train import TrainConfig
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, crop=list(crop) if crop else None,
+                      seed=seed, workers=workers, device=device)
+    run(cache, out, cfg, val_cache=val_cache, decoders=tuple(d.strip() for d in decoders.split(",") if d.strip()),
+        repeats=repeats)
+    click.echo((Path(out) / "compare.md").read_text())
+    click.echo(f"written to {out}/compare.json, compare.md" + (", compare.png" if (Path(out) / "compare.png").exists()
+                                                                 else ""))
 
 
 @main.command()

@@ -256,8 +256,26 @@ def build_encoder(
     return FrozenEncoder(model, identity)
 
 
+IMAGE_TAG = "image"  # the identity "encoder" of end-to-end models (the HRNet baseline)
+
+
+class _ImageAsFeature(nn.Module):
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [images]
+
+
+def build_image_encoder() -> FrozenEncoder:
+    """The identity encoder: hands the normalised image to models that train their own stem."""
+    identity = EncoderIdentity(tag=IMAGE_TAG, weights="none", weights_sha256="none",
+                               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                               features=({"name": IMAGE_TAG, "channels": 3, "stride": 1},))
+    return FrozenEncoder(_ImageAsFeature(), identity)
+
+
 def rebuild_encoder(identity: EncoderIdentity, weights_file: str | Path | None = None) -> FrozenEncoder:
     """Rebuild the encoder a cache or checkpoint was made with, and prove it is the same one."""
+    if identity.tag == IMAGE_TAG:
+        return build_image_encoder()
     strides = tuple(f["stride"] for f in identity.features)
     if weights_file is not None:
         encoder = build_encoder(identity.tag, weights_file=weights_file, strides=strides)

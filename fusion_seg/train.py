@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,12 +33,12 @@ from .cached_views import CachedViews, collate_views
 from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import build_dataset
 from .device import autocast, resolve_device, to_device
-from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, build_encoder
+from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, build_encoder, build_image_encoder
 from .errors import CheckpointError, Failed, UserError
 from .losses import build_loss
 from .metrics import SegEvaluator
 from .model import decoder_from_record, decoder_record, upsample_logits
-from .decoders import build_decoder
+from .decoders import DECODERS, build_decoder
 from .shapes import ShapeSpec
 from .views import Augment, Resize, ViewSource
 
@@ -78,6 +79,7 @@ class TrainResult:
     best_miou: float | None
     val: dict | None
     seconds: float
+    peak_memory_mib: float | None = None
 
 
 # --------------------------------------------------------------------------- batch sources
@@ -256,9 +258,20 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
                     save_checkpoint(best_path, payload(epoch + 1) | {"val": record_epoch["val"]})
             _log(log, record_epoch)
             save_checkpoint(last, payload(epoch + 1))
-    if not val_cache:  # without validation, the final model is the best one we know
-        save_checkpoint(best_path, payload(cfg.epochs))
-    return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0)
+        if not val_cache:  # without validation, the final model is the best one we know
+            save_checkpoint(best_path, payload(cfg.epochs))
+        peak = peak_memory_mib(device)
+        _log(log, {"type": "summary", "epoch": cfg.epochs, "step": step, "seconds": time.perf_counter() - t0,
+                   "steps_this_run": len(losses), "peak_memory_MiB": peak,
+                   "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"})
+    return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0, peak)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA's max allocated, or the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def class_dependent_keys(record: dict) -> set[str]:
@@ -310,6 +323,8 @@ def _truncate_log(path: Path, epoch: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by the interruption
+        if rec.get("type") == "summary":
+            continue  # rewritten at the end of the resumed run
         done = rec["epoch"] if rec.get("type") == "epoch" else rec.get("epoch", 0) + 1
         if done <= epoch:
             keep.append(line)
@@ -372,7 +387,10 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: str, split: str,
                  dataset_options: dict | None = None, progress: bool = True) -> TrainResult:
     """Train the same decoder with the frozen encoder run every step (no cache): the baseline."""
     ds = build_dataset(dataset, root=root, split=split, **(dataset_options or {}))
-    enc = build_encoder(encoder, weights_file=weights, random_init=random_init, seed=seed, strides=strides)
+    if getattr(DECODERS.get(cfg.decoder), "end_to_end", False):
+        enc = build_image_encoder()  # e.g. the HRNet baseline: trains from images with its own stem
+    else:
+        enc = build_encoder(encoder, weights_file=weights, random_init=random_init, seed=seed, strides=strides)
     aug = Augment(enabled=augment, crop=tuple(crop) if augment else None, scale_range=tuple(scale_range),
                   flip=flip if augment else False, seed=seed)
     rsz = Resize(short_side=short_side, size=tuple(size) if size else None)

@@ -16,6 +16,7 @@ from torch import nn
 from fusion_seg.decoders.eseg import ESeg
 from fusion_seg.decoders.exfuse import ExFuse
 from fusion_seg.decoders.fpn import SemanticFPN
+from fusion_seg.decoders.hrnet_baseline import HRNetBaseline
 from fusion_seg.decoders.frm import FRM
 from fusion_seg.decoders.linear import LinearProbe
 from fusion_seg.decoders.reverse_hrnet import ReverseHRNet
@@ -29,6 +30,7 @@ DECODERS: dict[str, type[nn.Module]] = {
     "eseg": ESeg,
     "frm": FRM,
     "exfuse": ExFuse,
+    "hrnet": HRNetBaseline,  # end to end from images (train-decoder --online), the paper's baseline
 }
 
 
@@ -47,5 +49,5 @@ def build_decoder(name: str, input_shapes: dict[str, ShapeSpec], num_classes: in
     return cls(input_shapes, num_classes, **config)
 
 
-__all__ = ["DECODERS", "ESeg", "ExFuse", "FRM", "LinearProbe", "ReverseHRNet", "SemanticFPN",
+__all__ = ["DECODERS", "ESeg", "ExFuse", "FRM", "HRNetBaseline", "LinearProbe", "ReverseHRNet", "SemanticFPN",
            "build_decoder"]
