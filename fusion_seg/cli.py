@@ -341,6 +341,24 @@ def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed
 
 
 @main.command()
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(),
+              help="Decoder checkpoint; repeat to compare rows (e.g. HRNet baseline and reverse HRNet).")
+@click.option("--input", "image", required=True, type=click.Path(), help="An image file.")
+@click.option("--mask", type=click.Path(), default=None, help="Its ground-truth mask, if any.")
+@click.option("--out", required=True, type=click.Path(), help="Output PNG.")
+@click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if a checkpoint needs one.")
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def visualize(checkpoints, image, mask, out, weights, device):
+    """The paper's Figure 2: prediction and decoder feature maps (PCA) at strides 4-32, per checkpoint."""
+    from .visualize import visualize as run
+
+    path = run([Path(c) for c in checkpoints], Path(image), Path(out), mask_path=Path(mask) if mask else None,
+               device=device, weights=weights)
+    click.echo(f"written {path}")
+
+
+@main.command()
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE", help="Override a [vars] entry.")
 @click.option("--dry-run", is_flag=True, help="Print the stages and resolved settings, run nothing.")

@@ -264,7 +264,18 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
         _log(log, {"type": "summary", "epoch": cfg.epochs, "step": step, "seconds": time.perf_counter() - t0,
                    "steps_this_run": len(losses), "peak_memory_MiB": peak,
                    "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"})
+    _plot_if_possible("plot_training_curves", log_path, run_dir / "curves.png")
     return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0, peak)
+
+
+def _plot_if_possible(name: str, *args) -> None:
+    """Write a figure when matplotlib (the optional ``plots`` extra) is installed; the pipeline never needs it."""
+    from . import plots
+
+    try:
+        getattr(plots, name)(*args)
+    except UserError:  # matplotlib missing
+        pass
 
 
 def peak_memory_mib(device: torch.device) -> float:

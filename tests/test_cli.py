@@ -34,6 +34,7 @@ def test_extract_train_evaluate_predict(tmp_path):
                  "--workers", "0", "--device", "cpu", "--loss", "ce", "--out", run)
     assert "8 steps" not in out and "best val mIoU" in out
     assert (run / "best.pt").exists() and (run / "metrics.jsonl").exists()
+    assert Image.open(run / "curves.png").size[0] > 300  # training curve beside metrics.jsonl
 
     out = invoke("evaluate", "--checkpoint", run / "best.pt", *DATA, "--split", "val", "--device", "cpu")
     assert "mIoU" in out and "background" in out
@@ -41,6 +42,7 @@ def test_extract_train_evaluate_predict(tmp_path):
     assert 0 <= metrics["miou"] <= 1 and metrics["images"] == 4
     confusion = json.loads((run / "eval-synthetic-val" / "confusion.json").read_text())
     assert np.asarray(confusion["matrix"]).sum() == metrics["num_pixels"]
+    assert (run / "eval-synthetic-val" / "confusion.png").exists()
 
     images = tmp_path / "my images"
     images.mkdir()
@@ -55,6 +57,10 @@ def test_extract_train_evaluate_predict(tmp_path):
         mask = np.asarray(Image.open(preds / "ünïcode 0.png"))
         assert mask.shape == (64, 96) and mask.max() < len(ds.classes)
         assert np.asarray(Image.open(preds / "ünïcode 0_overlay.png").convert("RGB")).shape == (64, 96, 3)
+
+    out = invoke("visualize", "--checkpoint", run / "best.pt", "--checkpoint", run / "last.pt",
+                 "--input", images / "ünïcode 0.png", "--out", tmp_path / "fig.png")
+    assert "written" in out and Image.open(tmp_path / "fig.png").size[1] > 200
 
 
 def test_predict_refuses_weights_of_another_encoder(tmp_path):

@@ -1,0 +1,241 @@
+"""Figures of a run and of a comparison: training curves, confusion matrix, speed/accuracy.
+
+matplotlib is an optional extra (``pip install 'fusion-seg[plots]'``): it is
+imported inside the functions, never at module import, so the core pipeline
+runs without it. Figures are built on a bare :class:`matplotlib.figure.Figure`
+rendered by the Agg canvas -- pyplot is never imported, so no global backend
+is switched and no figure is left open in a user's interactive session.
+
+Every PNG is written atomically (temporary file in the same folder, then
+``os.replace``): a reader never sees half a figure.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+_INSTALL = "pip install 'fusion-seg[plots]'"
+
+
+def require_matplotlib(what: str = "plotting"):
+    """The ``matplotlib`` module, or a :class:`UserError` that says how to install it."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401  (fails early if Agg is broken)
+    except ImportError as exc:
+        raise UserError(f"{what} needs matplotlib: {_INSTALL}") from exc
+    return matplotlib
+
+
+def new_figure(width: float, height: float, what: str = "plotting"):
+    """A pyplot-free Figure with an Agg canvas, ``width`` x ``height`` inches."""
+    require_matplotlib(what)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, out_png: str | Path, *, dpi: float = 100) -> Path:
+    """Write ``fig`` as PNG through a temporary file in the same folder, then ``os.replace``."""
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fig.savefig(fh, format="png", dpi=dpi)
+        os.replace(tmp, out_png)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_png
+
+
+# --------------------------------------------------------------------------- training curves
+def read_metrics(metrics_jsonl: str | Path) -> tuple[list[dict], list[dict]]:
+    """(step records, epoch records) of a run's ``metrics.jsonl``; a line cut by an interruption is skipped."""
+    path = Path(metrics_jsonl)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"no training log at {path}; pass a run directory's metrics.jsonl.")
+    steps, epochs = [], []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("type") == "step" and rec.get("loss") is not None:
+            steps.append(rec)
+        elif rec.get("type") == "epoch":
+            epochs.append(rec)
+    if not steps and not epochs:
+        raise UserError(f"{path} holds no step or epoch records; has the run logged anything yet?")
+    return steps, epochs
+
+
+def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Two panels: training loss against step (per logged step, and each epoch's mean) and val mIoU per epoch.
+
+    ``metrics_jsonl`` may also be the run directory. The title is the run's name (its folder).
+    The epoch means sit at the step that ended the epoch, so both series share the x axis.
+    """
+    path = Path(metrics_jsonl)
+    steps, epochs = read_metrics(path)
+    run_name = (path if path.is_dir() else path.parent).resolve().name
+    fig = new_figure(8, 6.5, "plot_training_curves")
+    ax_loss, ax_val = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 2]})
+
+    if steps:
+        ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue",
+                     lw=0.8, alpha=0.45, label="loss per step")
+    means = [r for r in epochs if r.get("loss") is not None]
+    if means:
+        ax_loss.plot([r["step"] for r in means], [r["loss"] for r in means], color="tab:blue", lw=1.8,
+                     marker="o", ms=4, label="epoch mean")
+    from matplotlib.ticker import MaxNLocator
+
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    if steps or means:
+        ax_loss.legend(loc="upper right", fontsize=9)
+
+    vals = [r for r in epochs if isinstance(r.get("val"), dict) and r["val"].get("miou") is not None]
+    if vals:
+        x = [r["epoch"] for r in vals]
+        y = [r["val"]["miou"] for r in vals]
+        ax_val.plot(x, y, color="tab:green", marker="o", ms=4, lw=1.8, label="val mIoU")
+        accs = [r["val"].get("pixel_acc") for r in vals]
+        if all(a is not None for a in accs):
+            ax_val.plot(x, accs, color="tab:gray", marker=".", lw=1, ls="--", label="val pixel acc")
+        best = int(np.argmax(y))
+        ax_val.annotate(f"best {y[best]:.4f} (epoch {x[best]})", (x[best], y[best]), xytext=(0, 8),
+                        textcoords="offset points", ha="center", fontsize=9)
+        ax_val.legend(loc="lower right", fontsize=9)
+        ax_val.set_xlim(min(x) - 0.5, max(x) + 0.5)
+        if len(x) <= 30:
+            ax_val.set_xticks(x)
+    else:
+        ax_val.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax_val.transAxes,
+                    color="gray")
+    ax_val.set_xlabel("epoch")
+    ax_val.set_ylabel("validation")
+    ax_val.grid(alpha=0.3)
+    fig.suptitle(f"training: {run_name}")
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+# --------------------------------------------------------------------------- confusion matrix
+def plot_confusion(confusion, class_names, out_png: str | Path, *, title: str | None = None) -> Path:
+    """Row-normalised (recall) confusion matrix: rows ground truth, columns prediction.
+
+    The figure grows with the number of classes and the fonts shrink, so that
+    19 (Cityscapes) to 65 (Mapillary Vistas) classes stay legible; cell values
+    are written in only for 20 classes or fewer. Classes without ground-truth
+    pixels are drawn grey.
+    """
+    matrix = np.asarray(confusion, dtype=np.float64)
+    n = len(class_names)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise UserError(f"the confusion matrix must be square, got shape {matrix.shape}")
+    if matrix.shape[0] != n:
+        raise UserError(f"the confusion matrix is {matrix.shape[0]}x{matrix.shape[1]} but {n} class names were "
+                        "given; pass the class list the matrix was computed with.")
+    if n == 0:
+        raise UserError("the confusion matrix is empty")
+    totals = matrix.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(totals > 0, matrix / np.where(totals > 0, totals, 1), np.nan)
+
+    cell = 0.36 if n <= 20 else 0.24  # inches per cell
+    side = max(4.5, cell * n)
+    font = float(np.clip(0.42 * cell * 72, 6.0, 10.0))  # points: about 40% of a cell's height
+    label_room = 0.09 * max(len(str(c)) for c in class_names) * font / 8 + 0.8
+    fig = new_figure(side + label_room + 1.3, side + label_room + 0.7, "plot_confusion")
+    ax = fig.add_subplot()
+    import matplotlib
+
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="0.85")
+    im = ax.imshow(np.ma.masked_invalid(recall), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels([str(c) for c in class_names], rotation=90, fontsize=font)
+    ax.set_yticklabels([str(c) for c in class_names], fontsize=font)
+    ax.set_xlabel("prediction", fontsize=font + 2)
+    ax.set_ylabel("ground truth", fontsize=font + 2)
+    ax.tick_params(length=2)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                v = recall[i, j]
+                if np.isfinite(v) and (v >= 0.005 or i == j):
+                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=font - 1,
+                            color="white" if v > 0.6 else "black")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    cbar.set_label("recall (row-normalised)", fontsize=font + 1)
+    cbar.ax.tick_params(labelsize=font)
+    present = np.isfinite(np.diag(recall))
+    mean_recall = float(np.mean(np.diag(recall)[present])) if present.any() else float("nan")
+    ax.set_title(title or f"confusion matrix, row-normalised (mean recall {100 * mean_recall:.1f}%)",
+                 fontsize=font + 3)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+# --------------------------------------------------------------------------- speed / accuracy
+def plot_compare(rows: list[dict], out_png: str | Path, *, title: str | None = None) -> Path:
+    """mIoU against training step time, one labelled point per decoder; marker area grows with parameters.
+
+    ``rows``: ``{"decoder", "miou", "step_ms", "params_M"}`` each (``params_M`` may be missing or None:
+    a default size is used). Rows without a finite mIoU or step time are skipped.
+    """
+    points = []
+    for i, row in enumerate(rows):
+        missing = [k for k in ("decoder", "miou", "step_ms") if k not in row]
+        if missing:
+            raise UserError(f"comparison row {i} ({row}) lacks {', '.join(missing)}")
+        try:
+            miou, ms = float(row["miou"]), float(row["step_ms"])
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(miou) and math.isfinite(ms):
+            params = row.get("params_M")
+            points.append((str(row["decoder"]), ms, miou,
+                           float(params) if params is not None and math.isfinite(float(params)) else None))
+    if not points:
+        raise UserError("no comparison row has both an mIoU and a step time to plot")
+
+    fig = new_figure(7.5, 5.5, "plot_compare")
+    ax = fig.add_subplot()
+    known = [p for *_, p in points if p is not None]
+    largest = max(known) if known else 1.0
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"]
+    for k, (name, ms, miou, params) in enumerate(points):
+        size = 40 + 560 * (params / largest if params is not None and largest > 0 else 0.15)
+        ax.scatter([ms], [miou], s=size, color=colors(k % 10), alpha=0.7, edgecolors="black", linewidths=0.6,
+                   zorder=3)
+        label = name if params is None else f"{name}\n{params:.2f}M params"
+        ax.annotate(label, (ms, miou), xytext=(8, 6), textcoords="offset points", fontsize=9, zorder=4)
+    ax.set_xlabel("training step time (ms)")
+    ax.set_ylabel("mIoU")
+    ax.grid(alpha=0.3, zorder=0)
+    ax.margins(x=0.2, y=0.15)
+    ax.set_title(title or "accuracy vs training speed (marker area ~ parameters)")
+    fig.tight_layout()
+    return save_figure(fig, out_png)
