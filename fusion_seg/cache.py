@@ -93,6 +93,10 @@ def _is_local(path: str) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
+def _local_path(path) -> Path:
+    return Path(str(path).removeprefix("file://"))
+
+
 class FeatureStore:
     """Read and write access to one feature store."""
 
@@ -109,7 +113,7 @@ class FeatureStore:
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
         """Open an existing store, checking that it is one and that its schema is readable."""
-        if _is_local(path) and not (Path(str(path).removeprefix("file://")) / "zarr.json").is_file():
+        if _is_local(path) and not (_local_path(path) / "zarr.json").is_file():
             raise CacheError(
                 f"{path} is not a fusion-seg feature store (no zarr.json). "
                 "Create it with `fusion-seg extract ... --out STORE`."
@@ -133,7 +137,7 @@ class FeatureStore:
     @classmethod
     def create_or_resume(cls, path: str | Path, spec: CacheSpec) -> "FeatureStore":
         """Create a new store for ``spec``, or reopen an existing one made with exactly the same settings."""
-        exists = (Path(str(path)) / "zarr.json").is_file() if _is_local(path) else _remote_exists(path)
+        exists = (_local_path(path) / "zarr.json").is_file() if _is_local(path) else _remote_exists(path)
         if exists:
             group = zarr.open_group(str(path), mode="r+")
             stored = group.attrs.asdict().get(ATTRS_KEY)
@@ -328,7 +332,7 @@ def writer_lock(path: str | Path):
     if not _is_local(path):
         yield
         return
-    root = Path(str(path).removeprefix("file://"))
+    root = _local_path(path)
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.with_name(root.name + ".lock"), "a+") as f:
         try:
@@ -362,7 +366,7 @@ def _ensure_arrays(group: zarr.Group, spec: CacheSpec) -> None:
 
 
 def _bytes_on_disk(path: str) -> int:
-    root = Path(path.removeprefix("file://"))
+    root = _local_path(path)
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 

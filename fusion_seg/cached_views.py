@@ -99,8 +99,13 @@ class CachedViews(torch.utils.data.Dataset):
 
 
 def collate_views(items):
-    """Stack features and labels; views of different sizes need a crop or batch size 1."""
-    Failed.raise_first(items)
+    """Stack features and labels; views of different sizes need a crop or batch size 1.
+
+    A failed item is returned as the batch (see :class:`Failed`), for the main process to raise.
+    """
+    bad = Failed.first(items)
+    if bad is not None:
+        return bad
     shapes = {tuple(lbl.shape) for _, lbl in items}
     if len(shapes) > 1:
         raise UserError(

@@ -30,9 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from .cache import FeatureStore
 from .cached_views import CachedViews, collate_views
 from .checkpoint import load_checkpoint
-from .errors import UserError
+from .errors import Failed, UserError
 from .losses import build_loss
 from .model import decoder_from_record, upsample_logits
+from .plots import plot_if_available
 from .train import TrainConfig
 
 DEFAULT_DECODERS = ("reverse-hrnet", "linear", "fpn", "eseg", "frm", "exfuse")
@@ -114,7 +115,7 @@ def compare(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | N
         names = [n for n, (c, s) in best["decoder"]["input_shapes"].items()
                  if s in decoder_from_record(best["decoder"]).required_strides]
         views = CachedViews(cache, names, crop=tuple(cfg.crop) if cfg.crop else None, seed=cfg.seed)
-        features, labels = collate_views([views[i] for i in range(min(cfg.batch_size, len(views)))])
+        features, labels = Failed.check(collate_views([views[i] for i in range(min(cfg.batch_size, len(views)))]))
         features = {k: v.float() for k, v in features.items()}
         row = {"decoder": name, "config": best["decoder"]["config"],
                "miou": (best.get("val") or {}).get("miou"), "pixel_acc": (best.get("val") or {}).get("pixel_acc"),
@@ -126,12 +127,7 @@ def compare(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | N
     (out / "compare.json").write_text(json.dumps({"cache": str(cache), "val_cache": val_cache,
                                                   "schedule": asdict(cfg), "rows": rows}, indent=2))
     (out / "compare.md").write_text(markdown_table(rows))
-    try:
-        from .plots import plot_compare
-
-        plot_compare(rows, out / "compare.png")
-    except UserError:  # matplotlib is optional
-        pass
+    plot_if_available("plot_compare", rows, out / "compare.png")
     return rows
 
 

@@ -39,10 +39,17 @@ class Failed:
         return (_rebuild_failed, (self.index, type(self.error), str(self.error), self.info))
 
     @staticmethod
-    def raise_first(items) -> None:
-        for item in items:
-            if isinstance(item, Failed):
-                raise item.error
+    def first(items) -> "Failed | None":
+        """The first failed item of a batch. Collate functions return it (they run inside the
+        worker), and the consumer in the main process raises it with :meth:`check`."""
+        return next((item for item in items if isinstance(item, Failed)), None)
+
+    @staticmethod
+    def check(batch):
+        """Raise the error a collate function returned in place of a batch; else return the batch."""
+        if isinstance(batch, Failed):
+            raise batch.error
+        return batch
 
 
 def _rebuild_failed(index, error_type, message, info):

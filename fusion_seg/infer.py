@@ -23,7 +23,7 @@ from .errors import UserError
 from .io import default_palette, overlay, read_image, write_mask_png, write_rgb_png
 from .metrics import SegEvaluator
 from .model import Segmenter, decoder_from_record
-from .train import _plot_if_possible
+from .plots import plot_if_available
 from .transforms import resize_pair, to_tensor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -172,6 +172,6 @@ def evaluate(checkpoint: str | Path, *, dataset: str, split: str, root: str | No
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
     (out / "confusion.json").write_text(json.dumps({"classes": list(ds.classes), "rows": "ground truth",
                                                     "cols": "prediction", "matrix": confusion}))
-    _plot_if_possible("plot_confusion", confusion, list(ds.classes), out / "confusion.png")
+    plot_if_available("plot_confusion", confusion, list(ds.classes), out / "confusion.png")
     result["out"] = str(out)
     return result

@@ -239,3 +239,11 @@ def plot_compare(rows: list[dict], out_png: str | Path, *, title: str | None = N
     ax.set_title(title or "accuracy vs training speed (marker area ~ parameters)")
     fig.tight_layout()
     return save_figure(fig, out_png)
+
+
+def plot_if_available(name: str, *args) -> Path | None:
+    """Call the plot function ``name`` when matplotlib is installed; else do nothing (it is optional)."""
+    try:
+        return globals()[name](*args)
+    except UserError:  # matplotlib missing
+        return None

@@ -38,6 +38,7 @@ from .errors import CheckpointError, Failed, UserError
 from .losses import build_loss
 from .metrics import SegEvaluator
 from .model import decoder_from_record, decoder_record, upsample_logits
+from .plots import plot_if_available
 from .decoders import DECODERS, build_decoder
 from .shapes import ShapeSpec
 from .views import Augment, Resize, ViewSource
@@ -99,7 +100,8 @@ class CacheSource:
 
     def batches(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
         self.views.set_epoch(epoch)
-        for features, labels in _loader(self.views, self.cfg, epoch, collate_views, self.device):
+        for batch in _loader(self.views, self.cfg, epoch, collate_views, self.device):
+            features, labels = Failed.check(batch)
             yield ({k: to_device(v, self.device).float() for k, v in features.items()},
                    to_device(labels, self.device))
 
@@ -120,7 +122,8 @@ class OnlineSource:
 
     def batches(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
         self.views.view_offset = epoch  # a fresh augmentation every epoch
-        for images, labels in _loader(self.views, self.cfg, epoch, _collate_images, self.device):
+        for batch in _loader(self.views, self.cfg, epoch, _collate_images, self.device):
+            images, labels = Failed.check(batch)
             with autocast(self.device):
                 features = self.encoder(to_device(images, self.device))
             # Inference tensors cannot be saved for backward: clone them into normal tensors.
@@ -128,7 +131,9 @@ class OnlineSource:
 
 
 def _collate_images(items):
-    Failed.raise_first(items)
+    bad = Failed.first(items)
+    if bad is not None:
+        return bad  # raised by the consumer, in the main process (collate runs in the worker)
     shapes = {tuple(it["image"].shape) for it in items}
     if len(shapes) > 1:
         raise UserError(f"images have different sizes {sorted(shapes)}; pass --crop or --size, or --batch-size 1.")
@@ -154,7 +159,8 @@ def validate(decoder: nn.Module, store_path: str, names: list[str], num_classes:
     was_training = decoder.training
     decoder.eval()
     with torch.inference_mode():
-        for features, labels in loader:
+        for batch in loader:
+            features, labels = Failed.check(batch)
             features = {k: to_device(v, device).float() for k, v in features.items()}
             with autocast(device):
                 logits = decoder(features)
@@ -264,18 +270,8 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
         _log(log, {"type": "summary", "epoch": cfg.epochs, "step": step, "seconds": time.perf_counter() - t0,
                    "steps_this_run": len(losses), "peak_memory_MiB": peak,
                    "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"})
-    _plot_if_possible("plot_training_curves", log_path, run_dir / "curves.png")
+    plot_if_available("plot_training_curves", log_path, run_dir / "curves.png")
     return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0, peak)
-
-
-def _plot_if_possible(name: str, *args) -> None:
-    """Write a figure when matplotlib (the optional ``plots`` extra) is installed; the pipeline never needs it."""
-    from . import plots
-
-    try:
-        getattr(plots, name)(*args)
-    except UserError:  # matplotlib missing
-        pass
 
 
 def peak_memory_mib(device: torch.device) -> float:

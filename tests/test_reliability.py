@@ -299,3 +299,18 @@ def test_val_cache_with_other_classes_refused(tmp_path):
     with pytest.raises(UserError, match="classes"):
         train_decoder(str(tmp_path / "a.zarr"), tmp_path / "run", tiny_config(), val_cache=str(tmp_path / "b.zarr"),
                       progress=False)
+
+
+def test_corrupt_chunk_while_training_with_workers_is_a_clean_error(tmp_path):
+    """Errors met inside DataLoader workers reach the user as the one-line error, not a worker traceback."""
+    extract_synthetic(tmp_path / "s.zarr", views=1, crop=(64, 64), num_images=4)
+    chunk = tmp_path / "s.zarr" / "s8" / "c" / "2" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["train-decoder", "--cache", str(tmp_path / "s.zarr"), "--epochs", "1",
+                                       "--batch-size", "2", "--workers", "1", "--device", "cpu", "--loss", "ce",
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "view 2" in result.output and "s8/c/2/0/0/0" in result.output and "--repair" in result.output
+    assert "Traceback" not in result.output and "DataLoader worker" not in result.output
