@@ -309,3 +309,21 @@ def write_coco(root, splits: Mapping[str, int] = {"train": 2, "val": 1}, size=(6
             {"info": {"description": "fake"}, "images": images, "annotations": annotations,
              "categories": categories}))
     return root
+
+
+def write_camvid(root, splits: Mapping[str, int] = {"train": 2, "val": 1}, size=(64, 128)) -> Path:
+    """SegNet-layout CamVid: ``<split>/``, ``<split>annot/`` and ``<split>.txt`` with the ``/SegNet/CamVid/`` prefix.
+
+    Labels use classes 0..10 and 11 (void).
+    """
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    for split, count in splits.items():
+        lines = []
+        for i in range(count):
+            name = f"{split}_{i:03d}.png"
+            write_image(root / split / name, size, seed=i)
+            write_index_png(root / f"{split}annot" / name, rng.integers(0, 12, size, dtype=np.uint8))
+            lines.append(f"/SegNet/CamVid/{split}/{name} /SegNet/CamVid/{split}annot/{name}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root

@@ -12,13 +12,14 @@ from fusion_seg.cli import main
 from fusion_seg.errors import CheckpointError
 from fusion_seg.extract import extract
 from fusion_seg.train import train_decoder
-from fake_layouts import write_cityscapes, write_coco, write_mapillary, write_voc
+from fake_layouts import write_camvid, write_cityscapes, write_coco, write_mapillary, write_voc
 from pipeline_helpers import ENCODER, tiny_config
 
 ENC = dict(encoder=ENCODER, random_init=True, strides=(4, 8, 16, 32), workers=0, progress=False)
 CLI_ENC = ["--encoder", ENCODER, "--random-init", "--strides", "4,8,16,32", "--workers", "0"]
 
 LAYOUTS = {  # name: (writer, train split, val split, extra CLI options)
+    "camvid": (lambda r: write_camvid(r), "train", "val", []),
     "cityscapes": (lambda r: write_cityscapes(r), "train", "val", []),
     "mapillary": (lambda r: write_mapillary(r), "train", "val", []),
     "voc": (lambda r: write_voc(r), "train", "val", []),
@@ -47,7 +48,8 @@ def test_official_layout_through_the_pipeline(name, tmp_path):
     assert metrics["images"] >= 1 and 0 <= metrics["miou"] <= 1
     if name == "cityscapes":  # instance maps present: Cityscapes' instance-level scores too
         assert "iIoU class" in out and {"iiou_class", "iou_category", "iiou_category"} <= set(metrics)
-    images = sorted(root.rglob("*_leftImg8bit.png")) or sorted(root.rglob("*.jpg"))
+    images = (sorted(root.rglob("*_leftImg8bit.png")) or sorted(root.rglob("*.jpg"))
+              or sorted((root / "val").glob("*.png")))
     run("predict", "--checkpoint", tmp_path / "run" / "best.pt", "--input", images[0], "--out", tmp_path / "pred",
         "--device", "cpu")
     assert (tmp_path / "pred" / f"{images[0].stem}.png").exists()
