@@ -119,6 +119,12 @@ def extract(
     skipped, lists them (with the reason) in the store's attributes, and goes on.
     """
     arguments = dict(locals())
+    if views < 1:
+        raise UserError("--views must be at least 1.")
+    if not augment and views != 1:
+        raise UserError("--no-augment stores the whole image once; use it with --views 1.")
+    if short_side is not None and size is not None:
+        raise UserError("--short-side and --size are mutually exclusive.")
     with writer_lock(out):
         return _extract_locked(**arguments)
 
@@ -126,12 +132,6 @@ def extract(
 def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_range, flip, short_side, size,
                     encoder, weights, random_init, seed, strides, batch_size, workers, writers, device,
                     dataset_options, repair, skip_bad, progress) -> ExtractResult:
-    if views < 1:
-        raise UserError("--views must be at least 1.")
-    if not augment and views != 1:
-        raise UserError("--no-augment stores the whole image once; use it with --views 1.")
-    if short_side is not None and size is not None:
-        raise UserError("--short-side and --size are mutually exclusive.")
     ds = build_dataset(dataset, root=root, split=split, **(dataset_options or {}))
     if len(ds) == 0:
         raise UserError(f"dataset {dataset!r} split {split!r} has no images; nothing to extract.")

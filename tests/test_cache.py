@@ -135,6 +135,7 @@ def test_incomplete_store_refused_for_training(tmp_path):
         FeatureStore.open(out).check_complete()
 
 
-def test_bad_extract_arguments():
+def test_bad_extract_arguments(tmp_path):
     with pytest.raises(UserError, match="--views 1"):
-        extract_synthetic("unused.zarr", views=2, augment=False)
+        extract_synthetic(tmp_path / "unused.zarr", views=2, augment=False)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was created, lock file included
