@@ -40,13 +40,7 @@ def make_features(shapes: dict[str, ShapeSpec], size=(100, 140), batch: int = 2)
     return {n: torch.randn(batch, s.channels, *sizes[s.stride]) for n, s in shapes.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These are many tiny ops: on a busy machine, intra-op threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
