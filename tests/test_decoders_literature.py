@@ -16,15 +16,8 @@ from fusion_seg.decoders.linear import LinearProbe
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec, shapes_from_feature_info
 
-# A backbone that is not ResNet-50, at a 100x140 input: ceil-divided sizes.
-FEATURE_INFO = [
-    {"num_chs": 12, "reduction": 2},
-    {"num_chs": 24, "reduction": 4},
-    {"num_chs": 40, "reduction": 8},
-    {"num_chs": 80, "reduction": 16},
-    {"num_chs": 160, "reduction": 32},
-]
-NUM_CLASSES = 7
+from test_decoders import FEATURE_INFO, NUM_CLASSES  # a backbone that is not ResNet-50
+
 NAMES = ["linear", "fpn", "eseg", "frm", "exfuse"]
 # A smaller input, not a multiple of 32 either (maps 18x22, 9x11, 5x6, 3x3), for the slower tests.
 SMALL = (72, 88)
