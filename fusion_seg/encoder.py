@@ -26,7 +26,6 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 from torch import nn
@@ -296,7 +295,3 @@ def rebuild_encoder(identity: EncoderIdentity, weights_file: str | Path | None =
         )
     return encoder
 
-
-def model_input_stats(identity: EncoderIdentity) -> tuple[np.ndarray, np.ndarray]:
-    """mean and std as float32 arrays (0..1 scale), for normalising images."""
-    return np.asarray(identity.mean, np.float32), np.asarray(identity.std, np.float32)

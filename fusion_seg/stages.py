@@ -19,7 +19,7 @@ def train_config(options: dict):
     names = {f.name for f in fields(TrainConfig)}
     decoder_config = {k: options.pop(k) for k in DECODER_KEYS if options.get(k) is not None}
     decoder_config.update(options.pop("decoder_options", None) or {})
-    unknown = {k for k, v in options.items() if v is not None} - names - set(DECODER_KEYS)
+    unknown = {k for k, v in options.items() if v is not None} - names
     if unknown:
         raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     kwargs = {k: v for k, v in options.items() if k in names and v is not None}
