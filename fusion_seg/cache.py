@@ -4,11 +4,12 @@ Layout of a store::
 
     STORE/
       zarr.json            group attributes: {"fusion_seg": <CacheSpec>}
-      s2, s4, ..., s32     (views, C, h, w) float16, one view per chunk
+      s2, s4, ..., s32     (views, C, h, w) in the storage dtype (float16 by default), one view per chunk
+      scale_s2, ...        (views, C) float32 per-channel scales, only for --dtype uint8
       labels               (views, H, W) uint8, one view per chunk, ignore = spec.ignore_index
       views                (views, 9) float64, one view per chunk: per-view metadata, see VIEW_FIELDS
 
-Every chunk is compressed (Blosc-zstd with byte shuffle by default) and carries a
+Every chunk is compressed (the codec is a store setting, see storage.py) and carries a
 crc32c checksum, so a flipped bit is an error rather than a silently wrong feature.
 
 Arrays are sized for the largest view; a smaller view (a whole image of a smaller
@@ -31,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
+from . import storage
 from .errors import CacheError
 from .shapes import ShapeSpec
 
@@ -56,8 +57,8 @@ class CacheSpec:
     resize: dict                      # {"short_side", "size"}
     label_shape: tuple[int, int]      # (H, W) of the labels array
     feature_shapes: dict              # {name: [C, h, w]} of the feature arrays
-    dtype: str = "float16"
-    codec: dict = field(default_factory=lambda: {"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "shuffle"})
+    dtype: str = storage.DEFAULT_DTYPE   # storage dtype: float16, bfloat16 or uint8 (see storage.py)
+    codec: dict = field(default_factory=lambda: storage.codec_spec(storage.DEFAULT_CODEC))
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -83,12 +84,6 @@ class CacheSpec:
         return [f"{k}: stored {a[k]!r}, requested {b[k]!r}" for k in a if a[k] != b[k]]
 
 
-def _compressors(codec: dict) -> list:
-    if codec["name"] != "blosc":
-        raise CacheError(f"unknown codec {codec['name']!r} in store settings")
-    return [BloscCodec(cname=codec["cname"], clevel=codec["clevel"], shuffle=codec["shuffle"]), Crc32cCodec()]
-
-
 def _is_local(path: str) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
@@ -105,6 +100,8 @@ class FeatureStore:
         self.group = group
         self.spec = spec
         self._arrays = {name: group[name] for name in spec.feature_shapes}
+        self._scales = ({name: group[f"scale_{name}"] for name in spec.feature_shapes}
+                        if storage.has_scales(spec.dtype) else {})
         self._labels = group["labels"]
         self._views = group["views"]
         self._strides = {name: spec.input_shapes()[name].stride for name in spec.feature_shapes}
@@ -167,12 +164,14 @@ class FeatureStore:
         for name, arr in features.items():
             c, h, w = arr.shape
             target = self._arrays[name]
-            if (h, w) == tuple(target.shape[2:]):
-                target[v] = arr.astype(self.spec.dtype, copy=False)
-            else:
-                full = np.zeros(target.shape[1:], dtype=self.spec.dtype)
-                full[:, :h, :w] = arr
-                target[v] = full
+            stored, scale = storage.encode(arr, self.spec.dtype)
+            if (h, w) != tuple(target.shape[2:]):
+                full = np.zeros(target.shape[1:], dtype=stored.dtype)
+                full[:, :h, :w] = stored
+                stored = full
+            target[v] = stored
+            if scale is not None:
+                self._scales[name][v] = scale
         lh, lw = labels.shape
         if (lh, lw) == tuple(self.spec.label_shape):
             self._labels[v] = labels
@@ -216,10 +215,16 @@ class FeatureStore:
         """Boolean mask of complete views (made, or skipped as bad input)."""
         return ~np.isnan(self._rows()[:, 0])
 
-    def usable_views(self) -> np.ndarray:
-        """Indices of complete views that hold data (not skipped)."""
+    def usable_views(self, max_views_per_image: int | None = None) -> np.ndarray:
+        """Indices of complete views that hold data (not skipped); optionally only each image's first K views."""
         rows = self._rows()
-        return np.flatnonzero(~np.isnan(rows[:, 0]) & (rows[:, VIEW_FIELDS.index("valid_h")] > 0))
+        usable = ~np.isnan(rows[:, 0]) & (rows[:, VIEW_FIELDS.index("valid_h")] > 0)
+        if max_views_per_image is not None:
+            if not 1 <= max_views_per_image <= self.spec.views_per_image:
+                raise CacheError(f"cannot use {max_views_per_image} views per image: {self.path} holds "
+                                 f"{self.spec.views_per_image}. Pass --views between 1 and {self.spec.views_per_image}.")
+            usable &= rows[:, VIEW_FIELDS.index("view_index")] < max_views_per_image
+        return np.flatnonzero(usable)
 
     def verify(self, progress: bool = False) -> dict:
         """Read every chunk of every view; report the views that are corrupt, missing or skipped."""
@@ -235,7 +240,8 @@ class FeatureStore:
             if rows[v, VIEW_FIELDS.index("valid_h")] == 0:
                 skipped.append(v)
                 continue
-            for name, array in [*self._arrays.items(), ("labels", self._labels)]:
+            for name, array in [*self._arrays.items(), *((f"scale_{n}", a) for n, a in self._scales.items()),
+                                ("labels", self._labels)]:
                 try:
                     array[v]
                 except Exception as exc:
@@ -276,8 +282,9 @@ class FeatureStore:
         features = {}
         for name in names or list(self._arrays):
             arr = self._read(lambda: self._arrays[name][v], name, v)
+            scale = self._read(lambda: self._scales[name][v], f"scale_{name}", v) if self._scales else None
             stride = self._strides[name]
-            features[name] = arr[:, : -(-vh // stride), : -(-vw // stride)]
+            features[name] = storage.decode(arr[:, : -(-vh // stride), : -(-vw // stride)], self.spec.dtype, scale)
         return features, labels, meta
 
     def _read(self, fn, name: str, v: int):
@@ -295,7 +302,7 @@ class FeatureStore:
     # ----------------------------------------------------------------- summary
     def info(self) -> dict:
         """Schema, size on disk, compression ratio and encoder identity."""
-        raw = sum(math.prod(a.shape) * a.dtype.itemsize for a in self._arrays.values())
+        raw = sum(math.prod(a.shape) * 2 for a in self._arrays.values())  # as raw fp16
         raw += math.prod(self._labels.shape)
         stored = _bytes_on_disk(self.path) if _is_local(self.path) else None
         done = int(self.completed().sum())
@@ -308,9 +315,10 @@ class FeatureStore:
             "images": len(self.spec.image_ids),
             "views": self.num_views,
             "views_complete": done,
-            "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in self._arrays.items()},
+            "arrays": {n: {"shape": list(a.shape), "dtype": self.spec.dtype} for n, a in self._arrays.items()},
             "label_shape": list(self.spec.label_shape),
             "codec": self.spec.codec,
+            "dtype": self.spec.dtype,
             "bytes_raw_complete": int(raw * done / max(1, self.num_views)),
             "bytes_on_disk": stored,
             "compression_ratio": (raw * done / max(1, self.num_views)) / stored if stored else None,
@@ -354,9 +362,11 @@ def writer_lock(path: str | Path):
 def _ensure_arrays(group: zarr.Group, spec: CacheSpec) -> None:
     """Create whichever of the store's arrays do not exist yet."""
     existing = set(group.array_keys())
-    compressors = _compressors(spec.codec)
+    compressors = storage.compressors(spec.codec)
     n = spec.num_views
-    wanted = {name: ((n, *shape), spec.dtype, 0) for name, shape in spec.feature_shapes.items()}
+    wanted = {name: ((n, *shape), storage.array_dtype(spec.dtype), 0) for name, shape in spec.feature_shapes.items()}
+    if storage.has_scales(spec.dtype):
+        wanted |= {f"scale_{name}": ((n, shape[0]), "float32", 0) for name, shape in spec.feature_shapes.items()}
     wanted["labels"] = ((n, *spec.label_shape), "uint8", spec.ignore_index)
     wanted["views"] = ((n, len(VIEW_FIELDS)), "float64", math.nan)
     for name, (shape, dtype, fill) in wanted.items():

@@ -58,8 +58,13 @@ class CachedViews(torch.utils.data.Dataset):
     so they do not depend on worker count or order; call ``set_epoch`` before each epoch.
     """
 
-    def __init__(self, path: str, names: list[str], crop: tuple[int, int] | None = None, seed: int = 0):
-        """Item ``j`` is the ``j``-th *usable* view (views skipped as bad input at extraction are left out)."""
+    def __init__(self, path: str, names: list[str], crop: tuple[int, int] | None = None, seed: int = 0,
+                 max_views_per_image: int | None = None):
+        """Item ``j`` is the ``j``-th *usable* view (views skipped as bad input at extraction are left out).
+
+        ``max_views_per_image=K`` uses only each image's first K views: view ``k`` is drawn from
+        ``view_rng(seed, i, k)``, so these are exactly the views a ``--views K`` extraction stores.
+        """
         self.path = path
         self.names = list(names)
         self.crop = tuple(crop) if crop else None
@@ -67,7 +72,7 @@ class CachedViews(torch.utils.data.Dataset):
         self.epoch = 0
         store = FeatureStore.open(path)
         self.spec = store.spec
-        self.views = store.usable_views()
+        self.views = store.usable_views(max_views_per_image)
         self.strides = {n: s.stride for n, s in store.spec.input_shapes().items()}
         if self.crop and any(c % ALIGN for c in self.crop):
             raise UserError(f"--crop {self.crop[0]}x{self.crop[1]} must be a multiple of {ALIGN} for feature-space crops.")

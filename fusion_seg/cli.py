@@ -129,19 +129,24 @@ def main():
 @click.option("--views", type=int, default=1, show_default=True, help="Augmented views per image.")
 @view_options
 @encoder_options
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "uint8"]), default="float16", show_default=True,
+              help="Storage dtype; uint8 is lossy (per-channel scale), see BENCHMARKS.md for its accuracy cost.")
+@click.option("--codec", type=click.Choice(["blosc-zstd", "zstd", "blosc-lz4", "lz4", "none"]), default="blosc-zstd",
+              show_default=True, help="Chunk compression (each chunk also carries a crc32c checksum).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--repair", is_flag=True, help="Verify every chunk first and re-extract corrupt or skipped views.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (`fusion-seg info` lists them) instead of stopping.")
 @click.option("--out", required=True, type=click.Path(), help="Feature store (a .zarr folder).")
 @user_errors
 def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_range, no_flip, short_side, size, encoder, weights,
-            random_init, seed, strides, device, workers, batch_size, repair, skip_bad, out):
+            random_init, seed, strides, device, workers, dtype, codec, batch_size, repair, skip_bad, out):
     """Run the frozen encoder once per view and store multi-scale features (resumable)."""
     from .extract import extract as run
 
     r = run(dataset=dataset, root=root, split=split, out=out, views=views, augment=not no_augment, crop=crop,
             scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size, encoder=encoder,
-            weights=weights, random_init=random_init, seed=seed, strides=strides, batch_size=batch_size,
+            weights=weights, random_init=random_init, seed=seed, strides=strides, dtype=dtype, codec=codec,
+            batch_size=batch_size,
             workers=workers, device=device, dataset_options=parse_key_values(dataset_opt), repair=repair,
             skip_bad=skip_bad)
     click.echo(f"{r.store}: {r.views_written} views written ({r.views_total} in store), "
@@ -183,6 +188,7 @@ def verify(store, as_json):
 def info(store, as_json):
     """Schema, size, compression ratio and encoder identity of a feature store."""
     from .cache import FeatureStore
+    from .storage import codec_label
 
     d = FeatureStore.open(store).info()
     if as_json:
@@ -194,7 +200,7 @@ def info(store, as_json):
     click.echo(f"store          {d['path']}\nschema         v{d['schema_version']}\n"
                f"dataset        {d['dataset']} / {d['split']} ({d['num_classes']} classes)\n"
                f"views          {d['views_complete']} of {d['views']} complete ({d['images']} images)\n"
-               f"on disk        {size}, compression {ratio} ({d['codec']['cname']} via {d['codec']['name']})\n"
+               f"on disk        {size}, {ratio} smaller than raw fp16 ({d['dtype']}, {codec_label(d['codec'])})\n"
                f"encoder        {enc['tag']}  weights={enc['weights']}  sha256={enc['weights_sha256'][:16]}\n"
                f"normalise      mean={enc['mean']} std={enc['std']}")
     for name, a in d["arrays"].items():
@@ -222,6 +228,8 @@ def info(store, as_json):
 @click.option("--blocks", type=int, default=None, help="[reverse-hrnet] BasicBlocks per branch.")
 @click.option("--decoder-opt", "decoder_opt", multiple=True, metavar="KEY=VALUE",
               help="Any other decoder option, e.g. width=128 (repeatable).")
+@click.option("--views", type=int, default=None,
+              help="Use only each image's first N cached views (default: all); e.g. to see how many a task needs.")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True)
@@ -239,7 +247,7 @@ def info(store, as_json):
 @user_errors
 def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_opt, no_augment, crop, scale_range, no_flip,
                   short_side, size, encoder, weights, random_init, seed, strides, device, workers, decoder, streams,
-                  preset, modules, blocks, decoder_opt, epochs, batch_size, lr, loss, ohem_thresh, ohem_min_kept,
+                  preset, modules, blocks, decoder_opt, views, epochs, batch_size, lr, loss, ohem_thresh, ohem_min_kept,
                   val_every, log_every, init, resume, out):
     """Train only the decoder, from a feature cache (or --online from images)."""
     from .stages import train_config
@@ -250,7 +258,7 @@ def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_o
     crop_given = ctx.get_parameter_source("crop").name != "DEFAULT"
     feature_crop = crop if crop_given and not online else None
     cfg = train_config(dict(decoder=decoder, streams=streams, preset=preset, modules=modules, blocks=blocks,
-                            decoder_options=parse_key_values(decoder_opt),
+                            decoder_options=parse_key_values(decoder_opt), views=views,
                             epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, ohem_thresh=ohem_thresh,
                             ohem_min_kept=ohem_min_kept, crop=list(feature_crop) if feature_crop else None,
                             seed=seed, workers=workers, val_every=val_every, log_every=log_every, device=device,

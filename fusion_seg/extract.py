@@ -21,6 +21,7 @@ from .datasets.base import SegDataset
 from .device import autocast, resolve_device, to_device
 from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, FrozenEncoder, build_encoder
 from .errors import CacheError, DataError, Failed, UserError
+from .storage import DEFAULT_CODEC, DEFAULT_DTYPE, check_dtype, codec_spec
 from .transforms import resized_shape
 from .views import Augment, Resize, ViewSource, collate_list, stack_groups
 
@@ -67,7 +68,7 @@ def feature_shapes_for(encoder: FrozenEncoder, hw: tuple[int, int]) -> dict[str,
 
 
 def build_spec(dataset: SegDataset, encoder: FrozenEncoder, views: int, augment: Augment, resize: Resize,
-               skip_bad: bool = False) -> CacheSpec:
+               skip_bad: bool = False, dtype: str = DEFAULT_DTYPE, codec: str | dict = DEFAULT_CODEC) -> CacheSpec:
     label_shape = label_shape_for(dataset, augment, resize, skip_bad)
     return CacheSpec(
         encoder=encoder.identity.to_dict(),
@@ -80,6 +81,8 @@ def build_spec(dataset: SegDataset, encoder: FrozenEncoder, views: int, augment:
         resize=resize.to_json(),
         label_shape=label_shape,
         feature_shapes=feature_shapes_for(encoder, label_shape),
+        dtype=check_dtype(dtype),
+        codec=codec_spec(codec),
     )
 
 
@@ -101,6 +104,8 @@ def extract(
     random_init: bool = False,
     seed: int = 0,
     strides: tuple[int, ...] = DEFAULT_STRIDES,
+    dtype: str = DEFAULT_DTYPE,
+    codec: str | dict = DEFAULT_CODEC,
     batch_size: int = 4,
     workers: int = 2,
     writers: int = 2,
@@ -125,12 +130,14 @@ def extract(
         raise UserError("--no-augment stores the whole image once; use it with --views 1.")
     if short_side is not None and size is not None:
         raise UserError("--short-side and --size are mutually exclusive.")
+    check_dtype(dtype)
+    codec_spec(codec)
     with writer_lock(out):
         return _extract_locked(**arguments)
 
 
 def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_range, flip, short_side, size,
-                    encoder, weights, random_init, seed, strides, batch_size, workers, writers, device,
+                    encoder, weights, random_init, seed, strides, dtype, codec, batch_size, workers, writers, device,
                     dataset_options, repair, skip_bad, progress) -> ExtractResult:
     ds = build_dataset(dataset, root=root, split=split, **(dataset_options or {}))
     if len(ds) == 0:
@@ -140,7 +147,7 @@ def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_ra
     aug = Augment(enabled=augment, crop=tuple(crop) if augment else None, scale_range=tuple(scale_range),
                   flip=flip if augment else False, seed=seed)
     rsz = Resize(short_side=short_side, size=tuple(size) if size else None)
-    spec = build_spec(ds, enc, views, aug, rsz, skip_bad)
+    spec = build_spec(ds, enc, views, aug, rsz, skip_bad, dtype=dtype, codec=codec)
     store = FeatureStore.create_or_resume(out, spec)
     if repair:
         report = store.verify(progress=progress)
@@ -173,7 +180,8 @@ def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_ra
                 images = to_device(torch.stack([it["image"] for it in group]), dev)
                 with autocast(dev):
                     feats = enc(images)
-                feats = {k: t.to(torch.float16).cpu().numpy() for k, t in feats.items()}
+                host = torch.float16 if spec.dtype == "float16" else torch.float32  # bf16/uint8 round from fp32
+                feats = {k: t.to(host).cpu().numpy() for k, t in feats.items()}
                 for j, it in enumerate(group):
                     per_view = {k: a[j] for k, a in feats.items()}
                     pending.append(pool.submit(store.write_view, it["index"], per_view, it["labels"].numpy(), it["meta"]))

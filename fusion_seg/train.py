@@ -55,6 +55,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     crop: list[int] | None = None
+    views: int | None = None  # use only each image's first K cached views (None: all of them)
     loss: str = "ohem"
     ohem_thresh: float = 0.9
     ohem_min_kept: int = 131072
@@ -90,7 +91,7 @@ class CacheSource:
     online = False
 
     def __init__(self, path: str, names: list[str], cfg: TrainConfig, device: torch.device):
-        self.views = CachedViews(path, names, crop=cfg.crop, seed=cfg.seed)
+        self.views = CachedViews(path, names, crop=cfg.crop, seed=cfg.seed, max_views_per_image=cfg.views)
         self.spec = self.views.spec
         self.device = device
         self.cfg = cfg
@@ -393,6 +394,8 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: str, split: str,
                  seed: int = 0, strides=DEFAULT_STRIDES, val_cache: str | None = None, resume: bool = False,
                  dataset_options: dict | None = None, progress: bool = True) -> TrainResult:
     """Train the same decoder with the frozen encoder run every step (no cache): the baseline."""
+    if cfg.views is not None:
+        raise UserError("--views selects cached views; --online draws a fresh view every epoch and takes no --views.")
     ds = build_dataset(dataset, root=root, split=split, **(dataset_options or {}))
     if getattr(DECODERS.get(cfg.decoder), "end_to_end", False):
         enc = build_image_encoder()  # e.g. the HRNet baseline: trains from images with its own stem
