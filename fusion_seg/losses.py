@@ -73,10 +73,14 @@ class OhemCrossEntropy(nn.Module):
         if not valid.any():
             return 0 * logits.sum()
         with torch.no_grad():
-            gt = target.masked_fill(target == self.ignore_index, 0).unsqueeze(1)
-            prob = F.softmax(logits, dim=1).gather(1, gt).reshape(-1)[valid]
-            sorted_prob = prob.sort().values
-            min_value = sorted_prob[min(self.min_kept, sorted_prob.numel() - 1)]
+            if self.weight is None:  # the unweighted loss is -log p(gt): no second softmax needed
+                prob = torch.exp(-pixel_losses[valid])
+            else:
+                gt = target.masked_fill(target == self.ignore_index, 0).unsqueeze(1)
+                prob = F.softmax(logits, dim=1).gather(1, gt).reshape(-1)[valid]
+            # HRNet sorts every pixel to read one order statistic; kthvalue finds it without the sort.
+            rank = min(self.min_kept, prob.numel() - 1)
+            min_value = prob.kthvalue(rank + 1).values
             keep = prob < torch.clamp(min_value, min=self.thresh)
         kept = pixel_losses[valid][keep]
         if kept.numel() == 0:

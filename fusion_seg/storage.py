@@ -71,7 +71,10 @@ def compressors(codec: dict) -> list:
     if name == "lz4":
         import warnings
 
-        from numcodecs.zarr3 import LZ4
+        try:
+            from zarr.codecs.numcodecs import LZ4  # zarr >= 3.1.3
+        except ImportError:
+            from numcodecs.zarr3 import LZ4
 
         with warnings.catch_warnings():  # "numcodecs codecs are not in the Zarr v3 spec": known, and read back by zarr
             warnings.simplefilter("ignore")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 
 from ..errors import UserError
-from .base import SegDataset, SegSample
+from .base import FileSegDataset, SegDataset, SegSample
 from .camvid import CamVidDataset
 from .cityscapes import CityscapesDataset
 from .coco import COCODataset
@@ -31,8 +31,11 @@ def build_dataset(name: str, root=None, split: str = "train", **options) -> SegD
 
     ``options`` are the dataset's own keyword arguments (e.g. ``num_images``
     for synthetic, ``require_masks`` for the file datasets, ``version`` for
-    mapillary, ``sbd`` for voc, ``classes`` and ``min_pixels`` for coco).
+    mapillary, ``sbd`` for voc, ``classes`` and ``min_pixels`` for coco), plus
+    ``limit=N`` for every file dataset: only its first N samples (quick trials, benchmarks).
     """
+    options = dict(options)
+    limit = options.pop("limit", None)
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}.")
     cls = DATASETS[name]
@@ -41,4 +44,9 @@ def build_dataset(name: str, root=None, split: str = "train", **options) -> SegD
     if unknown:
         raise UserError(f"dataset {name!r} has no option {', '.join(unknown)}; "
                         f"its options are: {', '.join(accepted) or 'none'}.")
-    return cls(root=root, split=split, **options)
+    dataset = cls(root=root, split=split, **options)
+    if limit is not None:
+        if not isinstance(dataset, FileSegDataset):
+            raise UserError(f"dataset {name!r} takes no limit option (synthetic: use num_images).")
+        dataset.keep_first(int(limit))
+    return dataset

@@ -156,6 +156,13 @@ class FileSegDataset(SegDataset):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def keep_first(self, n: int) -> None:
+        """Keep only the first ``n`` samples (the ``limit`` option); recorded in :meth:`describe`."""
+        if n < 1:
+            raise DataError(f"limit must be at least 1, not {n}.")
+        self._entries = self._entries[:n]
+        self.options["limit"] = n
+
     @property
     def ids(self) -> list[str]:
         return [sid for sid, _, _ in self._entries]
