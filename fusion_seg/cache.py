@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import storage
+from . import storage, store_url
 from .errors import CacheError
 from .shapes import ShapeSpec
 
@@ -84,14 +84,6 @@ class CacheSpec:
         return [f"{k}: stored {a[k]!r}, requested {b[k]!r}" for k in a if a[k] != b[k]]
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
-
-
-def _local_path(path) -> Path:
-    return Path(str(path).removeprefix("file://"))
-
-
 class FeatureStore:
     """Read and write access to one feature store."""
 
@@ -109,15 +101,21 @@ class FeatureStore:
     # ----------------------------------------------------------------- opening
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
-        """Open an existing store, checking that it is one and that its schema is readable."""
-        if _is_local(path) and not (_local_path(path) / "zarr.json").is_file():
+        """Open an existing store, checking that it is one and that its schema is readable.
+
+        ``path`` is a folder or a URL (``s3://bucket/x.zarr``, ``file:///abs/x.zarr``), see store_url.py.
+        """
+        if not store_url.exists(path):
+            store_url.require_bucket(path)
             raise CacheError(
                 f"{path} is not a fusion-seg feature store (no zarr.json). "
                 "Create it with `fusion-seg extract ... --out STORE`."
             )
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = zarr.open_group(store_url.zarr_store(path, mode), mode=mode, zarr_format=3)
             attrs = group.attrs.asdict()
+        except CacheError:
+            raise
         except Exception as exc:
             raise CacheError(f"cannot open feature store {path}: {exc}") from exc
         if ATTRS_KEY not in attrs:
@@ -134,29 +132,30 @@ class FeatureStore:
     @classmethod
     def create_or_resume(cls, path: str | Path, spec: CacheSpec) -> "FeatureStore":
         """Create a new store for ``spec``, or reopen an existing one made with exactly the same settings."""
-        exists = (_local_path(path) / "zarr.json").is_file() if _is_local(path) else _remote_exists(path)
-        if exists:
-            group = zarr.open_group(str(path), mode="r+")
-            stored = group.attrs.asdict().get(ATTRS_KEY)
-            if stored is None:
-                raise CacheError(f"{path} exists but is not a fusion-seg feature store; choose another --out.")
-            _ensure_arrays(group, CacheSpec.from_json(stored))
-            store = cls.open(path, mode="r+")
-            diffs = store.spec.differences(spec)
-            if diffs:
-                raise CacheError(
-                    f"{path} was extracted with different settings and cannot be resumed with these: "
-                    + "; ".join(diffs)
-                    + ". Use a new --out, or delete the store to start over."
-                )
-            return store
-        # The attributes go in with the group, and any array a killed creation left out is made on
-        # the next open: a store is never stranded half-created.
-        # Local stores are created under writer_lock(), so "a" cannot race; remote ones rely on "w-".
-        group = zarr.open_group(str(path), mode="a" if _is_local(path) else "w-",
-                                attributes={ATTRS_KEY: spec.to_json()})
-        _ensure_arrays(group, spec)
-        return cls(path, group, spec)
+        if not store_url.exists(path):
+            try:
+                # The attributes go in with the group, and any array a killed creation left out is made
+                # on the next open: a store is never stranded half-created.
+                group = store_url.create_group(path, {ATTRS_KEY: spec.to_json()})
+            except FileExistsError:
+                pass  # another process created it first: resume it, checking its settings
+            else:
+                _ensure_arrays(group, spec)
+                return cls(path, group, spec)
+        group = zarr.open_group(store_url.zarr_store(path, "r+"), mode="r+", zarr_format=3)
+        stored = group.attrs.asdict().get(ATTRS_KEY)
+        if stored is None:
+            raise CacheError(f"{path} exists but is not a fusion-seg feature store; choose another --out.")
+        _ensure_arrays(group, CacheSpec.from_json(stored))
+        store = cls.open(path, mode="r+")
+        diffs = store.spec.differences(spec)
+        if diffs:
+            raise CacheError(
+                f"{path} was extracted with different settings and cannot be resumed with these: "
+                + "; ".join(diffs)
+                + ". Use a new --out, or delete the store to start over."
+            )
+        return store
 
     # ----------------------------------------------------------------- writing
     def write_view(self, v: int, features: dict[str, np.ndarray], labels: np.ndarray, meta: dict) -> None:
@@ -264,8 +263,9 @@ class FeatureStore:
         return {k: float(x) for k, x in zip(VIEW_FIELDS, row)}
 
     def chunk_path(self, name: str, v: int) -> str:
+        """Where view ``v``'s chunk of array ``name`` is: a file, or an object of a remote store."""
         ndim = len(self.group[name].shape)
-        return f"{self.path}/{name}/c/{v}" + "/0" * (ndim - 1)
+        return store_url.join(self.path, name, "c", v, *["0"] * (ndim - 1))
 
     def read_view(self, v: int, names: list[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
         """Features (cropped to the view's valid region), labels and metadata of view ``v``."""
@@ -304,7 +304,7 @@ class FeatureStore:
         """Schema, size on disk, compression ratio and encoder identity."""
         raw = sum(math.prod(a.shape) * 2 for a in self._arrays.values())  # as raw fp16
         raw += math.prod(self._labels.shape)
-        stored = _bytes_on_disk(self.path) if _is_local(self.path) else None
+        stored = store_url.bytes_used(self.path)  # files, or a remote store's objects
         done = int(self.completed().sum())
         return {
             "path": self.path,
@@ -336,11 +336,17 @@ def writer_lock(path: str | Path):
     A second extraction into the same store is refused rather than interleaved. The
     kernel frees the lock when its holder dies, so a killed run leaves no stale lock.
     The file sits beside the store because Zarr treats unknown files inside it as errors.
+
+    A remote store (``s3://…``) has no lock: its creation is exclusive (see store_url.create_group),
+    so two runs with different settings cannot both make it, but two concurrent extractions into the
+    same remote store are the user's to avoid. Each chunk is still written whole and both runs
+    write the same views, so the store stays usable, but the work is done twice and the store may
+    not be bit-identical to one run's (features can differ in the last bit with the batch size).
     """
-    if not _is_local(path):
+    if not store_url.is_local(path):
         yield
         return
-    root = _local_path(path)
+    root = store_url.local_path(path)
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.with_name(root.name + ".lock"), "a+") as f:
         try:
@@ -373,16 +379,3 @@ def _ensure_arrays(group: zarr.Group, spec: CacheSpec) -> None:
         if name not in existing:
             group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
                                compressors=compressors, fill_value=fill)
-
-
-def _bytes_on_disk(path: str) -> int:
-    root = _local_path(path)
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
-
-def _remote_exists(path: str | Path) -> bool:
-    try:
-        zarr.open_group(str(path), mode="r")
-        return True
-    except Exception:
-        return False

@@ -1,0 +1,270 @@
+"""Issue 6: feature stores anywhere fsspec reaches. S3 is a moto server on loopback,
+configured the way a user configures a real one: credentials and endpoint in the environment."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from fusion_seg import store_url
+from fusion_seg.cache import FeatureStore
+from fusion_seg.cli import main
+from fusion_seg.errors import CacheError
+from fusion_seg.recipes import run_recipe
+from fusion_seg.train import TrainConfig, train_decoder
+from pipeline_helpers import extract_synthetic, tiny_config
+
+s3fs = pytest.importorskip("s3fs")
+ThreadedMotoServer = pytest.importorskip("moto.server").ThreadedMotoServer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+ARRAYS = ("s4", "s8", "s16", "s32", "labels", "views")
+BUCKET = "stores"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1, fake credentials and its endpoint in the environment, one bucket."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            env.delenv(key, raising=False)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")  # nothing from this machine's ~/.aws
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(BUCKET)
+        yield fs
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The local store every remote one must equal, extracted through a file:// URL."""
+    url = f"file://{tmp_path_factory.mktemp('local')}/ref.zarr"
+    extract(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def remote(s3, tmp_path_factory):
+    url = f"s3://{BUCKET}/train.zarr"
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        result = extract(url)
+    assert (result.views_total, result.views_written) == (12, 12)
+    assert not list(cwd.iterdir())  # the URL was never taken for a local path: no lock file, no "s3:" folder
+    return url
+
+
+def extract(out, **kw):
+    """Batches of one view: a view's features then do not depend on which views share its batch, so a
+    resumed or repaired store is bit-identical to one extracted in one go."""
+    return extract_synthetic(out, batch_size=1, **kw)
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    group = FeatureStore.open(path).group
+    return {name: group[name][:] for name in ARRAYS}
+
+
+def assert_same_store(a, b) -> None:
+    left, right = arrays(a), arrays(b)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
+def copy_store(s3, url: str) -> str:
+    """A server-side copy of a store, for a test that damages it."""
+    dst = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}.zarr"
+    s3.copy(url.removeprefix("s3://"), dst.removeprefix("s3://"), recursive=True)
+    s3.invalidate_cache()
+    return dst
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [d["loss"] for d in lines if d["type"] == "step"]
+
+
+def test_extract_into_s3_equals_local_extraction(s3, remote, reference, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_same_store(remote, reference)
+    assert s3.exists(f"{BUCKET}/train.zarr/zarr.json") and s3.exists(f"{BUCKET}/train.zarr/s16/c/3/0/0/0")
+    store = FeatureStore.create_or_resume(remote, FeatureStore.open(remote).spec)
+    assert store.completed().all() and not list(tmp_path.iterdir())
+    assert store.chunk_path("s16", 3) == f"{remote}/s16/c/3/0/0/0"
+
+
+def test_info_and_verify_of_an_s3_store(s3, remote):
+    result = CliRunner().invoke(main, ["info", "--json", remote])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["path"] == remote and info["views_complete"] == 12
+    assert info["bytes_on_disk"] == s3.du(f"{BUCKET}/train.zarr") > 0 and info["compression_ratio"] > 1
+    result = CliRunner().invoke(main, ["info", remote])
+    assert result.exit_code == 0 and f"{info['bytes_on_disk'] / 2**20:.1f} MiB" in result.output
+    result = CliRunner().invoke(main, ["verify", remote])
+    assert result.exit_code == 0 and "0 corrupt, 0 incomplete" in result.output
+
+
+def test_corrupt_object_is_named_and_repaired(s3, remote, reference):
+    url = copy_store(s3, remote)
+    key = f"{url.removeprefix('s3://')}/s16/c/3/0/0/0"
+    data = bytearray(s3.cat_file(key))
+    data[len(data) // 2] ^= 0xFF
+    s3.pipe_file(key, bytes(data))
+    result = CliRunner().invoke(main, ["verify", url])
+    assert result.exit_code == 1
+    assert f"BAD view 3: {url}/s16/c/3/0/0/0" in result.output and "1 corrupt" in result.output
+    assert "--repair" in result.output
+    with pytest.raises(CacheError, match=f"view 3 of {url}: chunk {url}/s16/c/3/0/0/0 is corrupt"):
+        FeatureStore.open(url).read_view(3)
+    assert extract(url, repair=True).views_written == 1
+    assert_same_store(url, reference)
+
+
+def test_interrupted_extraction_resumes_bit_identical(s3, reference):
+    url = f"s3://{BUCKET}/interrupted.zarr"
+    original_set = zarr.storage.FsspecStore.set
+    puts = []
+
+    async def set_then_fail(self, key, value, byte_range=None):
+        puts.append(key)
+        if len(puts) > 40:  # the connection drops partway through the extraction
+            raise OSError(errno.ECONNRESET, "Connection reset by peer")
+        return await original_set(self, key, value, byte_range)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(zarr.storage.FsspecStore, "set", set_then_fail)
+        with pytest.raises(CacheError, match="re-run the same command"):
+            extract(url)
+    done = FeatureStore.open(url).completed()
+    assert 0 < done.sum() < 12 and done[:2].all()
+    # Objects lost besides: view 0's completion record (its row) and a chunk, and view 1 invalidated.
+    prefix = url.removeprefix("s3://")
+    s3.rm([f"{prefix}/views/c/0/0", f"{prefix}/s8/c/0/0/0/0"])
+    FeatureStore.open(url, mode="r+").invalidate([1])
+    assert extract(url).views_written == 12 - done.sum() + 2
+    assert_same_store(url, reference)
+
+
+def test_train_from_s3_with_and_without_loader_workers(s3, remote, reference, tmp_path):
+    local = train_decoder(reference, tmp_path / "local", tiny_config(workers=0, epochs=1)).losses
+    assert len(local) == 6 and local[0] != local[-1]
+    # workers=0, as a recipe stage: extraction into the complete store is a no-op, training reads it.
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f"""
+[[stage]]
+kind = "extract"
+dataset = "synthetic"
+split = "train"
+out = "{remote}"
+views = 2
+crop = [64, 64]
+encoder = "resnet18"
+random_init = true
+strides = [4, 8, 16, 32]
+loader_workers = 0
+dataset_options = {{num_images = 6, size = [64, 96]}}
+
+[[stage]]
+kind = "train"
+cache = "{remote}"
+out = "{tmp_path / 'recipe-run'}"
+streams = 4
+preset = "small"
+epochs = 1
+batch_size = 2
+workers = 0
+log_every = 1
+loss = "ce"
+device = "cpu"
+""")
+    results = run_recipe(recipe, echo=lambda _: None, progress=False)
+    assert results[0]["summary"]["written"] == 0
+    assert losses(tmp_path / "recipe-run") == local
+    # workers=2 from the command line, in a fresh process that forks DataLoader workers after opening
+    # the store; the validation store is remote too. The checkpoints stay local.
+    run = tmp_path / "cli-run"
+    cmd = [sys.executable, "-m", "fusion_seg", "train-decoder", "--cache", remote, "--val-cache", remote,
+           "--workers", "2", "--streams", "4", "--preset", "small", "--epochs", "1", "--batch-size", "2",
+           "--log-every", "1", "--loss", "ce", "--device", "cpu", "--out", str(run)]
+    # One intra-op thread there too, as here (see conftest.py): the losses must match to the bit.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(run) == local
+    assert TrainConfig(**json.loads((run / "config.json").read_text())["train"]).workers == 2
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    assert all(key.startswith(f"{BUCKET}/") and ".zarr/" in key for key in s3.find(BUCKET))
+
+
+def test_file_url_is_a_local_store(reference, tmp_path):
+    folder = store_url.local_path(reference)
+    assert (folder / "zarr.json").is_file() and folder.with_name("ref.zarr.lock").is_file()  # under the flock
+    assert_same_store(reference, folder)
+    info = FeatureStore.open(reference).info()
+    assert info["bytes_on_disk"] == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert FeatureStore.open(reference).chunk_path("labels", 5) == f"{reference}/labels/c/5/0/0"
+    result = CliRunner().invoke(main, ["verify", reference])
+    assert result.exit_code == 0, result.output
+
+
+def test_missing_bucket_and_missing_store_are_explained(s3, remote):
+    result = CliRunner().invoke(main, ["info", "s3://no-such-bucket/x.zarr"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "bucket 'no-such-bucket' does not exist" in result.output and "AWS_ENDPOINT_URL" in result.output
+    with pytest.raises(CacheError, match="bucket 'no-such-bucket' does not exist"):
+        FeatureStore.create_or_resume("s3://no-such-bucket/x.zarr", FeatureStore.open(remote).spec)
+    result = CliRunner().invoke(main, ["verify", f"s3://{BUCKET}/nothing-here.zarr"])
+    assert result.exit_code == 2 and "is not a fusion-seg feature store (no zarr.json)" in result.output
+
+
+def test_creation_race_is_lost_cleanly(s3, remote, monkeypatch):
+    spec = FeatureStore.open(remote).spec
+    url = f"s3://{BUCKET}/race.zarr"
+    store_url.create_group(url, {"first": True})
+    with pytest.raises(FileExistsError):  # a conditional PUT: exactly one creator wins
+        store_url.create_group(url, {"second": True})
+    assert zarr.open_group(store_url.zarr_store(url), mode="r").attrs.asdict() == {"first": True}
+    # Another process created the store between our existence check and our create: its settings decide.
+    real_exists, checks = store_url.exists, []
+
+    def first_check_misses(path):
+        checks.append(path)
+        return len(checks) > 1 and real_exists(path)
+
+    monkeypatch.setattr(store_url, "exists", first_check_misses)
+    with pytest.raises(CacheError, match="different settings"):
+        FeatureStore.create_or_resume(remote, dataclasses.replace(spec, views_per_image=3))
+    checks.clear()
+    assert FeatureStore.create_or_resume(remote, spec).completed().all()  # resumed, nothing overwritten
+    assert len(checks) > 1  # the first check missed the store, a later one found it
+
+
+def test_missing_s3fs_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed: import s3fs raises ImportError
+    with pytest.raises(CacheError, match=r"s3fs package, which is not installed.*pip install fusion-seg\[s3\]"):
+        FeatureStore.open("s3://bucket/x.zarr")
+    result = CliRunner().invoke(main, ["info", "s3://bucket/x.zarr"])
+    assert result.exit_code == 2 and "pip install fusion-seg[s3]" in result.output
