@@ -12,11 +12,18 @@ A run directory holds ``last.pt`` (every epoch, atomic), ``best.pt`` (best val
 mIoU), ``metrics.jsonl`` and ``config.json``. ``resume=True`` continues from
 ``last.pt``; since every random draw is seeded by (seed, epoch, index), the
 losses after a resume equal those of an uninterrupted run.
+
+Launched by ``torchrun``, ``train_decoder`` trains with DistributedDataParallel:
+``batch_size`` stays the global batch, each process takes its share of every
+global batch, and rank 0 alone validates and writes the run directory, whose
+checkpoints are those of a single process (a resume may change the process count).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,10 +35,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import ddp
 from .cache import FeatureStore
 from .cached_views import CachedViews, collate_views
 from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import build_dataset
+from .ddp import DistEnv
 from .device import autocast, resolve_device, to_device
 from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, build_encoder, build_image_encoder
 from .errors import CheckpointError, Failed, UserError
@@ -65,10 +74,14 @@ class TrainConfig:
     val_every: int = 1
     log_every: int = 10
     device: str = "auto"
+    # SyncBatchNorm across torchrun processes. Operational, like the number of processes (which a
+    # resume may change): both only decide over how many samples BatchNorm takes its statistics.
+    sync_bn: bool = False
 
     def schedule(self) -> dict:
-        """The settings a run must keep to be resumed (not the operational ones: workers, device, logging)."""
-        operational = {"workers", "device", "log_every", "val_every"}
+        """The settings a run must keep to be resumed (not the operational ones: workers, device, logging,
+        and how the work is spread over processes)."""
+        operational = {"workers", "device", "log_every", "val_every", "sync_bn"}
         return {k: v for k, v in asdict(self).items() if k not in operational}
 
 
@@ -90,18 +103,20 @@ class CacheSource:
 
     online = False
 
-    def __init__(self, path: str, names: list[str], cfg: TrainConfig, device: torch.device):
+    def __init__(self, path: str, names: list[str], cfg: TrainConfig, device: torch.device,
+                 dist: DistEnv | None = None):
         self.views = CachedViews(path, names, crop=cfg.crop, seed=cfg.seed, max_views_per_image=cfg.views)
         self.spec = self.views.spec
         self.device = device
         self.cfg = cfg
+        self.dist = dist or DistEnv(device=device)
 
     def __len__(self) -> int:
         return len(self.views)
 
     def batches(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
         self.views.set_epoch(epoch)
-        for batch in _loader(self.views, self.cfg, epoch, collate_views, self.device):
+        for batch in _loader(self.views, self.cfg, epoch, collate_views, self.device, self.dist):
             features, labels = Failed.check(batch)
             yield ({k: to_device(v, self.device).float() for k, v in features.items()},
                    to_device(labels, self.device))
@@ -141,12 +156,27 @@ def _collate_images(items):
     return torch.stack([it["image"] for it in items]), torch.stack([it["labels"].long() for it in items])
 
 
-def _loader(dataset, cfg: TrainConfig, epoch: int, collate, device):
-    generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-    sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+def _loader(dataset, cfg: TrainConfig, epoch: int, collate, device, dist: DistEnv | None = None):
+    """This process's batches of epoch ``epoch``: its ``batch_size / world`` share of each global batch.
+
+    Every process shuffles all items with the same seeded permutation and takes every
+    ``world``-th item of it, so the k-th batches of all processes together are items
+    ``[k*B, (k+1)*B)`` of the permutation, the k-th batch of one process at the global batch
+    ``B``. Steps per epoch are ``floor(floor(n/world)/b) == floor(n/B)`` for any ``world``.
+    A dataset smaller than ``B`` gives one smaller batch per epoch (of ``floor(n/world)`` items).
+    """
+    dist = dist or DistEnv(device=device)
+    if len(dataset) < dist.world:
+        raise UserError(f"{len(dataset)} training views cannot be shared among {dist.world} processes; "
+                        "start fewer processes or use a larger training set.")
+    # DistributedSampler shuffles with randperm seeded by seed + epoch: seed * 100003 keeps seeds 0 and 1
+    # from sharing permutations one epoch apart, and keeps one process's order what it was before DDP.
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                                  seed=cfg.seed * 100003, drop_last=True)
+    sampler.set_epoch(epoch)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
-        drop_last=len(dataset) >= cfg.batch_size, pin_memory=device.type == "cuda",
+        dataset, batch_size=dist.local_batch(cfg.batch_size), sampler=sampler, num_workers=cfg.workers,
+        collate_fn=collate, drop_last=len(dataset) >= cfg.batch_size, pin_memory=device.type == "cuda",
     )
 
 
@@ -181,12 +211,19 @@ def _make_decoder(cfg: TrainConfig, input_shapes: dict[str, ShapeSpec], num_clas
 
 def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: TrainConfig, *,
          input_shapes: dict[str, ShapeSpec], classes: list[str], ignore_index: int, encoder: dict, data: dict,
-         val_cache: str | None, resume: bool, progress: bool) -> TrainResult:
-    device = resolve_device(cfg.device)
+         val_cache: str | None, resume: bool, progress: bool, dist: DistEnv | None = None) -> TrainResult:
+    """The training loop; under torchrun, one of ``dist.world`` processes (rank 0 writes every output)."""
+    dist = dist or DistEnv(device=resolve_device(cfg.device))
+    device = dist.device
+    ddp.check_sync_bn(cfg.sync_bn, dist)
     decoder = decoder.to(device)
     if device.type == "cuda":
         decoder = decoder.to(memory_format=torch.channels_last)
-    criterion = build_loss(cfg.loss, ignore_index, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept)
+    if cfg.sync_bn and dist.distributed:
+        decoder = nn.SyncBatchNorm.convert_sync_batchnorm(decoder)  # same state-dict keys as BatchNorm
+    # OHEM keeps at least min_kept pixels of the (global) batch: each process keeps its share of them.
+    criterion = build_loss(cfg.loss, ignore_index, thresh=cfg.ohem_thresh,
+                           min_kept=-(-cfg.ohem_min_kept // dist.world))
     optimizer = torch.optim.SGD(decoder.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     steps_per_epoch = len(source) // cfg.batch_size if len(source) >= cfg.batch_size else 1
@@ -208,45 +245,48 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt.get("best_miou")
         init_info = ckpt.get("init")
-        _truncate_log(log_path, start_epoch)
+        if dist.is_main:
+            _truncate_log(log_path, start_epoch)
     elif last.exists():
         raise UserError(f"{run_dir} already holds a run (last.pt). Pass --resume to continue it, or choose a new --out.")
-    elif log_path.exists():
+    elif log_path.exists() and dist.is_main:
         log_path.unlink()
-    (run_dir / "config.json").write_text(json.dumps(
-        {"train": asdict(cfg), "decoder": record, "classes": classes, "encoder": encoder, "data": data}, indent=2))
+    if dist.is_main:
+        (run_dir / "config.json").write_text(json.dumps(
+            {"train": asdict(cfg), "decoder": record, "classes": classes, "encoder": encoder, "data": data,
+             "world_size": dist.world}, indent=2))
 
     def payload(epoch: int) -> dict:
         return {"decoder": record, "classes": classes, "ignore_index": ignore_index, "encoder": encoder,
                 "data": data, "train": asdict(cfg), "init": init_info, "epoch": epoch, "step": step, "best_miou": best,
+                "world_size": dist.world,  # the unwrapped decoder's keys: no DDP "module." prefix
                 "model": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}
 
     losses: list[float] = []
     val = None
     t0 = time.perf_counter()
-    decoder.train()
-    with open(log_path, "a") as log, tqdm(total=total_steps, initial=step, desc=f"train {run_dir.name}",
-                                          unit="step", disable=None if progress else True) as bar:
+    model = _distributed(decoder, dist)
+    model.train()
+    # Only rank 0 writes the log and shows progress; the others log into /dev/null.
+    with open(log_path if dist.is_main else os.devnull, "a") as log, \
+            tqdm(total=total_steps, initial=step, desc=f"train {run_dir.name}", unit="step",
+                 disable=None if progress and dist.is_main else True) as bar:
         for epoch in range(start_epoch, cfg.epochs):
             epoch_losses = []
             for features, labels in source.batches(epoch):
-                with autocast(device):
-                    logits = decoder(features)
-                    loss = criterion(upsample_logits(logits, labels.shape[-2:]).float(), labels)
-                    if hasattr(decoder, "aux_loss"):  # deep supervision (ExFuse)
-                        loss = loss + decoder.aux_loss(labels, criterion)
-                if not torch.isfinite(loss):
+                loss = decoder_loss(model, decoder, features, labels, criterion, device)
+                value = dist.mean(loss)  # over all processes: the loss of the global batch, on every rank
+                if not math.isfinite(value):
                     raise UserError(
-                        f"the loss became {loss.item()} at step {step} (epoch {epoch}). The last good checkpoint "
+                        f"the loss became {value} at step {step} (epoch {epoch}). The last good checkpoint "
                         f"is {last if last.exists() else 'not written yet'}; resume with --resume and a lower --lr."
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # under DDP this averages the gradients over the processes
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                value = float(loss.detach())
                 losses.append(value)
                 epoch_losses.append(value)
                 bar.update(1)
@@ -257,22 +297,55 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
             record_epoch = {"type": "epoch", "epoch": epoch + 1, "step": step,
                             "loss": float(np.mean(epoch_losses)) if epoch_losses else None,
                             "seconds": time.perf_counter() - t0}
-            if val_cache and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                val = validate(decoder, val_cache, names, len(classes), classes, device, workers=min(cfg.workers, 1))
-                record_epoch["val"] = {k: val[k] for k in ("miou", "pixel_acc", "mean_acc", "per_class_iou")}
-                if best is None or val["miou"] > best:
-                    best = val["miou"]
-                    save_checkpoint(best_path, payload(epoch + 1) | {"val": record_epoch["val"]})
-            _log(log, record_epoch)
-            save_checkpoint(last, payload(epoch + 1))
-        if not val_cache:  # without validation, the final model is the best one we know
-            save_checkpoint(best_path, payload(cfg.epochs))
+            # Rank 0 alone validates (on the unwrapped decoder: no collectives) and writes; the others wait.
+            if dist.is_main:
+                if val_cache and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                    val = validate(decoder, val_cache, names, len(classes), classes, device,
+                                   workers=min(cfg.workers, 1))
+                    record_epoch["val"] = {k: val[k] for k in ("miou", "pixel_acc", "mean_acc", "per_class_iou")}
+                    if best is None or val["miou"] > best:
+                        best = val["miou"]
+                        save_checkpoint(best_path, payload(epoch + 1) | {"val": record_epoch["val"]})
+                _log(log, record_epoch)
+                save_checkpoint(last, payload(epoch + 1))
+            dist.barrier()
         peak = peak_memory_mib(device)
-        _log(log, {"type": "summary", "epoch": cfg.epochs, "step": step, "seconds": time.perf_counter() - t0,
-                   "steps_this_run": len(losses), "peak_memory_MiB": peak,
-                   "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"})
-    plot_if_available("plot_training_curves", log_path, run_dir / "curves.png")
+        if dist.is_main:
+            if not val_cache:  # without validation, the final model is the best one we know
+                save_checkpoint(best_path, payload(cfg.epochs))
+            _log(log, {"type": "summary", "epoch": cfg.epochs, "step": step, "seconds": time.perf_counter() - t0,
+                       "steps_this_run": len(losses), "world_size": dist.world, "peak_memory_MiB": peak,
+                       "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+                       "peak_memory_scope": "rank 0, per process" if dist.distributed else "the process"})
+    if dist.is_main:
+        plot_if_available("plot_training_curves", log_path, run_dir / "curves.png")
+    dist.barrier()  # every process returns once the run directory is complete
     return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0, peak)
+
+
+def decoder_loss(model: nn.Module, decoder: nn.Module, features: dict, labels: torch.Tensor, criterion,
+                 device: torch.device) -> torch.Tensor:
+    """The training loss of one batch: logits upsampled to the labels, plus any deep supervision.
+
+    ``model`` is ``decoder`` itself, or its DistributedDataParallel wrapper.
+    """
+    with autocast(device):
+        logits = model(features)
+        loss = criterion(upsample_logits(logits, labels.shape[-2:]).float(), labels)
+        if hasattr(decoder, "aux_loss"):  # deep supervision (ExFuse)
+            loss = loss + decoder.aux_loss(labels, criterion)
+    return loss
+
+
+def _distributed(decoder: nn.Module, dist: DistEnv) -> nn.Module:
+    """``decoder`` wrapped in DistributedDataParallel when several processes train it; else itself.
+
+    The wrapper is used for the training forward only: validation and checkpoints use ``decoder``.
+    """
+    if not dist.distributed:
+        return decoder
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(decoder, device_ids=device_ids)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -356,7 +429,11 @@ def _check_resumable(ckpt: dict, record: dict, cfg: TrainConfig, classes, encode
 # --------------------------------------------------------------------------- entry points
 def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | None = None,
                   resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``cfg.decoder`` from the feature store ``cache``; the encoder is never loaded."""
+    """Train ``cfg.decoder`` from the feature store ``cache``; the encoder is never loaded.
+
+    Launched by torchrun, each process trains its share of every global batch
+    (``cfg.batch_size`` / processes) with DistributedDataParallel (see :mod:`fusion_seg.ddp`).
+    """
     store = FeatureStore.open(cache)
     store.check_complete()
     spec = store.spec
@@ -366,12 +443,13 @@ def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: s
         _check_val_store(spec, val_store, val_cache)
     shapes = spec.input_shapes()
     decoder, names = _make_decoder(cfg, shapes, len(spec.classes))
-    source = CacheSource(cache, names, cfg, resolve_device(cfg.device))
     data = {"dataset": spec.dataset, "resize": spec.resize, "augment": spec.augment, "crop": cfg.crop,
             "source": {"cache": str(cache), "val_cache": str(val_cache) if val_cache else None}}
-    return _fit(source, decoder, names, Path(out), cfg, input_shapes=shapes, classes=list(spec.classes),
-                ignore_index=spec.ignore_index, encoder=spec.encoder, data=data, val_cache=val_cache,
-                resume=resume, progress=progress)
+    with ddp.session(resolve_device(cfg.device)) as dist:
+        source = CacheSource(cache, names, cfg, dist.device, dist)
+        return _fit(source, decoder, names, Path(out), cfg, input_shapes=shapes, classes=list(spec.classes),
+                    ignore_index=spec.ignore_index, encoder=spec.encoder, data=data, val_cache=val_cache,
+                    resume=resume, progress=progress, dist=dist)
 
 
 def _check_val_store(train_spec, val_store: FeatureStore, path: str) -> None:
@@ -393,7 +471,13 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: str, split: str,
                  encoder: str = DEFAULT_ENCODER, weights: str | None = None, random_init: bool = False,
                  seed: int = 0, strides=DEFAULT_STRIDES, val_cache: str | None = None, resume: bool = False,
                  dataset_options: dict | None = None, progress: bool = True) -> TrainResult:
-    """Train the same decoder with the frozen encoder run every step (no cache): the baseline."""
+    """Train the same decoder with the frozen encoder run every step (no cache): the baseline.
+
+    One process only: under torchrun with several processes this is refused.
+    """
+    if ddp.torchrun_world() > 1:
+        raise UserError("--online trains in a single process; run it without torchrun, or extract a cache "
+                        "(`fusion-seg extract`) and run `train-decoder --cache` under torchrun.")
     if cfg.views is not None:
         raise UserError("--views selects cached views; --online draws a fresh view every epoch and takes no --views.")
     ds = build_dataset(dataset, root=root, split=split, **(dataset_options or {}))
