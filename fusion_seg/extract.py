@@ -1,13 +1,16 @@
 """Stage one: run the frozen encoder once per view and store the features.
 
-The loop overlaps its three costs: a DataLoader with workers decodes and augments
-the next views while the encoder runs, and a pool of writer threads compresses and
-writes finished views (Blosc releases the GIL) while the encoder runs the next batch.
+In-process, the loop overlaps its three costs: a DataLoader with workers decodes and
+augments the next views while the encoder runs, and a pool of writer threads compresses
+and writes finished views (Blosc releases the GIL) while the encoder runs the next batch.
+With ``scheduler`` or ``workers`` the same per-batch work (:func:`encode_batch`) runs on
+a dask.distributed cluster instead (dask_extract.py).
 """
 from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +89,43 @@ def build_spec(dataset: SegDataset, encoder: FrozenEncoder, views: int, augment:
     )
 
 
+def encode_batch(encoder: FrozenEncoder, device: torch.device, items: list, dtype: str, write,
+                 lock=None, batch_size: int = 2) -> list[Failed]:
+    """Encode a batch of views and hand each to ``write(v, features, labels, meta)``.
+
+    Items of equal image size run as one forward (under ``lock``, when given); the
+    features go to the host in the dtype the store encodes from. Returns the items
+    that could not be made (:class:`Failed`), for the caller to raise or skip.
+
+    With ``batch_size >= 2`` a lone image (the last partial batch, a resumed or repaired
+    view, a whole image of its own size) runs beside a zero image: CPU convolutions take
+    another code path for a batch of one, and its features differed from the same view's
+    in a batch in the last fp16 bit (s32 of ResNet-18/50 here). With this, a view's bytes
+    do not depend on which views it was batched with (measured: batches of 2 and 4 in
+    any order agree bit for bit), so a resumed store equals an uninterrupted one.
+    """
+    host = torch.float16 if dtype == "float16" else torch.float32  # bf16/uint8 round from fp32
+    for group in stack_groups([it for it in items if not isinstance(it, Failed)]):
+        images = torch.stack([it["image"] for it in group])
+        if len(group) == 1 and batch_size >= 2:
+            images = torch.cat([images, torch.zeros_like(images)])
+        images = to_device(images, device)
+        with lock or nullcontext(), autocast(device):
+            feats = {k: t.to(host).cpu().numpy() for k, t in encoder(images).items()}
+        for j, it in enumerate(group):
+            write(it["index"], {k: a[j] for k, a in feats.items()}, it["labels"].numpy(), it["meta"])
+    return [it for it in items if isinstance(it, Failed)]
+
+
+def handle_failed(store: FeatureStore, failed: list[Failed], skip_bad: bool, skipped: list[dict]) -> None:
+    """Raise the first unreadable sample's error, or (``skip_bad``) mark each skipped and list why."""
+    for bad in failed:
+        if not skip_bad:
+            raise type(bad.error)(f"{bad.error} {SKIP_HINT}")
+        store.mark_skipped(bad.index, bad.info["image_index"], bad.info["view_index"])
+        skipped.append({"view": bad.index, **bad.info, "error": str(bad.error)})
+
+
 def extract(
     *,
     dataset: str,
@@ -107,8 +147,10 @@ def extract(
     dtype: str = DEFAULT_DTYPE,
     codec: str | dict = DEFAULT_CODEC,
     batch_size: int = 4,
-    workers: int = 2,
+    loader_workers: int = 2,
     writers: int = 2,
+    scheduler: str | None = None,
+    workers: int | None = None,
     device: str = "auto",
     dataset_options: dict | None = None,
     repair: bool = False,
@@ -122,6 +164,12 @@ def extract(
     another process is refused. ``repair`` first verifies every chunk and re-extracts the
     views that are corrupt (or were skipped). ``skip_bad`` records unreadable samples as
     skipped, lists them (with the reason) in the store's attributes, and goes on.
+
+    ``loader_workers`` DataLoader processes decode views and ``writers`` threads write them,
+    in this process. Instead, ``scheduler`` (``tcp://HOST:PORT``) runs the extraction on an
+    existing dask.distributed cluster, and ``workers`` on a new local one of that many worker
+    processes: the same store, bit for bit when the encoder runs with the same torch thread
+    count in every process (see dask_extract.py).
     """
     arguments = dict(locals())
     if views < 1:
@@ -130,6 +178,12 @@ def extract(
         raise UserError("--no-augment stores the whole image once; use it with --views 1.")
     if short_side is not None and size is not None:
         raise UserError("--short-side and --size are mutually exclusive.")
+    if scheduler is not None and workers is not None:
+        raise UserError("--scheduler and --workers are mutually exclusive: --workers N starts a local dask "
+                        "cluster, --scheduler uses a running one.")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: --workers N starts N local dask worker processes (N >= 1); leave it "
+                        "out to extract in this process. DataLoader processes are set with --loader-workers.")
     check_dtype(dtype)
     codec_spec(codec)
     with writer_lock(out):
@@ -137,12 +191,13 @@ def extract(
 
 
 def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_range, flip, short_side, size,
-                    encoder, weights, random_init, seed, strides, dtype, codec, batch_size, workers, writers, device,
-                    dataset_options, repair, skip_bad, progress) -> ExtractResult:
+                    encoder, weights, random_init, seed, strides, dtype, codec, batch_size, loader_workers, writers,
+                    scheduler, workers, device, dataset_options, repair, skip_bad, progress) -> ExtractResult:
     ds = build_dataset(dataset, root=root, split=split, **(dataset_options or {}))
     if len(ds) == 0:
         raise UserError(f"dataset {dataset!r} split {split!r} has no images; nothing to extract.")
-    dev = resolve_device(device)
+    on_cluster = scheduler is not None or workers is not None
+    dev = None if on_cluster else resolve_device(device)  # dask workers resolve their own
     enc = build_encoder(encoder, weights_file=weights, random_init=random_init, seed=seed, strides=strides)
     aug = Augment(enabled=augment, crop=tuple(crop) if augment else None, scale_range=tuple(scale_range),
                   flip=flip if augment else False, seed=seed)
@@ -156,49 +211,55 @@ def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_ra
     result = ExtractResult(str(out), spec.num_views, 0, 0.0)
     if not todo:
         return result
-    skipped: list[dict] = []
-
-    enc = enc.to(dev)
     source = ViewSource(ds, views, aug, rsz, enc.identity.mean, enc.identity.std)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(source, todo), batch_size=batch_size, num_workers=workers,
-        collate_fn=collate_list, pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
-    )
+    skipped: list[dict] = []
     start = time.perf_counter()
-    pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="zarr-writer") as pool, \
-            tqdm(total=len(todo), desc=f"extract {Path(str(out)).name}", unit="view", disable=None if progress else True) as bar:
-        for items in loader:
-            for bad in [it for it in items if isinstance(it, Failed)]:
-                if not skip_bad:
-                    raise type(bad.error)(f"{bad.error} {SKIP_HINT}")
-                store.mark_skipped(bad.index, bad.info["image_index"], bad.info["view_index"])
-                skipped.append({"view": bad.index, **bad.info, "error": str(bad.error)})
-                result.views_written += 1
-                bar.update(1)
-            for group in stack_groups([it for it in items if not isinstance(it, Failed)]):
-                images = to_device(torch.stack([it["image"] for it in group]), dev)
-                with autocast(dev):
-                    feats = enc(images)
-                host = torch.float16 if spec.dtype == "float16" else torch.float32  # bf16/uint8 round from fp32
-                feats = {k: t.to(host).cpu().numpy() for k, t in feats.items()}
-                for j, it in enumerate(group):
-                    per_view = {k: a[j] for k, a in feats.items()}
-                    pending.append(pool.submit(store.write_view, it["index"], per_view, it["labels"].numpy(), it["meta"]))
-            # Bound the memory held by views waiting to be written, and surface write errors early.
-            while len(pending) > 4 * max(1, writers):
-                _finish(pending.pop(0), out)
-                result.views_written += 1
-                bar.update(1)
-        while pending:
-            _finish(pending.pop(0), out)
-            result.views_written += 1
-            bar.update(1)
+    try:
+        with tqdm(total=len(todo), desc=f"extract {Path(str(out)).name}", unit="view",
+                  disable=None if progress else True) as bar:
+            if on_cluster:
+                from .dask_extract import extract_on_cluster
+
+                built_with = dict(tag=encoder, weights_file=weights, random_init=random_init, seed=seed,
+                                  strides=strides)
+                extract_on_cluster(store, source, todo, built_with, scheduler=scheduler, workers=workers,
+                                   batch_size=batch_size, device=device, skip_bad=skip_bad, skipped=skipped, bar=bar)
+            else:
+                _extract_here(store, source, todo, enc, dev, batch_size=batch_size, loader_workers=loader_workers,
+                              writers=writers, skip_bad=skip_bad, skipped=skipped, bar=bar)
+    finally:
+        if skipped:  # also when stopped half-way: these views are marked done, so say why
+            store.record_skipped(skipped)
+    result.views_written = len(todo)
     result.seconds = time.perf_counter() - start
     result.skipped = skipped
-    if skipped:
-        store.record_skipped(skipped)
     return result
+
+
+def _extract_here(store: FeatureStore, source: ViewSource, todo: list[int], enc: FrozenEncoder, dev: torch.device, *,
+                  batch_size: int, loader_workers: int, writers: int, skip_bad: bool, skipped: list[dict], bar) -> None:
+    """The in-process loop: DataLoader prefetch, encoder, and writer threads, overlapped."""
+    enc = enc.to(dev)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(source, todo), batch_size=batch_size, num_workers=loader_workers,
+        collate_fn=collate_list, pin_memory=dev.type == "cuda", prefetch_factor=4 if loader_workers else None,
+    )
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="zarr-writer") as pool:
+        def write(*view):
+            pending.append(pool.submit(store.write_view, *view))
+
+        for items in loader:
+            failed = encode_batch(enc, dev, items, store.spec.dtype, write, batch_size=batch_size)
+            handle_failed(store, failed, skip_bad, skipped)
+            bar.update(len(failed))
+            # Bound the memory held by views waiting to be written, and surface write errors early.
+            while len(pending) > 4 * max(1, writers):
+                _finish(pending.pop(0), store.path)
+                bar.update(1)
+        while pending:
+            _finish(pending.pop(0), store.path)
+            bar.update(1)
 
 
 def _finish(future: Future, out) -> None:

@@ -16,7 +16,7 @@ SYNTH = {"num_images": 6, "size": (64, 96)}
 def extract_synthetic(out: Path, *, split="train", views=2, augment=True, crop=(64, 64), seed=0,
                       strides=(4, 8, 16, 32), num_images=6, **kw):
     return extract(dataset="synthetic", split=split, out=out, views=views, augment=augment, crop=crop,
-                   encoder=ENCODER, random_init=True, seed=seed, strides=strides, workers=0, progress=False,
+                   encoder=ENCODER, random_init=True, seed=seed, strides=strides, loader_workers=0, progress=False,
                    dataset_options={"num_images": num_images, "size": SYNTH["size"]}, **kw)
 
 

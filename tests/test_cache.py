@@ -61,7 +61,7 @@ def test_whole_images_of_different_sizes_are_padded(tmp_path):
         Image.fromarray((rng.random((h, w)) > 0.5).astype(np.uint8)).save(root / "masks" / f"{name}.png")
     out = tmp_path / "f.zarr"
     extract(dataset="folder", root=root, split="all", out=out, augment=False, encoder=ENCODER, random_init=True,
-            strides=(4, 32), workers=0, progress=False)
+            strides=(4, 32), loader_workers=0, progress=False)
     store = FeatureStore.open(out)
     assert store.spec.label_shape == (66, 70)
     _, labels_a, meta_a = store.read_view(0)
@@ -89,6 +89,19 @@ def test_resume_fills_only_missing_views_and_is_bit_identical(tmp_path):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert extract_synthetic(partial).views_written == 0  # complete: a no-op
+
+
+def test_a_lone_resumed_view_equals_the_batched_one(tmp_path):
+    """A view re-extracted alone gets the bytes it got inside a batch (a lone image is padded to a pair)."""
+    full, partial = tmp_path / "full.zarr", tmp_path / "partial.zarr"
+    kw = dict(views=1, num_images=4, crop=(128, 160), batch_size=4)
+    extract_synthetic(full, **kw)
+    extract_synthetic(partial, **kw)
+    FeatureStore.open(partial, mode="r+").invalidate([2])
+    assert extract_synthetic(partial, **kw).views_written == 1
+    a, b = _arrays(full), _arrays(partial)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

@@ -11,8 +11,8 @@ from fusion_seg.cli import main
 from fusion_seg.datasets import build_dataset
 
 DATA = ["--dataset", "synthetic", "--dataset-opt", "num_images=4", "--dataset-opt", "size=[64,96]"]
-ENC = ["--encoder", "resnet18", "--random-init", "--seed", "0", "--strides", "4,8,16,32", "--workers", "0",
-       "--device", "cpu"]
+ENC = ["--encoder", "resnet18", "--random-init", "--seed", "0", "--strides", "4,8,16,32", "--device", "cpu"]
+EXTRACT_ENC = [*ENC, "--loader-workers", "0"]
 
 
 def invoke(*args):
@@ -23,9 +23,9 @@ def invoke(*args):
 
 def test_extract_train_evaluate_predict(tmp_path):
     train, val, run = tmp_path / "train.zarr", tmp_path / "val.zarr", tmp_path / "runs" / "demo"
-    out = invoke("extract", *DATA, "--split", "train", "--views", "2", "--crop", "64x64", *ENC, "--out", train)
+    out = invoke("extract", *DATA, "--split", "train", "--views", "2", "--crop", "64x64", *EXTRACT_ENC, "--out", train)
     assert "8 views written" in out
-    invoke("extract", *DATA, "--split", "val", "--views", "1", "--no-augment", *ENC, "--out", val)
+    invoke("extract", *DATA, "--split", "val", "--views", "1", "--no-augment", *EXTRACT_ENC, "--out", val)
     info = invoke("info", train)
     assert "8 of 8 complete" in info and "resnet18" in info and "random-init:0" in info
     assert json.loads(invoke("info", "--json", val))["views"] == 4
@@ -68,7 +68,7 @@ def test_predict_refuses_weights_of_another_encoder(tmp_path):
     import torch
 
     train = tmp_path / "train.zarr"
-    invoke("extract", *DATA, "--split", "train", "--views", "1", "--crop", "64x64", *ENC, "--out", train)
+    invoke("extract", *DATA, "--split", "train", "--views", "1", "--crop", "64x64", *EXTRACT_ENC, "--out", train)
     invoke("train-decoder", "--cache", train, "--epochs", "1", "--batch-size", "2", "--workers", "0",
            "--device", "cpu", "--loss", "ce", "--out", tmp_path / "run")
     torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "other.pth")
@@ -82,7 +82,7 @@ def test_predict_refuses_weights_of_another_encoder(tmp_path):
 
 
 def test_online_training_from_cli(tmp_path):
-    out = invoke("train-decoder", "--online", *DATA, "--split", "train", "--crop", "64x64", *ENC,
+    out = invoke("train-decoder", "--online", *DATA, "--split", "train", "--crop", "64x64", *ENC, "--workers", "0",
                  "--epochs", "1", "--batch-size", "2", "--loss", "ce", "--out", tmp_path / "online")
     assert "2 steps" in out
 

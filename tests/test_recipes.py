@@ -23,7 +23,7 @@ crop = [64, 64]
 encoder = "resnet18"
 random_init = true
 strides = [4, 8, 16, 32]
-workers = 0
+loader_workers = 0
 device = "cpu"
 out = "${{work}}/train.zarr"
 

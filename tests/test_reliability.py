@@ -28,7 +28,7 @@ from pipeline_helpers import ENCODER, extract_synthetic, tiny_config
 
 EXTRACT = ["extract", "--dataset", "synthetic", "--dataset-opt", "num_images=8", "--dataset-opt", "size=[128,128]",
            "--split", "train", "--views", "4", "--crop", "128x128", "--encoder", ENCODER, "--random-init",
-           "--strides", "4,8,16,32", "--workers", "0", "--batch-size", "1"]
+           "--strides", "4,8,16,32", "--loader-workers", "0", "--batch-size", "1"]
 ARRAYS = ("s4", "s8", "s16", "s32", "labels", "views")
 
 
@@ -265,7 +265,7 @@ def folder_dataset(root: Path, classes=("bg", "thing"), bad: dict | None = None)
 
 
 FOLDER = ["--dataset", "folder", "--split", "all", "--views", "1", "--no-augment", "--encoder", ENCODER,
-          "--random-init", "--strides", "4,8,16,32", "--workers", "2"]
+          "--random-init", "--strides", "4,8,16,32", "--loader-workers", "2"]
 
 
 def test_bad_image_names_the_file_without_traceback_and_skip_bad_goes_on(tmp_path):

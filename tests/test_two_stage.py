@@ -15,8 +15,8 @@ from fusion_seg.train import train_decoder
 from fake_layouts import write_camvid, write_cityscapes, write_coco, write_mapillary, write_voc
 from pipeline_helpers import ENCODER, tiny_config
 
-ENC = dict(encoder=ENCODER, random_init=True, strides=(4, 8, 16, 32), workers=0, progress=False)
-CLI_ENC = ["--encoder", ENCODER, "--random-init", "--strides", "4,8,16,32", "--workers", "0"]
+ENC = dict(encoder=ENCODER, random_init=True, strides=(4, 8, 16, 32), loader_workers=0, progress=False)
+CLI_ENC = ["--encoder", ENCODER, "--random-init", "--strides", "4,8,16,32", "--loader-workers", "0"]
 
 LAYOUTS = {  # name: (writer, train split, val split, extra CLI options)
     "camvid": (lambda r: write_camvid(r), "train", "val", []),
