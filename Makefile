@@ -23,7 +23,10 @@ test-all: $(STAMP)
 pipelines: $(STAMP)
 	$(BIN)/fusion-seg run pipelines/demo.toml
 
+# `fusion-seg bench` writes its tables into BENCHMARKS.md (the block for this device); about 15 min on 2 CPU cores.
+BENCH_DEVICE ?= cpu
 bench: $(STAMP)
+	$(BIN)/fusion-seg bench --device $(BENCH_DEVICE) --json benchmarks/bench-$(BENCH_DEVICE).json --update BENCHMARKS.md
 	$(BIN)/python benchmarks/decoder_memory.py --json benchmarks/decoder_memory.json
 
 clean:

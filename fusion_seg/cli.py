@@ -112,7 +112,6 @@ def encoder_options(fn):
         click.option("--strides", type=IntList(), default=",".join(map(str, DEFAULT_STRIDES)), show_default=True,
                      help="Feature strides to extract."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
-        click.option("--workers", type=int, default=2, show_default=True, help="DataLoader worker processes."),
     ]):
         fn = opt(fn)
     return fn
@@ -134,21 +133,27 @@ def main():
 @click.option("--codec", type=click.Choice(["blosc-zstd", "zstd", "blosc-lz4", "lz4", "none"]), default="blosc-zstd",
               show_default=True, help="Chunk compression (each chunk also carries a crc32c checksum).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--loader-workers", type=int, default=2, show_default=True,
+              help="DataLoader processes decoding views (in-process extraction).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Extract on a new local dask cluster of N worker processes (pip install 'fusion-seg[distributed]').")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+              help="Extract on a running dask.distributed cluster (see README, Scaling out).")
 @click.option("--repair", is_flag=True, help="Verify every chunk first and re-extract corrupt or skipped views.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (`fusion-seg info` lists them) instead of stopping.")
 @click.option("--out", required=True, type=click.Path(), help="Feature store (a .zarr folder).")
 @user_errors
 def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_range, no_flip, short_side, size, encoder, weights,
-            random_init, seed, strides, device, workers, dtype, codec, batch_size, repair, skip_bad, out):
+            random_init, seed, strides, device, dtype, codec, batch_size, loader_workers, workers, scheduler, repair,
+            skip_bad, out):
     """Run the frozen encoder once per view and store multi-scale features (resumable)."""
     from .extract import extract as run
 
     r = run(dataset=dataset, root=root, split=split, out=out, views=views, augment=not no_augment, crop=crop,
             scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size, encoder=encoder,
             weights=weights, random_init=random_init, seed=seed, strides=strides, dtype=dtype, codec=codec,
-            batch_size=batch_size,
-            workers=workers, device=device, dataset_options=parse_key_values(dataset_opt), repair=repair,
-            skip_bad=skip_bad)
+            batch_size=batch_size, loader_workers=loader_workers, workers=workers, scheduler=scheduler,
+            device=device, dataset_options=parse_key_values(dataset_opt), repair=repair, skip_bad=skip_bad)
     click.echo(f"{r.store}: {r.views_written} views written ({r.views_total} in store), "
                f"{r.views_per_second:.2f} views/s")
     for bad in r.skipped:
@@ -220,6 +225,7 @@ def info(store, as_json):
 @click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE", help="[--online] dataset option.")
 @view_options
 @encoder_options
+@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader worker processes.")
 @click.option("--decoder", default="reverse-hrnet", show_default=True,
               help="reverse-hrnet, linear, fpn, eseg, frm or exfuse.")
 @click.option("--streams", type=click.IntRange(4, 5), default=None, help="[reverse-hrnet] 4 (default) or 5 streams.")
@@ -242,14 +248,21 @@ def info(store, as_json):
               help="Start from a decoder checkpoint trained on another dataset (classifier re-initialised "
                    "when the class sets differ).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--sync-bn", is_flag=True,
+              help="[torchrun, CUDA] BatchNorm statistics over the global batch (SyncBatchNorm), not each process's.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory, e.g. runs/NAME.")
 @click.pass_context
 @user_errors
 def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_opt, no_augment, crop, scale_range, no_flip,
                   short_side, size, encoder, weights, random_init, seed, strides, device, workers, decoder, streams,
                   preset, modules, blocks, decoder_opt, views, epochs, batch_size, lr, loss, ohem_thresh, ohem_min_kept,
-                  val_every, log_every, init, resume, out):
-    """Train only the decoder, from a feature cache (or --online from images)."""
+                  val_every, log_every, init, resume, sync_bn, out):
+    """Train only the decoder, from a feature cache (or --online from images).
+
+    Under torchrun (`torchrun --nproc_per_node N -m fusion_seg train-decoder ...`) the cache path
+    trains with DistributedDataParallel; --batch-size stays the global batch.
+    """
+    from .ddp import is_main_process
     from .stages import train_config
     from .train import train_decoder as from_cache, train_online
 
@@ -262,7 +275,7 @@ def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_o
                             epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, ohem_thresh=ohem_thresh,
                             ohem_min_kept=ohem_min_kept, crop=list(feature_crop) if feature_crop else None,
                             seed=seed, workers=workers, val_every=val_every, log_every=log_every, device=device,
-                            init=init))
+                            init=init, sync_bn=sync_bn))
     if online:
         if not dataset:
             raise UserError("--online needs --dataset (and --root, --split) to read images from.")
@@ -275,7 +288,8 @@ def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_o
             raise UserError("pass --cache STORE (made by `fusion-seg extract`), or --online with dataset options.")
         r = from_cache(cache, out, cfg, val_cache=val_cache, resume=resume)
     best = f"{r.best_miou:.4f}" if r.best_miou is not None else "n/a"
-    click.echo(f"{r.run_dir}: {r.steps} steps in {r.seconds:.1f}s, best val mIoU {best}")
+    if is_main_process():  # under torchrun, print once
+        click.echo(f"{r.run_dir}: {r.steps} steps in {r.seconds:.1f}s, best val mIoU {best}")
 
 
 @main.command()
@@ -384,6 +398,50 @@ def run(recipe, overrides, dry_run, epoch_scale):
         k, v = item.split("=", 1)
         pairs[k] = v
     run_recipe(recipe, overrides=pairs, dry_run=dry_run, epoch_scale=epoch_scale, echo=click.echo)
+
+
+@main.command()
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (AMP bf16, channels_last, pinned memory).")
+@click.option("--sections", default="extraction,format,training,scaling,inference", show_default=True,
+              help="Comma-separated sections to run.")
+@click.option("--camvid", type=click.Path(), default="../shared/data/camvid", show_default=True,
+              help="CamVid root for real images and features (synthetic images when it does not exist).")
+@click.option("--encoder", default="resnet50", show_default=True)
+@click.option("--weights", type=click.Path(), default=None, help="Encoder weights; default a seeded random init.")
+@click.option("--decoder", default="reverse-hrnet", show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--size", type=HxW(), default="360x480", show_default=True, help="Input size of the main comparisons.")
+@click.option("--scaling-sizes", default="360x480,720x960,1024x2048", show_default=True)
+@click.option("--views", type=int, default=16, show_default=True, help="Views per extraction run.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed repetitions (the median is quoted).")
+@click.option("--loader-workers", type=int, default=2, show_default=True, help="Training DataLoader workers.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the results as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="Write the tables as Markdown.")
+@click.option("--update", "update_path", type=click.Path(), default=None,
+              help="Replace this device's bench block in a Markdown file (e.g. BENCHMARKS.md).")
+@click.option("--workdir", type=click.Path(), default=None, help="Scratch folder (default: a temporary one).")
+@user_errors
+def bench(device, sections, camvid, encoder, weights, decoder, batch_size, size, scaling_sizes, views, repeats,
+          loader_workers, json_path, markdown_path, update_path, workdir):
+    """Measure extraction, cache formats, loader, training (cache/online/fine-tune), scaling and predict."""
+    from .bench import BenchConfig, render_markdown, run_bench, save_json, update_benchmarks
+    from .device import resolve_device
+
+    resolve_device(device)  # a clear error when CUDA is asked for and absent
+    cfg = BenchConfig(device=device, camvid=camvid, encoder=encoder, weights=weights, decoder=decoder,
+                      batch_size=batch_size, size=tuple(size), views=views, repeats=repeats,
+                      loader_workers=loader_workers, workdir=workdir,
+                      scaling_sizes=tuple(HxW().convert(s, None, None) for s in scaling_sizes.split(",") if s))
+    results = run_bench(cfg, tuple(x.strip() for x in sections.split(",") if x.strip()), echo=click.echo)
+    markdown = render_markdown(results)
+    click.echo(markdown)
+    if json_path:
+        save_json(results, Path(json_path))
+    if markdown_path:
+        Path(markdown_path).write_text(markdown)
+    if update_path:
+        update_benchmarks(Path(update_path), markdown, heading=device)
+        click.echo(f"updated {update_path}")
 
 
 if __name__ == "__main__":

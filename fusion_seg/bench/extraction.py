@@ -1,0 +1,68 @@
+"""Section 1: ``extract`` throughput against the bare encoder forward on tensors already in memory."""
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+
+from .common import BenchConfig, build_frozen_encoder, data_label, dataset_args, images, median_seconds, synchronizer
+
+
+def bare_forward_views_per_second(cfg: BenchConfig, encoder, size, batch: int, device) -> float:
+    """The encoder alone, on a batch already on the device: the limit extraction can approach."""
+    from ..device import autocast, to_device
+
+    x, _ = images(cfg, size, batch, encoder)
+    x = to_device(x, device)
+    encoder = encoder.to(device)
+
+    def forward():
+        with autocast(device):
+            encoder(x)
+
+    return batch / median_seconds(forward, cfg.repeats, cfg.warmup, synchronizer(device))
+
+
+def extract_views_per_second(cfg: BenchConfig, size, views: int, workdir: Path, batch: int,
+                             keep: Path | None = None, **options) -> dict:
+    """``fusion-seg extract`` of ``views`` whole images at ``size`` into a fresh store, ``cfg.repeats`` times (at most 3)."""
+    from ..extract import extract
+
+    rates, result = [], None
+    for r in range(min(3, cfg.repeats)):
+        out = workdir / f"extract-{size[0]}x{size[1]}-{r}.zarr"
+        result = extract(**dataset_args(cfg, size, views), out=out, views=1, augment=False, encoder=cfg.encoder, weights=cfg.weights,
+                         random_init=cfg.weights is None, seed=cfg.seed, batch_size=batch, device=cfg.device,
+                         progress=False, **options)
+        rates.append(result.views_per_second)
+        if keep is not None and r == 0:
+            if keep.exists():
+                shutil.rmtree(keep)
+            shutil.move(str(out), keep)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+    return {"views_per_second": statistics.median(rates), "runs": rates, "views": result.views_total}
+
+
+def run(cfg: BenchConfig, workdir: Path, keep_store: Path) -> dict:
+    device = torch.device(cfg.device)
+    encoder = build_frozen_encoder(cfg)
+    batch = 4
+    bare = bare_forward_views_per_second(cfg, encoder, cfg.size, batch, device)
+    ext = extract_views_per_second(cfg, cfg.size, cfg.views, workdir, batch, keep=keep_store)
+    return {"size": list(cfg.size), "batch": batch, "data": data_label(cfg), "bare_forward_views_per_s": bare,
+            "extract_views_per_s": ext["views_per_second"], "extract_runs": ext["runs"], "views": ext["views"],
+            "ratio": ext["views_per_second"] / bare, "goal": 0.9}
+
+
+def to_markdown(r: dict) -> str:
+    return "\n".join([
+        f"Whole {r['data']} at {r['size'][1]}x{r['size'][0]}, batch {r['batch']}, {r['views']} views per extraction "
+        f"(median of {len(r['extract_runs'])}).",
+        "",
+        "| bare encoder forward (views/s) | `extract` (views/s) | ratio | goal |",
+        "|---|---|---|---|",
+        f"| {r['bare_forward_views_per_s']:.2f} | {r['extract_views_per_s']:.2f} | **{r['ratio']:.2f}** | >= {r['goal']} |",
+    ])
