@@ -1,0 +1,99 @@
+"""`fusion-seg bench` end to end on tiny settings: every section runs and its figures hang together.
+
+Timings are not asserted (they are the bench's output, not a test); what is asserted is
+that each section measures what it says: ratios are the quotients of their figures, the
+lossless formats are lossless and the lossy ones are not, the tables name every section.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fusion_seg.bench import BenchConfig, render_markdown, run_bench, update_benchmarks
+from fusion_seg.cli import main
+from pipeline_helpers import ENCODER
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(encoder=ENCODER, camvid=None, size=(64, 96), scaling_sizes=((64, 96),), views=4, repeats=1,
+                      warmup=1, batch_size=2, loader_workers=0, workdir=str(work))
+    return run_bench(cfg)
+
+
+def test_every_section_reports(results):
+    s = results["sections"]
+    assert set(s) == {"extraction", "format", "training", "scaling", "inference"}
+    ext = s["extraction"]
+    assert ext["bare_forward_views_per_s"] > 0 and ext["extract_views_per_s"] > 0
+    assert ext["ratio"] == pytest.approx(ext["extract_views_per_s"] / ext["bare_forward_views_per_s"])
+    assert ext["views"] == 4 and ext["data"] == "synthetic images"
+
+
+def test_format_rows_cover_every_dtype_and_codec_and_measure_error(results):
+    rows = results["sections"]["format"]["rows"]
+    assert {(r["dtype"], r["codec"]) for r in rows} == {(d, c) for d in ("float16", "bfloat16", "uint8")
+                                                        for c in ("none", "zstd", "blosc-zstd", "blosc-lz4", "lz4")}
+    by = {(r["dtype"], r["codec"]): r for r in rows}
+    assert by[("float16", "none")]["ratio_to_raw_fp16"] == pytest.approx(1.0, rel=0.02)
+    assert by[("uint8", "none")]["ratio_to_raw_fp16"] == pytest.approx(2.0, rel=0.05)
+    for codec in ("zstd", "blosc-zstd", "lz4"):
+        assert by[("float16", codec)]["ratio_to_raw_fp16"] > 1.0  # post-ReLU zeros compress
+    assert by[("float16", "zstd")]["max_rel_error"] < 2**-10  # fp16 rounding only
+    assert 2**-10 < by[("bfloat16", "zstd")]["max_rel_error"] <= 2**-8
+    assert 0 < by[("uint8", "zstd")]["max_rel_error"] <= 0.5 / 255 + 1e-6
+
+
+def test_training_section_compares_the_same_decoder_three_ways(results):
+    t = results["sections"]["training"]
+    modes = t["modes"]
+    assert set(modes) == {"memory", "cache", "online", "finetune"}
+    for m in modes.values():
+        assert m["step_s"] > 0 and m["peak_MiB"] > m["baseline_rss_MiB"] > 0 and m["batch"] == 2
+    assert t["ratios"]["online/cache"]["time"] == pytest.approx(modes["online"]["step_s"] / modes["cache"]["step_s"])
+    assert t["cache_vs_memory_step"] == pytest.approx(modes["cache"]["step_s"] / modes["memory"]["step_s"])
+    rows = t["whole_schedule"]
+    assert [r["epochs"] for r in rows] == sorted(r["epochs"] for r in rows)
+    # extraction is paid once: the cache's cost per extra epoch is its step cost
+    a, b = rows[0], rows[1]
+    per_epoch = (b["cache_s"] - a["cache_s"]) / (b["epochs"] - a["epochs"])
+    assert per_epoch == pytest.approx(367 // 2 * modes["cache"]["step_s"])
+
+
+def test_scaling_and_inference(results):
+    row = results["sections"]["scaling"]["rows"][0]
+    assert row["size"] == [64, 96] and set(row["steps"]) == {"memory", "cache", "online", "finetune"}
+    inf = results["sections"]["inference"]["images_per_s"]
+    assert inf["whole image"] > 0 and inf["sliding window"] > 0
+
+
+def test_markdown_and_benchmarks_block(results, tmp_path):
+    md = render_markdown(results)
+    for title in ("1. Extraction", "2. Cache format", "3-4. Loader and training", "5. Scaling", "6. Inference"):
+        assert title in md
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nhand-written text\n")
+    update_benchmarks(path, md, heading="cpu")
+    update_benchmarks(path, "second run\n", heading="cpu")
+    update_benchmarks(path, "gpu run\n", heading="cuda")
+    text = path.read_text()
+    assert "hand-written text" in text and "second run" in text and "gpu run" in text
+    assert "1. Extraction" not in text  # the cpu block was replaced, not appended
+    assert text.count("fusion-seg bench: begin cpu") == 1
+
+
+def test_cli_refuses_unknown_sections_and_missing_cuda(tmp_path):
+    r = CliRunner().invoke(main, ["bench", "--sections", "extraction,nonsense", "--camvid", str(tmp_path)])
+    assert r.exit_code == 2 and "nonsense" in r.output
+    import torch
+
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, ["bench", "--device", "cuda"])
+        assert r.exit_code == 2 and "CUDA is not available" in r.output
+
+
+def test_results_are_plain_json(results):
+    json.loads(json.dumps(results))
