@@ -205,7 +205,7 @@ def info(store, as_json):
     click.echo(f"store          {d['path']}\nschema         v{d['schema_version']}\n"
                f"dataset        {d['dataset']} / {d['split']} ({d['num_classes']} classes)\n"
                f"views          {d['views_complete']} of {d['views']} complete ({d['images']} images)\n"
-               f"on disk        {size}, {ratio} smaller than raw fp16 ({d['dtype']}, {codec_label(d['codec'])})\n"
+               f"stored         {size}, {ratio} smaller than raw fp16 ({d['dtype']}, {codec_label(d['codec'])})\n"
                f"encoder        {enc['tag']}  weights={enc['weights']}  sha256={enc['weights_sha256'][:16]}\n"
                f"normalise      mean={enc['mean']} std={enc['std']}")
     for name, a in d["arrays"].items():
