@@ -130,7 +130,7 @@ def main():
 @encoder_options
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "uint8"]), default="float16", show_default=True,
               help="Storage dtype; uint8 is lossy (per-channel scale), see BENCHMARKS.md for its accuracy cost.")
-@click.option("--codec", type=click.Choice(["blosc-zstd", "zstd", "blosc-lz4", "lz4", "none"]), default="blosc-zstd",
+@click.option("--codec", type=click.Choice(["zstd", "blosc-zstd", "blosc-lz4", "lz4", "none"]), default="zstd",
               show_default=True, help="Chunk compression (each chunk also carries a crc32c checksum).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--loader-workers", type=int, default=2, show_default=True,
@@ -412,7 +412,7 @@ def run(recipe, overrides, dry_run, epoch_scale):
 @click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option("--size", type=HxW(), default="360x480", show_default=True, help="Input size of the main comparisons.")
 @click.option("--scaling-sizes", default="360x480,720x960,1024x2048", show_default=True)
-@click.option("--views", type=int, default=16, show_default=True, help="Views per extraction run.")
+@click.option("--views", type=int, default=32, show_default=True, help="Views per extraction run.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed repetitions (the median is quoted).")
 @click.option("--loader-workers", type=int, default=2, show_default=True, help="Training DataLoader workers.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the results as JSON.")

@@ -32,7 +32,7 @@ def test_layout_metadata_and_info(tmp_path):
     assert g["s32"].shape == (12, 512, 2, 2) and str(g["s4"].dtype) == "float16"
     assert g["labels"].shape == (12, 64, 64) and str(g["labels"].dtype) == "uint8"
     codecs = [type(c).__name__ for c in g["s4"].compressors]
-    assert codecs == ["BloscCodec", "Crc32cCodec"]
+    assert codecs == ["ZstdCodec", "Crc32cCodec"]  # the default, zstd-1 (see storage.DEFAULT_CODEC)
     feats, labels, meta = store.read_view(3)
     assert labels.shape == (64, 64) and feats["s8"].shape == (128, 8, 8)
     assert meta["image_index"] == 1 and meta["view_index"] == 1 and 0.5 <= meta["scale"] <= 2.0

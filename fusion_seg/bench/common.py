@@ -30,7 +30,7 @@ class BenchConfig:
     batch_size: int = 2
     size: tuple[int, int] = (360, 480)  # (H, W) of the images of the main comparisons (CamVid's)
     camvid: str | None = DEFAULT_CAMVID  # real images when this folder exists, synthetic otherwise
-    views: int = 16                    # views extracted and read in the extraction/loader sections
+    views: int = 32                    # views extracted and read in the extraction/loader sections
     repeats: int = 5                   # timed repetitions; the median is quoted
     warmup: int = 2
     scaling_sizes: tuple[tuple[int, int], ...] = ((360, 480), (720, 960), (1024, 2048))
