@@ -41,8 +41,12 @@ class BenchConfig:
         return asdict(self)
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1, sync=None) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs."""
+def median_seconds(fn, repeats: int, warmup: int = 1, sync=None, calls_per_repeat: int = 1) -> float:
+    """Median over ``repeats`` repetitions of the mean wall time of ``fn()``, after ``warmup`` untimed calls.
+
+    A repetition makes ``calls_per_repeat`` consecutive calls, so that waits which come now and
+    then (a loader falling behind) count at their average rate, as they do in training.
+    """
     for _ in range(warmup):
         fn()
     if sync:
@@ -50,10 +54,11 @@ def median_seconds(fn, repeats: int, warmup: int = 1, sync=None) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(calls_per_repeat):
+            fn()
         if sync:
             sync()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / calls_per_repeat)
     return statistics.median(times)
 
 
