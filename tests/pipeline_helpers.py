@@ -27,3 +27,17 @@ def tiny_config(**kw):
                 log_every=1, loss="ce", device="cpu")
     base.update(kw)
     return TrainConfig(**base)
+
+
+def raise_after_checkpoint(monkeypatch, epoch: int, exc: type[Exception]) -> None:
+    """Make training raise ``exc`` right after it has written ``last.pt`` for ``epoch`` (an interruption)."""
+    import fusion_seg.train
+
+    real_save = fusion_seg.train.save_checkpoint
+
+    def save_then_raise(path, payload):
+        real_save(path, payload)
+        if path.name == "last.pt" and payload["epoch"] == epoch:
+            raise exc
+
+    monkeypatch.setattr(fusion_seg.train, "save_checkpoint", save_then_raise)

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fusion_seg.train
 from fusion_seg.cached_views import CachedViews, collate_views
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.ddp import DistEnv, check_sync_bn
@@ -30,7 +29,7 @@ from fusion_seg.errors import UserError
 from fusion_seg.losses import build_loss
 from fusion_seg.model import upsample_logits
 from fusion_seg.train import TrainConfig, _loader, _make_decoder, train_decoder, train_online
-from pipeline_helpers import extract_synthetic, tiny_config
+from pipeline_helpers import extract_synthetic, raise_after_checkpoint, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-6
@@ -181,14 +180,7 @@ def test_resume_across_process_counts(cache, tmp_path, monkeypatch, one_thread):
     train_decoder(str(store), tmp_path / "a", cfg, resume=True, progress=False)  # one process, no torchrun
 
     # 1 -> 2: a single process stops after epoch 1, two processes finish.
-    real_save = fusion_seg.train.save_checkpoint
-
-    def save_then_stop(path, payload):
-        real_save(path, payload)
-        if path.name == "last.pt" and payload["epoch"] == 1:
-            raise Stop
-
-    monkeypatch.setattr(fusion_seg.train, "save_checkpoint", save_then_stop)
+    raise_after_checkpoint(monkeypatch, 1, Stop)
     with pytest.raises(Stop):
         train_decoder(str(store), tmp_path / "b", cfg, progress=False)
     monkeypatch.undo()

@@ -3,12 +3,10 @@ import json
 import numpy as np
 import pytest
 
-import fusion_seg.train
-
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import CheckpointError, UserError
 from fusion_seg.train import train_decoder, train_online
-from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, tiny_config
+from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, raise_after_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +46,7 @@ def test_resume_continues_with_identical_losses(stores, tmp_path, monkeypatch):
     full = train_decoder(cache, tmp_path / "full", cfg, progress=False)
 
     # Crash right after the epoch-1 checkpoint is written (issue 5 does this with SIGKILL).
-    real_save = fusion_seg.train.save_checkpoint
-
-    def save_then_crash(path, payload):
-        real_save(path, payload)
-        if path.name == "last.pt" and payload["epoch"] == 1:
-            raise Crash
-
-    monkeypatch.setattr(fusion_seg.train, "save_checkpoint", save_then_crash)
+    raise_after_checkpoint(monkeypatch, 1, Crash)
     with pytest.raises(Crash):
         train_decoder(cache, tmp_path / "part", cfg, progress=False)
     monkeypatch.undo()
