@@ -5,7 +5,6 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 import os
 import platform
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -73,10 +72,6 @@ def rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def max_rss_mib(who=resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024
-
-
 def children_peak_rss_mib() -> list[float]:
     """Peak RSS (VmHWM) of each live child process, e.g. DataLoader workers (pages shared with the parent count in both)."""
     peaks = []
@@ -93,10 +88,11 @@ def children_peak_rss_mib() -> list[float]:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """Peak memory so far: CUDA's max allocated on GPU, max RSS on CPU."""
-    if device.type == "cuda":
-        return {"kind": "cuda_max_allocated", "peak_MiB": torch.cuda.max_memory_allocated(device) / 2**20}
-    return {"kind": "process_max_rss", "peak_MiB": max_rss_mib()}
+    """Peak memory so far, as train-decoder reports it: CUDA's max allocated on GPU, max RSS on CPU."""
+    from ..train import peak_memory_mib
+
+    kind = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+    return {"kind": kind, "peak_MiB": peak_memory_mib(device)}
 
 
 def run_isolated(fn, *args):
