@@ -96,9 +96,8 @@ def render_markdown(results: dict) -> str:
 def update_benchmarks(path: Path, markdown: str, heading: str) -> None:
     """Replace the bench block of ``path`` (between the bench markers under ``heading``), or append one."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARK_BEGIN}\n{markdown}{MARK_END}"
-    tag = f"{MARK_BEGIN.replace('begin', 'begin ' + heading)}"
-    block = block.replace(MARK_BEGIN, tag, 1)
+    tag = MARK_BEGIN.replace("begin", f"begin {heading}")
+    block = f"{tag}\n{markdown}{MARK_END}"
     start = text.find(tag)
     if start >= 0:
         end = text.find(MARK_END, start) + len(MARK_END)

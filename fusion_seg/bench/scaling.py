@@ -13,7 +13,7 @@ import torch
 
 from .common import BenchConfig, build_frozen_encoder, data_label
 from .extraction import bare_forward_views_per_second, extract_views_per_second
-from .training import run_modes
+from .training import above_baseline, hms, run_modes
 
 DATASETS = {"CamVid train (367)": 367, "Cityscapes train (2975)": 2975, "Mapillary Vistas train (18000)": 18000}
 
@@ -31,9 +31,7 @@ def run(cfg: BenchConfig, workdir: Path) -> dict:
         modes = run_modes(quick, size, 1, str(store))
         rows.append({"size": list(size), "bare_forward_views_per_s": bare, "extract_views_per_s": ext["views_per_second"],
                      "steps": {m: modes[m]["step_s"] for m in modes},
-                     "peak_MiB": {m: modes[m]["peak_MiB"] - (modes[m]["baseline_rss_MiB"]
-                                                              if modes[m]["kind"] == "process_max_rss" else 0)
-                                  for m in modes}})
+                     "peak_MiB": {m: above_baseline(modes[m]) for m in modes}})
     return {"data": data_label(cfg), "batch": 1, "rows": rows}
 
 
@@ -49,8 +47,6 @@ def per_epoch(rows: list[dict], datasets=DATASETS) -> list[dict]:
 
 
 def to_markdown(r: dict) -> str:
-    from .training import _hms
-
     lines = [
         f"{r['data']} resized to each size (3 views per extraction; the step at batch 1; 2 repetitions, median).",
         "",
@@ -68,6 +64,6 @@ def to_markdown(r: dict) -> str:
               "| size | dataset | extraction, once | epoch (a) cache | epoch (b) online | epoch (c) fine-tune |",
               "|---|---|---|---|---|---|"]
     for e in per_epoch(r["rows"]):
-        lines.append(f"| {e['size'][1]}x{e['size'][0]} | {e['dataset']} | {_hms(e['extract_once_s'])} | "
-                     f"{_hms(e['cache_epoch_s'])} | {_hms(e['online_epoch_s'])} | {_hms(e['finetune_epoch_s'])} |")
+        lines.append(f"| {e['size'][1]}x{e['size'][0]} | {e['dataset']} | {hms(e['extract_once_s'])} | "
+                     f"{hms(e['cache_epoch_s'])} | {hms(e['online_epoch_s'])} | {hms(e['finetune_epoch_s'])} |")
     return "\n".join(lines)

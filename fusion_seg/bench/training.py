@@ -140,12 +140,13 @@ def run(cfg: BenchConfig, store: Path) -> dict:
                    "ratio": loader["views_per_s"] / consumption, "goal": 2.0},
         "cache_vs_memory_step": a["step_s"] / modes["memory"]["step_s"], "cache_vs_memory_goal": 1.2,
         "ratios": {f"{m}/cache": {"time": modes[m]["step_s"] / a["step_s"],
-                                  "memory": _above_baseline(modes[m]) / _above_baseline(a)}
+                                  "memory": above_baseline(modes[m]) / above_baseline(a)}
                    for m in ("online", "finetune")},
     }
 
 
-def _above_baseline(m: dict) -> float:
+def above_baseline(m: dict) -> float:
+    """A mode's peak memory: CUDA's max allocated, or the peak RSS above the import baseline on CPU."""
     if m["kind"] == "cuda_max_allocated":
         return m["peak_MiB"]
     return m["peak_MiB"] - m["baseline_rss_MiB"]
@@ -184,7 +185,7 @@ def to_markdown(r: dict, schedule: list[dict] | None = None, schedule_note: str 
     for key in ("memory", "cache", "online", "finetune"):
         row = m[key]
         ratio = r["ratios"].get(f"{key}/cache")
-        lines.append(f"| {names[key]} | {row['step_s']:.3f} | {_above_baseline(row):.0f} | "
+        lines.append(f"| {names[key]} | {row['step_s']:.3f} | {above_baseline(row):.0f} | "
                      + (f"**{ratio['time']:.2f}x** | **{ratio['memory']:.2f}x** |" if ratio else "| |"))
     lo = r["loader"]
     lines += [
@@ -201,11 +202,11 @@ def to_markdown(r: dict, schedule: list[dict] | None = None, schedule_note: str 
                   "| epochs | (a) cache, extraction included | (b) online | (c) fine-tune | (b)/(a) | (c)/(a) |",
                   "|---|---|---|---|---|---|"]
         for s in schedule:
-            lines.append(f"| {s['epochs']} | {_hms(s['cache_s'])} | {_hms(s['online_s'])} | {_hms(s['finetune_s'])} | "
+            lines.append(f"| {s['epochs']} | {hms(s['cache_s'])} | {hms(s['online_s'])} | {hms(s['finetune_s'])} | "
                          f"{s['online_s'] / s['cache_s']:.2f}x | {s['finetune_s'] / s['cache_s']:.2f}x |")
     return "\n".join(lines)
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
     h, rem = divmod(int(round(seconds)), 3600)
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
