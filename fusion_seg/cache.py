@@ -287,6 +287,22 @@ class FeatureStore:
             features[name] = storage.decode(arr[:, : -(-vh // stride), : -(-vw // stride)], self.spec.dtype, scale)
         return features, labels, meta
 
+    def read_stored_view(self, v: int, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+        """View ``v`` as stored, not decoded: ``({name: (C, h, w) storage-dtype map}, {name: (C,) scales}
+        (uint8 stores only), (H, W) uint8 labels)``, padded to the store's array shapes.
+
+        What a resident cache (resident.py) holds; the caller reads the valid size from the view's row.
+        """
+        features = {name: self._read(lambda: self._arrays[name][v], name, v) for name in names}
+        scales = ({name: self._read(lambda: self._scales[name][v], f"scale_{name}", v) for name in names}
+                  if self._scales else {})
+        labels = self._read(lambda: self._labels[v], "labels", v)
+        return features, scales, labels
+
+    def rows(self) -> np.ndarray:
+        """Every view's metadata row (``VIEW_FIELDS``; NaN rows are views not completed)."""
+        return self._rows()
+
     def _read(self, fn, name: str, v: int):
         try:
             return fn()

@@ -42,7 +42,8 @@ DEFAULT_DECODERS = ("reverse-hrnet", "linear", "fpn", "eseg", "frm", "exfuse")
 def _train_in_subprocess(cache: str, val_cache: str | None, run_dir: Path, cfg: TrainConfig) -> None:
     args = [sys.executable, "-m", "fusion_seg", "train-decoder", "--cache", cache, "--decoder", cfg.decoder,
             "--epochs", cfg.epochs, "--batch-size", cfg.batch_size, "--lr", cfg.lr, "--loss", cfg.loss,
-            "--seed", cfg.seed, "--workers", cfg.workers, "--device", cfg.device, "--out", run_dir]
+            "--seed", cfg.seed, "--workers", cfg.workers, "--cache-mode", cfg.cache_mode, "--device", cfg.device,
+            "--out", run_dir]
     if val_cache:
         args += ["--val-cache", val_cache]
     if cfg.crop:

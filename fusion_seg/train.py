@@ -25,6 +25,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from .losses import build_loss
 from .metrics import SegEvaluator
 from .model import decoder_from_record, decoder_record, upsample_logits
 from .plots import plot_if_available
+from .resident import ResidentViews, TierChoice, choose_tier, resident_bytes
 from .decoders import DECODERS, build_decoder
 from .shapes import ShapeSpec
 from .views import Augment, Resize, ViewSource
@@ -74,6 +76,9 @@ class TrainConfig:
     val_every: int = 1
     log_every: int = 10
     device: str = "auto"
+    # Where cached views are read from (resident.py): auto, device, ram or stream. Operational: every
+    # tier gives the same batches in a single process, so a resume may change it.
+    cache_mode: str = "auto"
     # SyncBatchNorm across torchrun processes. Operational, like the number of processes (which a
     # resume may change): both only decide over how many samples BatchNorm takes its statistics.
     sync_bn: bool = False
@@ -81,7 +86,7 @@ class TrainConfig:
     def schedule(self) -> dict:
         """The settings a run must keep to be resumed (not the operational ones: workers, device, logging,
         and how the work is spread over processes)."""
-        operational = {"workers", "device", "log_every", "val_every", "sync_bn"}
+        operational = {"workers", "device", "log_every", "val_every", "sync_bn", "cache_mode"}
         return {k: v for k, v in asdict(self).items() if k not in operational}
 
 
@@ -95,6 +100,7 @@ class TrainResult:
     val: dict | None
     seconds: float
     peak_memory_mib: float | None = None
+    cache: dict | None = None  # the cache tier used, its resident bytes and load time (cache path only)
 
 
 # --------------------------------------------------------------------------- batch sources
@@ -120,6 +126,32 @@ class CacheSource:
             features, labels = Failed.check(batch)
             yield ({k: to_device(v, self.device).float() for k, v in features.items()},
                    to_device(labels, self.device))
+
+
+class ResidentSource:
+    """Batches cut from views held in memory (``--cache-mode device`` or ``ram``, see resident.py).
+
+    The same seeded sampler and batch rule as :func:`_loader`, so a single process draws exactly
+    the stream tier's batches; under torchrun each process samples its own shard of the views.
+    """
+
+    online = False
+
+    def __init__(self, views: ResidentViews, cfg: TrainConfig, dist: DistEnv):
+        self.views, self.cfg, self.dist = views, cfg, dist
+        self.spec = views.spec
+
+    def __len__(self) -> int:
+        return len(self.views.all_views)  # all processes' views, as CacheSource counts them
+
+    def batches(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
+        sampler = torch.utils.data.DistributedSampler(range(len(self.views)), num_replicas=1, rank=0, shuffle=True,
+                                                      seed=self.cfg.seed * 100003, drop_last=True)
+        sampler.set_epoch(epoch)
+        batches = torch.utils.data.BatchSampler(sampler, self.dist.local_batch(self.cfg.batch_size),
+                                                drop_last=len(self) >= self.cfg.batch_size)
+        for positions in batches:
+            yield self.views.batch(positions, epoch)
 
 
 class OnlineSource:
@@ -181,22 +213,41 @@ def _loader(dataset, cfg: TrainConfig, epoch: int, collate, device, dist: DistEn
 
 
 # --------------------------------------------------------------------------- validation
-def validate(decoder: nn.Module, store_path: str, names: list[str], num_classes: int, classes, device,
-             workers: int = 0) -> dict:
+class ValidationViews:
+    """The views of a (whole-image) validation store, one at a time: held in memory when the cache
+    tier allows it (loaded once, here), else read by a DataLoader every validation."""
+
+    def __init__(self, path: str, names: list[str], device: torch.device, mode: str = "stream", workers: int = 0,
+                 progress: bool = True):
+        self.path, self.names, self.device, self.mode = path, names, device, mode
+        self.workers, self.progress = workers, progress
+        self.spec = FeatureStore.open(path).spec
+        self._views = (ResidentViews(path, names, device, mode, progress=progress, echo=_echo if progress else None)
+                       if mode in ("device", "ram") else None)
+
+    def __iter__(self) -> Iterator[tuple[dict, torch.Tensor]]:
+        if self._views is not None:
+            for j in range(len(self._views)):
+                yield self._views.batch([j])
+            return
+        loader = torch.utils.data.DataLoader(CachedViews(self.path, self.names), batch_size=1,
+                                             num_workers=self.workers, collate_fn=collate_views)
+        for batch in loader:
+            features, labels = Failed.check(batch)
+            yield {k: to_device(v, self.device).float() for k, v in features.items()}, labels
+
+
+def validate(decoder: nn.Module, views: ValidationViews, num_classes: int, classes, device) -> dict:
     """mIoU of ``decoder`` on every view of a (whole-image) feature store."""
-    views = CachedViews(store_path, names)
-    loader = torch.utils.data.DataLoader(views, batch_size=1, num_workers=workers, collate_fn=collate_views)
     evaluator = SegEvaluator(num_classes, views.spec.ignore_index, list(classes))
     was_training = decoder.training
     decoder.eval()
     with torch.inference_mode():
-        for batch in loader:
-            features, labels = Failed.check(batch)
-            features = {k: to_device(v, device).float() for k, v in features.items()}
+        for features, labels in views:
             with autocast(device):
                 logits = decoder(features)
             pred = upsample_logits(logits.float(), labels.shape[-2:]).argmax(1)
-            evaluator.process(pred.cpu(), labels)
+            evaluator.process(pred.cpu(), labels.cpu())
     decoder.train(was_training)
     return evaluator.evaluate()
 
@@ -211,7 +262,8 @@ def _make_decoder(cfg: TrainConfig, input_shapes: dict[str, ShapeSpec], num_clas
 
 def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: TrainConfig, *,
          input_shapes: dict[str, ShapeSpec], classes: list[str], ignore_index: int, encoder: dict, data: dict,
-         val_cache: str | None, resume: bool, progress: bool, dist: DistEnv | None = None) -> TrainResult:
+         val_views: ValidationViews | None, resume: bool, progress: bool, dist: DistEnv | None = None,
+         cache_info: dict | None = None) -> TrainResult:
     """The training loop; under torchrun, one of ``dist.world`` processes (rank 0 writes every output)."""
     dist = dist or DistEnv(device=resolve_device(cfg.device))
     device = dist.device
@@ -299,9 +351,8 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
                             "seconds": time.perf_counter() - t0}
             # Rank 0 alone validates (on the unwrapped decoder: no collectives) and writes; the others wait.
             if dist.is_main:
-                if val_cache and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                    val = validate(decoder, val_cache, names, len(classes), classes, device,
-                                   workers=min(cfg.workers, 1))
+                if val_views and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                    val = validate(decoder, val_views, len(classes), classes, device)
                     record_epoch["val"] = {k: val[k] for k in ("miou", "pixel_acc", "mean_acc", "per_class_iou")}
                     if best is None or val["miou"] > best:
                         best = val["miou"]
@@ -311,16 +362,17 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
             dist.barrier()
         peak = peak_memory_mib(device)
         if dist.is_main:
-            if not val_cache:  # without validation, the final model is the best one we know
+            if not val_views:  # without validation, the final model is the best one we know
                 save_checkpoint(best_path, payload(cfg.epochs))
             _log(log, {"type": "summary", "epoch": cfg.epochs, "step": step, "seconds": time.perf_counter() - t0,
                        "steps_this_run": len(losses), "world_size": dist.world, "peak_memory_MiB": peak,
                        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-                       "peak_memory_scope": "rank 0, per process" if dist.distributed else "the process"})
+                       "peak_memory_scope": "rank 0, per process" if dist.distributed else "the process",
+                       **({"cache": cache_info} if cache_info else {})})
     if dist.is_main:
         plot_if_available("plot_training_curves", log_path, run_dir / "curves.png")
     dist.barrier()  # every process returns once the run directory is complete
-    return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0, peak)
+    return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0, peak, cache_info)
 
 
 def decoder_loss(model: nn.Module, decoder: nn.Module, features: dict, labels: torch.Tensor, criterion,
@@ -446,10 +498,40 @@ def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: s
     data = {"dataset": spec.dataset, "resize": spec.resize, "augment": spec.augment, "crop": cfg.crop,
             "source": {"cache": str(cache), "val_cache": str(val_cache) if val_cache else None}}
     with ddp.session(resolve_device(cfg.device)) as dist:
-        source = CacheSource(cache, names, cfg, dist.device, dist)
+        tier = _choose_tier(cfg, store, names, val_store if val_cache else None, dist)
+        if progress and dist.is_main:
+            _echo(tier.describe())
+        cache_info = {"mode": tier.mode, "requested": tier.requested, "resident_bytes": 0,
+                      "val_resident": tier.val_resident, "load_seconds": 0.0, "reason": tier.reason}
+        if tier.mode == "stream":
+            source = CacheSource(cache, names, cfg, dist.device, dist)
+        else:
+            views = ResidentViews(cache, names, dist.device, tier.mode, crop=cfg.crop, seed=cfg.seed,
+                                  max_views_per_image=cfg.views, rank=dist.rank, world=dist.world,
+                                  progress=progress and dist.is_main, echo=_echo if progress and dist.is_main else None)
+            source = ResidentSource(views, cfg, dist)
+            cache_info.update(resident_bytes=views.nbytes, load_seconds=views.load_seconds)
+        val_views = (ValidationViews(val_cache, names, dist.device, tier.mode if tier.val_resident else "stream",
+                                     workers=min(cfg.workers, 1), progress=progress)
+                     if val_cache and dist.is_main else None)
         return _fit(source, decoder, names, Path(out), cfg, input_shapes=shapes, classes=list(spec.classes),
-                    ignore_index=spec.ignore_index, encoder=spec.encoder, data=data, val_cache=val_cache,
-                    resume=resume, progress=progress, dist=dist)
+                    ignore_index=spec.ignore_index, encoder=spec.encoder, data=data, val_views=val_views,
+                    resume=resume, progress=progress, dist=dist, cache_info=cache_info)
+
+
+def _choose_tier(cfg: TrainConfig, store: FeatureStore, names: list[str], val_store: FeatureStore | None,
+                 dist: DistEnv) -> TierChoice:
+    """The cache tier for this process: its shard of the training views, plus the validation views on rank 0."""
+    usable = len(store.usable_views(cfg.views))
+    per_process = usable // dist.world if dist.distributed else usable
+    train_bytes = resident_bytes(store.spec, names, per_process)
+    val_bytes = resident_bytes(val_store.spec, names, len(val_store.usable_views())) if val_store and dist.is_main else 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.distributed else 1
+    return choose_tier(cfg.cache_mode, train_bytes, val_bytes, dist.device, local_processes=local)
+
+
+def _echo(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _check_val_store(train_spec, val_store: FeatureStore, path: str) -> None:
@@ -497,10 +579,17 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: str, split: str,
         diffs = EncoderIdentity.from_dict(val_store.spec.encoder).differences(enc.identity)
         if diffs:
             raise UserError(f"--val-cache {val_cache} was extracted with another encoder: " + "; ".join(diffs))
-    source = OnlineSource(views, enc, cfg, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    source = OnlineSource(views, enc, cfg, device)
     decoder, names = _make_decoder(cfg, enc.output_shape(), len(ds.classes))
+    val_views = None
+    if val_cache:
+        tier = choose_tier(cfg.cache_mode, 0, resident_bytes(val_store.spec, names, len(val_store.usable_views())),
+                           device)
+        val_views = ValidationViews(val_cache, names, device, tier.mode if tier.val_resident else "stream",
+                                    workers=min(cfg.workers, 1), progress=progress)
     data = {"dataset": ds.describe(), "resize": rsz.to_json(), "augment": aug.to_json(), "crop": cfg.crop,
             "source": {"online": True, "val_cache": str(val_cache) if val_cache else None}}
     return _fit(source, decoder, names, Path(out), cfg, input_shapes=enc.output_shape(), classes=list(ds.classes),
-                ignore_index=ds.ignore_index, encoder=enc.identity.to_dict(), data=data, val_cache=val_cache,
+                ignore_index=ds.ignore_index, encoder=enc.identity.to_dict(), data=data, val_views=val_views,
                 resume=resume, progress=progress)

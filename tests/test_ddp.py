@@ -27,6 +27,7 @@ from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.ddp import DistEnv, check_sync_bn
 from fusion_seg.errors import UserError
 from fusion_seg.losses import build_loss
+from fusion_seg.resident import resident_bytes
 from fusion_seg.model import upsample_logits
 from fusion_seg.train import TrainConfig, _loader, _make_decoder, train_decoder, train_online
 from pipeline_helpers import extract_synthetic, raise_after_checkpoint, tiny_config
@@ -35,8 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-6
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 DECODER = {"fpn_width": 32, "head_width": 32}  # GroupNorm (FPN's default norm), 32 groups
+# The stream tier: its processes draw from one global permutation, so DDP steps like one process at the
+# global batch. The resident tiers shard the views instead (test_resident_tier_holds_one_shard_per_process).
 ARGS = ["--decoder", "fpn", "--decoder-opt", "fpn_width=32", "--decoder-opt", "head_width=32", "--loss", "ce",
-        "--workers", "0", "--device", "cpu", "--log-every", "1", "--seed", "0"]
+        "--workers", "0", "--device", "cpu", "--log-every", "1", "--seed", "0", "--cache-mode", "stream"]
 
 # torchrun runs this instead of `-m fusion_seg` to stop rank 0 dead right after it wrote last.pt of epoch 1.
 DIE_AFTER_EPOCH_1 = """
@@ -68,7 +71,7 @@ def config(**kw) -> TrainConfig:
 def torchrun(nproc: int, *args, script: str | None = None) -> subprocess.CompletedProcess:
     target = [script] if script else ["-m", "fusion_seg"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           *target, "train-decoder", *map(str, args), *ARGS]
+           *target, "train-decoder", *ARGS, *map(str, args)]  # a test's own options come last and win
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
 
 
@@ -114,6 +117,21 @@ def one_sgd_step(cache_path: str, cfg: TrainConfig, views: list[int]) -> dict[st
 
 
 # --------------------------------------------------------------------------- real processes
+def test_resident_tier_holds_one_shard_per_process(cache, tmp_path):
+    """--cache-mode device under torchrun: each process loads only floor(n/world) views of the store."""
+    run = tmp_path / "sharded"
+    done = torchrun(2, "--cache", cache / "whole.zarr", "--out", run, "--batch-size", 4, "--epochs", 2,
+                    "--cache-mode", "device")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    spec = CachedViews(str(cache / "whole.zarr"), []).spec
+    _, names = _make_decoder(config(), spec.input_shapes(), len(spec.classes))
+    assert summary["cache"]["mode"] == "device" and summary["world_size"] == 2
+    # 6 views over 2 processes: rank 0 holds 3 of them (the maps the decoder reads, and labels).
+    assert summary["cache"]["resident_bytes"] == resident_bytes(spec, names, 3)
+    assert load_checkpoint(run / "last.pt")["step"] == 2  # floor(6 / 4) steps an epoch, as the stream tier
+
+
 def test_two_processes_step_like_one_process_at_the_global_batch(cache, two_procs_one_step, tmp_path, one_thread):
     run, _ = two_procs_one_step
     cfg = config(epochs=1, batch_size=4)

@@ -308,9 +308,11 @@ def test_corrupt_chunk_while_training_with_workers_is_a_clean_error(tmp_path):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    result = CliRunner().invoke(main, ["train-decoder", "--cache", str(tmp_path / "s.zarr"), "--epochs", "1",
-                                       "--batch-size", "2", "--workers", "1", "--device", "cpu", "--loss", "ce",
-                                       "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2, result.output
-    assert "view 2" in result.output and "s8/c/2/0/0/0" in result.output and "--repair" in result.output
-    assert "Traceback" not in result.output and "DataLoader worker" not in result.output
+    # Streamed by DataLoader workers, and loaded into memory by the resident tiers' reader threads.
+    for mode in ("stream", "device", "ram"):
+        result = CliRunner().invoke(main, ["train-decoder", "--cache", str(tmp_path / "s.zarr"), "--epochs", "1",
+                                           "--batch-size", "2", "--workers", "1", "--device", "cpu", "--loss", "ce",
+                                           "--cache-mode", mode, "--out", str(tmp_path / f"run-{mode}")])
+        assert result.exit_code == 2, (mode, result.output)
+        assert "view 2" in result.output and "s8/c/2/0/0/0" in result.output and "--repair" in result.output
+        assert "Traceback" not in result.output and "DataLoader worker" not in result.output

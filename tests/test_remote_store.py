@@ -172,6 +172,9 @@ def test_interrupted_extraction_resumes_bit_identical(s3, reference):
 def test_train_from_s3_with_and_without_loader_workers(s3, remote, reference, tmp_path):
     local = train_decoder(reference, tmp_path / "local", tiny_config(workers=0, epochs=1)).losses
     assert len(local) == 6 and local[0] != local[-1]
+    # The remote store held in memory (auto picks the device tier here) trains the same.
+    assert train_decoder(remote, tmp_path / "resident", tiny_config(workers=0, epochs=1, cache_mode="device")
+                         ).losses == local
     # workers=0, as a recipe stage: extraction into the complete store is a no-op, training reads it.
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f"""
@@ -209,7 +212,7 @@ device = "cpu"
     run = tmp_path / "cli-run"
     cmd = [sys.executable, "-m", "fusion_seg", "train-decoder", "--cache", remote, "--val-cache", remote,
            "--workers", "2", "--streams", "4", "--preset", "small", "--epochs", "1", "--batch-size", "2",
-           "--log-every", "1", "--loss", "ce", "--device", "cpu", "--out", str(run)]
+           "--log-every", "1", "--loss", "ce", "--device", "cpu", "--cache-mode", "stream", "--out", str(run)]
     # One intra-op thread there too, as here (see conftest.py): the losses must match to the bit.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
