@@ -117,6 +117,12 @@ def encoder_options(fn):
     return fn
 
 
+cache_mode_option = click.option(
+    "--cache-mode", type=click.Choice(["auto", "device", "ram", "stream"]), default="auto", show_default=True,
+    help="Where cached views are read from: decoded once into device memory, into (pinned) host RAM, or streamed "
+         "from the store by DataLoader workers every epoch. auto: the fastest that fits (it says which and why).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fusion-seg")
 def main():
@@ -226,6 +232,7 @@ def info(store, as_json):
 @view_options
 @encoder_options
 @click.option("--workers", type=int, default=2, show_default=True, help="DataLoader worker processes.")
+@cache_mode_option
 @click.option("--decoder", default="reverse-hrnet", show_default=True,
               help="reverse-hrnet, linear, fpn, eseg, frm or exfuse.")
 @click.option("--streams", type=click.IntRange(4, 5), default=None, help="[reverse-hrnet] 4 (default) or 5 streams.")
@@ -254,7 +261,7 @@ def info(store, as_json):
 @click.pass_context
 @user_errors
 def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_opt, no_augment, crop, scale_range, no_flip,
-                  short_side, size, encoder, weights, random_init, seed, strides, device, workers, decoder, streams,
+                  short_side, size, encoder, weights, random_init, seed, strides, device, workers, cache_mode, decoder, streams,
                   preset, modules, blocks, decoder_opt, views, epochs, batch_size, lr, loss, ohem_thresh, ohem_min_kept,
                   val_every, log_every, init, resume, sync_bn, out):
     """Train only the decoder, from a feature cache (or --online from images).
@@ -275,7 +282,7 @@ def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_o
                             epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, ohem_thresh=ohem_thresh,
                             ohem_min_kept=ohem_min_kept, crop=list(feature_crop) if feature_crop else None,
                             seed=seed, workers=workers, val_every=val_every, log_every=log_every, device=device,
-                            init=init, sync_bn=sync_bn))
+                            init=init, sync_bn=sync_bn, cache_mode=cache_mode))
     if online:
         if not dataset:
             raise UserError("--online needs --dataset (and --root, --split) to read images from.")
@@ -344,17 +351,19 @@ def predict(checkpoint, inputs, out, sliding_window, weights, device):
 @click.option("--crop", type=HxW(), default=None, help="Random feature-space crop (multiple of 32).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
+@cache_mode_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timing repetitions (median).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder, e.g. runs/compare.")
 @user_errors
-def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed, workers, device, repeats, out):
+def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed, workers, cache_mode, device, repeats,
+            out):
     """Train several decoders from one cache with one schedule and tabulate them."""
     from .compare import compare as run
     from .train import TrainConfig
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, crop=list(crop) if crop else None,
-                      seed=seed, workers=workers, device=device)
+                      seed=seed, workers=workers, device=device, cache_mode=cache_mode)
     run(cache, out, cfg, val_cache=val_cache, decoders=tuple(d.strip() for d in decoders.split(",") if d.strip()),
         repeats=repeats)
     click.echo((Path(out) / "compare.md").read_text())
@@ -378,6 +387,48 @@ def visualize(checkpoints, image, mask, out, weights, device):
     path = run([Path(c) for c in checkpoints], Path(image), Path(out), mask_path=Path(mask) if mask else None,
                device=device, weights=weights)
     click.echo(f"written {path}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(), required=False)
+@click.option("--dataset", default=None, help="Plan for a dataset not extracted yet (with --size; see --root, --split).")
+@click.option("--root", type=click.Path(), default=None, help="[--dataset] root folder.")
+@click.option("--split", default="train", show_default=True, help="[--dataset] split.")
+@click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE", help="[--dataset] option.")
+@click.option("--size", type=HxW(), default=None, help="[--dataset] size of each cached view, e.g. 512x1024.")
+@click.option("--views", type=click.IntRange(min=1), default=None,
+              help="K cached views per image (default: the store's, or 2).")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="E passes over the images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--decoder", default="reverse-hrnet", show_default=True)
+@click.option("--decoder-opt", "decoder_opt", multiple=True, metavar="KEY=VALUE", help="Decoder option (repeatable).")
+@click.option("--encoder", default="resnet50", show_default=True, help="timm tag (timings only: random-init weights).")
+@click.option("--device", default="auto", show_default=True, help="The device you will train on.")
+@click.option("--bench-json", type=click.Path(), default=None,
+              help="Rates from `fusion-seg bench --json FILE` instead of probing (scaled to this batch and size).")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="Probe repetitions.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the plan as JSON.")
+@user_errors
+def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_size, decoder, decoder_opt, encoder,
+         device, bench_json, repeats, json_path):
+    """Project the whole schedule's time and memory: cache (each tier), online-frozen, fine-tuning; recommend one.
+
+    It says so when online-frozen training beats the cache on this hardware.
+    """
+    from .plan import PlanRequest, plan as run, to_text
+
+    req = PlanRequest(store=store, dataset=dataset, root=root, split=split,
+                      dataset_options=parse_key_values(dataset_opt), size=tuple(size) if size else None, views=views,
+                      epochs=epochs, batch_size=batch_size, device=device, decoder=decoder,
+                      decoder_config=parse_key_values(decoder_opt), encoder=encoder, bench_json=bench_json,
+                      repeats=repeats)
+    result = run(req, echo=lambda m: click.echo(m, err=True))
+    click.echo(to_text(result))
+    if json_path:
+        from dataclasses import asdict
+
+        Path(json_path).write_text(json.dumps(asdict(result), indent=2))
 
 
 @main.command()
@@ -412,6 +463,8 @@ def run(recipe, overrides, dry_run, epoch_scale):
 @click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option("--size", type=HxW(), default="360x480", show_default=True, help="Input size of the main comparisons.")
 @click.option("--scaling-sizes", default="360x480,720x960,1024x2048", show_default=True)
+@click.option("--forward-sizes", default="360x480,512x1024", show_default=True,
+              help="Sizes (HxW, comma-separated) of the extraction section's bare encoder forward table.")
 @click.option("--views", type=int, default=32, show_default=True, help="Views per extraction run.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed repetitions (the median is quoted).")
 @click.option("--loader-workers", type=int, default=2, show_default=True, help="Training DataLoader workers.")
@@ -421,8 +474,8 @@ def run(recipe, overrides, dry_run, epoch_scale):
               help="Replace this device's bench block in a Markdown file (e.g. BENCHMARKS.md).")
 @click.option("--workdir", type=click.Path(), default=None, help="Scratch folder (default: a temporary one).")
 @user_errors
-def bench(device, sections, camvid, encoder, weights, decoder, batch_size, size, scaling_sizes, views, repeats,
-          loader_workers, json_path, markdown_path, update_path, workdir):
+def bench(device, sections, camvid, encoder, weights, decoder, batch_size, size, scaling_sizes, forward_sizes, views,
+          repeats, loader_workers, json_path, markdown_path, update_path, workdir):
     """Measure extraction, cache formats, loader, training (cache/online/fine-tune), scaling and predict."""
     from .bench import BenchConfig, render_markdown, run_bench, save_json, update_benchmarks
     from .device import resolve_device
@@ -431,7 +484,8 @@ def bench(device, sections, camvid, encoder, weights, decoder, batch_size, size,
     cfg = BenchConfig(device=device, camvid=camvid, encoder=encoder, weights=weights, decoder=decoder,
                       batch_size=batch_size, size=tuple(size), views=views, repeats=repeats,
                       loader_workers=loader_workers, workdir=workdir,
-                      scaling_sizes=tuple(HxW().convert(s, None, None) for s in scaling_sizes.split(",") if s))
+                      scaling_sizes=tuple(HxW().convert(s, None, None) for s in scaling_sizes.split(",") if s),
+                      forward_sizes=tuple(HxW().convert(s, None, None) for s in forward_sizes.split(",") if s))
     results = run_bench(cfg, tuple(x.strip() for x in sections.split(",") if x.strip()), echo=click.echo)
     markdown = render_markdown(results)
     click.echo(markdown)

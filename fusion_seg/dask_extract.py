@@ -30,7 +30,7 @@ import torch
 from dask.system import CPU_COUNT
 
 from .cache import FeatureStore
-from .device import resolve_device
+from .device import memory_format, resolve_device
 from .encoder import EncoderIdentity, build_encoder
 from .errors import CacheError, DataError, UserError
 from .extract import encode_batch, handle_failed
@@ -85,7 +85,8 @@ class ExtractPlugin(WorkerPlugin):
                         f"{self.store_path} was made with: {'; '.join(diffs)}. Give every worker the same "
                         "weights file and the same timm/torch versions as the client."
                     )
-                self._ready = encoder.to(device), device, FeatureStore.open(self.store_path, mode="r+")
+                encoder = encoder.to(device, memory_format=memory_format(device))  # channels_last on CUDA
+                self._ready = encoder, device, FeatureStore.open(self.store_path, mode="r+")
             return self._ready
 
     def run(self, views: list[int]) -> list:

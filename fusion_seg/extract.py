@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .cache import CacheSpec, FeatureStore, writer_lock
 from .datasets import build_dataset
 from .datasets.base import SegDataset
-from .device import autocast, resolve_device, to_device
+from .device import autocast, memory_format, resolve_device, to_device
 from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, FrozenEncoder, build_encoder
 from .errors import CacheError, DataError, Failed, UserError
 from .storage import DEFAULT_CODEC, DEFAULT_DTYPE, check_dtype, codec_spec
@@ -239,7 +239,7 @@ def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_ra
 def _extract_here(store: FeatureStore, source: ViewSource, todo: list[int], enc: FrozenEncoder, dev: torch.device, *,
                   batch_size: int, loader_workers: int, writers: int, skip_bad: bool, skipped: list[dict], bar) -> None:
     """The in-process loop: DataLoader prefetch, encoder, and writer threads, overlapped."""
-    enc = enc.to(dev)
+    enc = enc.to(dev, memory_format=memory_format(dev))  # channels_last on CUDA, as the input batch
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(source, todo), batch_size=batch_size, num_workers=loader_workers,
         collate_fn=collate_list, pin_memory=dev.type == "cuda", prefetch_factor=4 if loader_workers else None,

@@ -42,7 +42,7 @@ from .cached_views import CachedViews, collate_views
 from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import build_dataset
 from .ddp import DistEnv
-from .device import autocast, resolve_device, to_device
+from .device import autocast, memory_format, resolve_device, to_device
 from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, build_encoder, build_image_encoder
 from .errors import CheckpointError, Failed, UserError
 from .losses import build_loss
@@ -161,7 +161,7 @@ class OnlineSource:
 
     def __init__(self, views: ViewSource, encoder, cfg: TrainConfig, device: torch.device):
         self.views = views
-        self.encoder = encoder.to(device)
+        self.encoder = encoder.to(device, memory_format=memory_format(device))
         self.device = device
         self.cfg = cfg
 

@@ -20,7 +20,7 @@ from pipeline_helpers import ENCODER
 def results(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     cfg = BenchConfig(encoder=ENCODER, camvid=None, size=(64, 96), scaling_sizes=((64, 96),), views=4, repeats=1,
-                      warmup=1, batch_size=2, loader_workers=0, workdir=str(work))
+                      warmup=1, batch_size=2, loader_workers=0, workdir=str(work), forward_sizes=((64, 96), (32, 64)))
     return run_bench(cfg)
 
 
@@ -31,6 +31,18 @@ def test_every_section_reports(results):
     assert ext["bare_forward_views_per_s"] > 0 and ext["extract_views_per_s"] > 0
     assert ext["ratio"] == pytest.approx(ext["extract_views_per_s"] / ext["bare_forward_views_per_s"])
     assert ext["views"] == 4 and ext["data"] == "synthetic images"
+
+
+def test_bare_forward_at_each_forward_size(results):
+    ext = results["sections"]["extraction"]
+    rows = ext["forward_sizes"]
+    assert [r["size"] for r in rows] == [[64, 96], [32, 64]]
+    assert rows[0]["views_per_s"] == ext["bare_forward_views_per_s"]  # cfg.size is measured once
+    for r in rows:
+        assert r["views_per_s"] > 0 and r["ms_per_view"] == pytest.approx(1e3 / r["views_per_s"])
+    assert ext["forward_precision"] == "fp32"  # bf16 autocast and channels_last are CUDA's
+    md = render_markdown(results)
+    assert "| 96x64 |" in md and "| 64x32 |" in md
 
 
 def test_format_rows_cover_every_dtype_and_codec_and_measure_error(results):
@@ -50,7 +62,7 @@ def test_format_rows_cover_every_dtype_and_codec_and_measure_error(results):
 def test_training_section_compares_the_same_decoder_three_ways(results):
     t = results["sections"]["training"]
     modes = t["modes"]
-    assert set(modes) == {"memory", "cache", "online", "finetune"}
+    assert set(modes) == {"memory", "device", "ram", "cache", "online", "finetune"}
     for m in modes.values():
         assert m["step_s"] > 0 and m["peak_MiB"] > m["baseline_rss_MiB"] > 0 and m["batch"] == 2
     assert t["ratios"]["online/cache"]["time"] == pytest.approx(modes["online"]["step_s"] / modes["cache"]["step_s"])
@@ -61,6 +73,33 @@ def test_training_section_compares_the_same_decoder_three_ways(results):
     a, b = rows[0], rows[1]
     per_epoch = (b["cache_s"] - a["cache_s"]) / (b["epochs"] - a["epochs"])
     assert per_epoch == pytest.approx(367 // 2 * modes["cache"]["step_s"])
+
+
+def test_training_section_measures_every_cache_tier(results):
+    t = results["sections"]["training"]
+    modes, rows = t["modes"], {r["tier"]: r for r in t["tiers"]}
+    assert set(rows) == {"device", "ram", "stream"}
+    for tier, key in (("device", "device"), ("ram", "ram"), ("stream", "cache")):
+        assert rows[tier]["vs_memory"] == pytest.approx(modes[key]["step_s"] / modes["memory"]["step_s"])
+        assert rows[tier]["loader_cpu_ms_per_view"] > 0
+    for tier in ("device", "ram"):
+        m = modes[tier]
+        assert m["resident_views"] == 4 and m["load_s"] > 0 and m["resident_MiB"] > 0
+        # On CPU the resident store is in the RSS: the step's own memory is the peak less the store.
+        assert rows[tier]["step_MiB"] == pytest.approx(rows[tier]["peak_MiB"] - m["resident_MiB"])
+    assert rows["stream"]["resident_MiB"] == 0 and rows["stream"]["load_s"] == 0
+    sched = {r["epochs"]: r for r in t["whole_schedule"]}
+    assert sorted(sched) == [10, 100, 200]
+    r = sched[100]
+    steps = 367 // 2
+    # The resident rows pay extraction and a one-off load, then the tier's step; the bound is K·B + E·D.
+    load = 367 * 2 * modes[r["resident_tier"]]["load_s"] / 4
+    assert r["resident_s"] == pytest.approx(r["extract_s"] + load + 100 * steps * modes[r["resident_tier"]]["step_s"])
+    bare = results["sections"]["extraction"]["bare_forward_views_per_s"]
+    assert r["bound_s"] == pytest.approx(367 * 2 / bare + 100 * steps * modes["memory"]["step_s"])
+    assert r["resident_vs_bound"] == pytest.approx(r["resident_s"] / r["bound_s"])
+    md = render_markdown(results)
+    assert "| device |" in md and "| ram |" in md and "bound K·B + E·D" in md
 
 
 def test_scaling_and_inference(results):
@@ -88,6 +127,8 @@ def test_markdown_and_benchmarks_block(results, tmp_path):
 def test_cli_refuses_unknown_sections_and_missing_cuda(tmp_path):
     r = CliRunner().invoke(main, ["bench", "--sections", "extraction,nonsense", "--camvid", str(tmp_path)])
     assert r.exit_code == 2 and "nonsense" in r.output
+    r = CliRunner().invoke(main, ["bench", "--forward-sizes", "360x480,big", "--camvid", str(tmp_path)])
+    assert r.exit_code == 2 and "'big' is not a size" in r.output
     import torch
 
     if not torch.cuda.is_available():

@@ -53,7 +53,9 @@ def run_bench(cfg: BenchConfig, sections=SECTIONS, echo=print) -> dict:
             if ext:
                 t["whole_schedule"] = training.whole_schedule(
                     {m: t["modes"][m]["step_s"] for m in t["modes"]}, ext["extract_views_per_s"],
-                    images=367, views=2, batch=cfg.batch_size)
+                    images=367, views=2, batch=cfg.batch_size, bare_views_per_s=ext["bare_forward_views_per_s"],
+                    load_s_per_view={m: t["modes"][m]["load_s"] / t["modes"][m]["resident_views"]
+                                     for m in training.TIERS})
             results["sections"]["training"] = t
         if "scaling" in sections:
             echo("bench: scaling")
@@ -82,8 +84,9 @@ def render_markdown(results: dict) -> str:
         out += ["", "### 2. Cache format", "", cache_format.to_markdown(s["format"])]
     if "training" in s:
         note = ("Whole schedule, projected from the rates above for CamVid (367 images, batch "
-                f"{cfg['batch_size']}, 2 cached views per image, extraction included for (a)); an epoch is one pass "
-                "over the images:")
+                f"{cfg['batch_size']}, K = 2 cached views per image, extraction (and for the resident tier its one-off "
+                "load) included for (a)); an epoch is one pass over the images. The bound K·B + E·D is K passes of "
+                "the bare encoder (B) plus E decoder epochs on features already in memory (D):")
         out += ["", "### 3-4. Loader and training: (a) cache, (b) online, (c) fine-tuning", "",
                 training.to_markdown(s["training"], s["training"].get("whole_schedule"), note)]
     if "scaling" in s:

@@ -33,6 +33,7 @@ class BenchConfig:
     repeats: int = 5                   # timed repetitions; the median is quoted
     warmup: int = 2
     scaling_sizes: tuple[tuple[int, int], ...] = ((360, 480), (720, 960), (1024, 2048))
+    forward_sizes: tuple[tuple[int, int], ...] = ((360, 480), (512, 1024))  # bare encoder forward sizes (H, W)
     loader_workers: int = 2            # the DataLoader default of train-decoder
     workdir: str | None = None         # scratch stores; a temporary folder by default
 

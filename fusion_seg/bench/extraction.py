@@ -12,12 +12,15 @@ from .common import BenchConfig, build_frozen_encoder, data_label, dataset_args,
 
 
 def bare_forward_views_per_second(cfg: BenchConfig, encoder, size, batch: int, device) -> float:
-    """The encoder alone, on a batch already on the device: the limit extraction can approach."""
-    from ..device import autocast, to_device
+    """The encoder alone, on a batch already on the device: the limit extraction can approach.
+
+    On CUDA the batch and the encoder's weights are channels_last and the forward runs under bf16 autocast.
+    """
+    from ..device import autocast, memory_format, to_device
 
     x, _ = images(cfg, size, batch, encoder)
     x = to_device(x, device)
-    encoder = encoder.to(device)
+    encoder = encoder.to(device, memory_format=memory_format(device))
 
     def forward():
         with autocast(device):
@@ -47,11 +50,20 @@ def extract_views_per_second(cfg: BenchConfig, size, views: int, workdir: Path, 
     return {"views_per_second": statistics.median(rates), "runs": rates, "views": result.views_total}
 
 
+def forward_precision(device: torch.device) -> str:
+    return "bf16 autocast, channels_last" if device.type == "cuda" else "fp32"
+
+
 def run(cfg: BenchConfig, workdir: Path, keep_store: Path) -> dict:
     device = torch.device(cfg.device)
     encoder = build_frozen_encoder(cfg)
     batch = 4
     bare = bare_forward_views_per_second(cfg, encoder, cfg.size, batch, device)
+    forward = []
+    for size in cfg.forward_sizes:  # cfg.size's figure is the one just measured
+        same = tuple(size) == tuple(cfg.size)
+        rate = bare if same else bare_forward_views_per_second(cfg, encoder, size, batch, device)
+        forward.append({"size": list(size), "views_per_s": rate, "ms_per_view": 1e3 / rate})
     ext = extract_views_per_second(cfg, cfg.size, cfg.views, workdir, batch, keep=keep_store)
     # The same without compression: what compressing costs when it shares the encoder's cores.
     raw = extract_views_per_second(cfg, cfg.size, cfg.views, workdir, batch, codec="none")
@@ -59,11 +71,12 @@ def run(cfg: BenchConfig, workdir: Path, keep_store: Path) -> dict:
             "extract_views_per_s": ext["views_per_second"], "extract_runs": ext["runs"], "views": ext["views"],
             "codec": storage.codec_label(storage.codec_spec(storage.DEFAULT_CODEC)),
             "extract_uncompressed_views_per_s": raw["views_per_second"],
-            "ratio": ext["views_per_second"] / bare, "ratio_uncompressed": raw["views_per_second"] / bare, "goal": 0.9}
+            "ratio": ext["views_per_second"] / bare, "ratio_uncompressed": raw["views_per_second"] / bare, "goal": 0.9,
+            "forward_sizes": forward, "forward_precision": forward_precision(device), "forward_repeats": cfg.repeats}
 
 
 def to_markdown(r: dict) -> str:
-    return "\n".join([
+    lines = [
         f"Whole {r['data']} at {r['size'][1]}x{r['size'][0]}, batch {r['batch']}, {r['views']} views per extraction "
         f"(median of {len(r['extract_runs'])}); `extract` with its default codec ({r['codec']}) and without compression.",
         "",
@@ -71,4 +84,11 @@ def to_markdown(r: dict) -> str:
         "|---|---|---|---|---|---|",
         f"| {r['bare_forward_views_per_s']:.2f} | {r['extract_views_per_s']:.2f} | **{r['ratio']:.2f}** | >= {r['goal']} | "
         f"{r['extract_uncompressed_views_per_s']:.2f} | {r['ratio_uncompressed']:.2f} |",
-    ])
+    ]
+    if r.get("forward_sizes"):
+        lines += ["", f"The bare encoder forward by input size ({r['forward_precision']}, batch {r['batch']}, "
+                      f"median of {r['forward_repeats']}):", "",
+                  "| size (WxH) | views/s | ms/view |", "|---|---|---|"]
+        lines += [f"| {f['size'][1]}x{f['size'][0]} | {f['views_per_s']:.2f} | {f['ms_per_view']:.1f} |"
+                  for f in r["forward_sizes"]]
+    return "\n".join(lines)

@@ -2,8 +2,10 @@
 
 The same decoder, batch and input size in every mode:
 
-- ``memory``: the decoder step on features already in memory (the limit for ``cache``);
-- ``cache`` (a): features read from the store by the training DataLoader, as ``train-decoder`` does;
+- ``memory``: the decoder step on one batch of features already on the device (the limit for the cache);
+- ``device`` and ``ram``: the resident cache tiers of ``train-decoder --cache-mode`` (resident.py): the
+  store decoded once into device memory or (pinned) host RAM, a batch cut from it every step;
+- ``cache`` (a): the ``stream`` tier: features read from the store by the training DataLoader;
 - ``online`` (b): the frozen encoder runs on the batch every step, as ``train-decoder --online``
   (images come from memory here, so (b) is not charged for decoding and augmenting them);
 - ``finetune`` (c): the encoder is trained too (its BatchNorm kept in eval mode).
@@ -23,6 +25,7 @@ from .common import (BenchConfig, DecoderStep, decoder_for_store, build_frozen_e
                      median_seconds, peak_memory, rss_mib, run_isolated, synchronizer)
 
 MODES = ("memory", "cache", "online", "finetune")
+TIERS = ("device", "ram")  # the resident cache tiers, measured in the training section
 
 
 def cache_loader(store: str, names, batch: int, workers: int, device, epoch_seed: int = 0):
@@ -49,7 +52,7 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
     their decoder is built from the store's feature shapes, as train-decoder builds it.
     """
     from ..cached_views import CachedViews, collate_views
-    from ..device import autocast, to_device
+    from ..device import autocast, memory_format, to_device
     from ..errors import Failed
 
     import importlib
@@ -63,7 +66,22 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
     decoder, names = decoder_for_store(cfg, store)
     sync = synchronizer(device)
 
-    if mode in ("memory", "cache"):
+    resident = None
+    if mode in TIERS:
+        from ..resident import ResidentViews
+
+        resident = ResidentViews(store, names, device, mode, seed=cfg.seed, progress=False)
+        step = DecoderStep(decoder, device)
+        order = endless_positions(len(resident), batch, cfg.seed)
+        assembly = {"cpu_s": 0.0, "views": 0}
+
+        def one():
+            c0 = time.process_time()
+            features, labels = resident.batch(next(order))
+            assembly["cpu_s"] += time.process_time() - c0
+            assembly["views"] += batch
+            step(features, labels)
+    elif mode in ("memory", "cache"):
         step = DecoderStep(decoder, device)
         if mode == "memory":
             features, labels = collate_views([CachedViews(store, names)[j] for j in range(batch)])
@@ -84,14 +102,14 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
         x, y = to_device(x, device), to_device(y, device)
         if mode == "online":
             step = DecoderStep(decoder, device)
-            encoder = encoder.to(device)
+            encoder = encoder.to(device, memory_format=memory_format(device))
 
             def one():
                 with autocast(device):
                     feats = encoder(x)
                 step({k: feats[k].float().clone() for k in names}, y)
         elif mode == "finetune":
-            model = encoder.model.to(device)  # the timm features_only network, trained this time
+            model = encoder.model.to(device, memory_format=memory_format(device))  # timm features_only, trained
             for p in model.parameters():
                 p.requires_grad_(True)
             model.eval()  # BN in eval: running statistics frozen, as when fine-tuning at a small batch
@@ -104,23 +122,73 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
         else:
             raise ValueError(mode)
     # The cheap modes run 8 steps per repetition: a loader that falls behind now and then shows in the mean.
-    seconds = median_seconds(one, cfg.repeats, cfg.warmup, sync, calls_per_repeat=8 if mode in ("memory", "cache") else 1)
+    cheap = mode in ("memory", "cache", *TIERS)
+    seconds = median_seconds(one, cfg.repeats, cfg.warmup, sync, calls_per_repeat=8 if cheap else 1)
     peak = peak_memory(device)
-    return {"mode": mode, "size": list(size), "batch": batch, "step_s": seconds, "baseline_rss_MiB": baseline,
-            **peak, "loader_workers_peak_rss_MiB": children_peak_rss_mib() if mode == "cache" else None}
+    out = {"mode": mode, "size": list(size), "batch": batch, "step_s": seconds, "baseline_rss_MiB": baseline,
+           **peak, "loader_workers_peak_rss_MiB": children_peak_rss_mib() if mode == "cache" else None}
+    if resident is not None:
+        # Where the resident bytes are counted: in CUDA's allocations (device tier on a GPU), else in the RSS.
+        counted = device.type == "cpu" or mode == "device"
+        out.update(resident_MiB=resident.nbytes / 2**20, load_s=resident.load_seconds,
+                   load_GB_per_s=resident.nbytes / 1e9 / max(resident.load_seconds, 1e-9),
+                   resident_views=len(resident), resident_counted_in_peak=counted,
+                   loader_cpu_ms_per_view=1e3 * assembly["cpu_s"] / max(1, assembly["views"]))
+    return out
+
+
+def endless_positions(n: int, batch: int, seed: int):
+    """Batches of positions in ``range(n)``, reshuffled every pass, as the resident source draws them."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g).tolist()
+        for i in range(0, n - batch + 1, batch):
+            yield perm[i:i + batch]
+
+
+def step_memory_MiB(m: dict) -> float:
+    """A mode's own training-step memory: its peak above the import baseline, less any resident store in it."""
+    resident = m.get("resident_MiB", 0.0) if m.get("resident_counted_in_peak") else 0.0
+    return above_baseline(m) - resident
+
+
+def _cpu_seconds(pids) -> float:
+    """User + system CPU seconds so far of the processes ``pids`` (Linux /proc)."""
+    import os
+
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children() -> list[str]:
+    from pathlib import Path
+
+    return [pid for task in Path("/proc/self/task").glob("*/children") for pid in task.read_text().split()]
 
 
 def loader_throughput(cfg: BenchConfig, store: str, names, batch: int, seconds_budget: float = 20.0) -> dict:
-    """Views/s the training DataLoader delivers alone (read, decompress, collate), after its first batch."""
+    """Views/s the training DataLoader delivers alone (read, decompress, collate), after its first batch,
+    and the CPU time it spends per view (its worker processes', or this process's without workers)."""
     device = torch.device(cfg.device)
     loader = cache_loader(store, names, batch, cfg.loader_workers, device)
     batches = endless(loader)
     next(batches)  # worker start-up is paid once per run, not per step
+    workers = _children() if cfg.loader_workers else []
+    cpu0, own0 = _cpu_seconds(workers), time.process_time()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds_budget and count < 400:
         features, _ = next(batches)
         count += next(iter(features.values())).shape[0]
-    return {"views_per_s": count / (time.perf_counter() - t0), "views": count}
+    seconds = time.perf_counter() - t0
+    cpu = _cpu_seconds(workers) - cpu0 if workers else time.process_time() - own0
+    # Workers read ahead (prefetch) while the count stops: their CPU covers a few more views than counted.
+    return {"views_per_s": count / seconds, "views": count, "cpu_ms_per_view": 1e3 * cpu / max(1, count)}
 
 
 def run_modes(cfg: BenchConfig, size, batch: int, store: str | None, modes=MODES) -> dict:
@@ -128,7 +196,7 @@ def run_modes(cfg: BenchConfig, size, batch: int, store: str | None, modes=MODES
 
 
 def run(cfg: BenchConfig, store: Path) -> dict:
-    modes = run_modes(cfg, cfg.size, cfg.batch_size, str(store))
+    modes = run_modes(cfg, cfg.size, cfg.batch_size, str(store), modes=("memory", *TIERS, "cache", "online", "finetune"))
     _, names = decoder_for_store(cfg, str(store))
     loader = loader_throughput(cfg, str(store), names, cfg.batch_size)
     consumption = cfg.batch_size / modes["memory"]["step_s"]
@@ -142,7 +210,26 @@ def run(cfg: BenchConfig, store: Path) -> dict:
         "ratios": {f"{m}/cache": {"time": modes[m]["step_s"] / a["step_s"],
                                   "memory": above_baseline(modes[m]) / above_baseline(a)}
                    for m in ("online", "finetune")},
+        "tiers": tier_rows(modes, loader), "resident_vs_memory_goal": RESIDENT_GOAL,
     }
+
+
+RESIDENT_GOAL = 1.05  # the resident tiers' step against the step on features already in memory
+
+
+def tier_rows(modes: dict, loader: dict) -> list[dict]:
+    """One row per cache tier: its step against the in-memory step, the loader's CPU per view, the
+    one-off load, and memory with the resident store and the step's own share given apart."""
+    memory = modes["memory"]["step_s"]
+    rows = []
+    for tier, key in (("device", "device"), ("ram", "ram"), ("stream", "cache")):
+        m = modes[key]
+        rows.append({"tier": tier, "step_s": m["step_s"], "vs_memory": m["step_s"] / memory,
+                     "loader_cpu_ms_per_view": m.get("loader_cpu_ms_per_view", loader.get("cpu_ms_per_view")),
+                     "load_s": m.get("load_s", 0.0), "load_GB_per_s": m.get("load_GB_per_s"),
+                     "resident_MiB": m.get("resident_MiB", 0.0), "step_MiB": step_memory_MiB(m),
+                     "peak_MiB": above_baseline(m), "kind": m["kind"]})
+    return rows
 
 
 def above_baseline(m: dict) -> float:
@@ -153,18 +240,34 @@ def above_baseline(m: dict) -> float:
 
 
 def whole_schedule(step_s: dict, extract_views_per_s: float, images: int, views: int, batch: int,
-                   epochs=(1, 10, 50, 100, 200)) -> list[dict]:
+                   epochs=(10, 100, 200), bare_views_per_s: float | None = None,
+                   load_s_per_view: dict | None = None) -> list[dict]:
     """Projected wall time of a whole schedule from the measured rates (an epoch = one pass over the images).
 
-    cache: extract ``views`` views per image once, then each epoch reads one view per image;
-    online and finetune: each epoch runs the encoder on every image.
+    cache: extract ``views`` views per image once (K views), load them into memory once (the resident
+    tiers), then each epoch reads one view per image; online and finetune: each epoch runs the encoder
+    on every image. The cache's bound is ``K·B + E·D``: K passes of the bare encoder over the images
+    (B) and E decoder epochs on features already in memory (D).
     """
     steps = images // batch
+    extract = images * views / extract_views_per_s
+    load = {t: images * views * s for t, s in (load_s_per_view or {}).items()}
     rows = []
     for e in epochs:
-        cache = images * views / extract_views_per_s + e * steps * step_s["cache"]
-        rows.append({"epochs": e, "cache_s": cache, "online_s": e * steps * step_s["online"],
-                     "finetune_s": e * steps * step_s["finetune"]})
+        row = {"epochs": e, "extract_s": extract, "cache_s": extract + e * steps * step_s["cache"],
+               "online_s": e * steps * step_s["online"], "finetune_s": e * steps * step_s["finetune"]}
+        if "memory" in step_s and bare_views_per_s:
+            row["bound_s"] = images * views / bare_views_per_s + e * steps * step_s["memory"]
+        for tier in ("device", "ram"):
+            if tier in step_s:
+                row[f"{tier}_s"] = extract + load.get(tier, 0.0) + e * steps * step_s[tier]
+        tiers = [t for t in ("device", "ram") if f"{t}_s" in row]
+        if tiers:
+            best = min(tiers, key=lambda t: row[f"{t}_s"])
+            row["resident_tier"], row["resident_s"] = best, row[f"{best}_s"]
+            if "bound_s" in row:
+                row["resident_vs_bound"] = row["resident_s"] / row["bound_s"]
+        rows.append(row)
     return rows
 
 
@@ -180,9 +283,12 @@ def to_markdown(r: dict, schedule: list[dict] | None = None, schedule_note: str 
         "| run | step (s) | peak memory (MiB) | time vs (a) | memory vs (a) |",
         "|---|---|---|---|---|",
     ]
-    names = {"memory": "features already in memory (the limit)", "cache": "(a) from the cache",
+    names = {"memory": "features already in memory (the limit)", "device": "(a) cache, --cache-mode device",
+             "ram": "(a) cache, --cache-mode ram", "cache": "(a) cache, --cache-mode stream",
              "online": "(b) --online, frozen encoder every step", "finetune": "(c) full fine-tuning"}
-    for key in ("memory", "cache", "online", "finetune"):
+    for key in ("memory", "device", "ram", "cache", "online", "finetune"):
+        if key not in m:
+            continue
         row = m[key]
         ratio = r["ratios"].get(f"{key}/cache")
         lines.append(f"| {names[key]} | {row['step_s']:.3f} | {above_baseline(row):.0f} | "
@@ -195,16 +301,41 @@ def to_markdown(r: dict, schedule: list[dict] | None = None, schedule_note: str 
         f"| views/s delivered by the DataLoader alone | {lo['views_per_s']:.1f} | |",
         f"| views/s the step consumes (in memory) | {lo['consumed_views_per_s']:.1f} | |",
         f"| loader / consumption | **{lo['ratio']:.1f}x** | >= {lo['goal']}x |",
-        f"| step from the cache / step in memory | **{r['cache_vs_memory_step']:.2f}x** | <= {r['cache_vs_memory_goal']}x |",
+        f"| step from the cache (stream) / step in memory | **{r['cache_vs_memory_step']:.2f}x** | "
+        f"<= {r['cache_vs_memory_goal']}x |",
     ]
+    if r.get("tiers"):
+        lines += tiers_markdown(r["tiers"], r["resident_vs_memory_goal"])
     if schedule:
+        resident = "resident_s" in schedule[0]
         lines += ["", schedule_note, "",
-                  "| epochs | (a) cache, extraction included | (b) online | (c) fine-tune | (b)/(a) | (c)/(a) |",
-                  "|---|---|---|---|---|---|"]
+                  "| epochs | (a) cache, stream | " + ("(a) cache, resident | bound K·B + E·D | resident / bound | "
+                                                       if resident else "")
+                  + "(b) online | (c) fine-tune | (b)/(a) | (c)/(a) |",
+                  "|---|---|" + ("---|---|---|" if resident else "") + "---|---|---|---|"]
         for s in schedule:
-            lines.append(f"| {s['epochs']} | {hms(s['cache_s'])} | {hms(s['online_s'])} | {hms(s['finetune_s'])} | "
-                         f"{s['online_s'] / s['cache_s']:.2f}x | {s['finetune_s'] / s['cache_s']:.2f}x |")
+            best = s["resident_s"] if resident else s["cache_s"]
+            lines.append(f"| {s['epochs']} | {hms(s['cache_s'])} | "
+                         + (f"{hms(s['resident_s'])} ({s['resident_tier']}) | {hms(s['bound_s'])} | "
+                            f"**{s['resident_vs_bound']:.2f}x** | " if resident and "bound_s" in s else "")
+                         + f"{hms(s['online_s'])} | {hms(s['finetune_s'])} | "
+                         f"{s['online_s'] / best:.2f}x | {s['finetune_s'] / best:.2f}x |")
     return "\n".join(lines)
+
+
+def tiers_markdown(rows: list[dict], goal: float) -> list[str]:
+    lines = ["", "Cache tiers (`train-decoder --cache-mode`), the same decoder and batch; loader CPU is the time spent "
+             "making batches per view (stream: the DataLoader workers' CPU; resident: cutting batches from memory); "
+             "memory is the peak above the import baseline, with the resident store and the step's own share apart:",
+             "", "| tier | step (s) | vs in-memory step | goal | loader CPU (ms/view) | one-off load (s) | load (GB/s) | "
+             "resident (MiB) | step's own (MiB) | peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in rows:
+        resident = t["tier"] != "stream"
+        lines.append(f"| {t['tier']} | {t['step_s']:.3f} | **{t['vs_memory']:.2f}x** | "
+                     f"{f'<= {goal}x' if resident else ''} | {t['loader_cpu_ms_per_view']:.2f} | "
+                     f"{t['load_s']:.2f} | " + (f"{t['load_GB_per_s']:.2f}" if t["load_GB_per_s"] else "") + " | "
+                     f"{t['resident_MiB']:.0f} | {t['step_MiB']:.0f} | {t['peak_MiB']:.0f} |")
+    return lines
 
 
 def hms(seconds: float) -> str:
