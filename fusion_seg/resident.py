@@ -114,9 +114,10 @@ class TierChoice:
 
 
 def _where(mode: str, device: torch.device) -> str:
-    if mode == "device":
-        return str(device) if device.type == "cuda" else "host RAM (the device is the CPU)"
-    return "host RAM (pinned)" if device.type == "cuda" else "host RAM"
+    """Where a tier holds the views: the GPU, pinned host RAM, or (the device being the CPU) RAM."""
+    if device.type != "cuda":
+        return "RAM"
+    return str(device) if mode == "device" else "pinned host RAM"
 
 
 def choose_tier(requested: str, train_bytes: int, val_bytes: int, device: torch.device,
