@@ -57,6 +57,33 @@ def _train_in_subprocess(cache: str, val_cache: str | None, run_dir: Path, cfg: 
         raise UserError(f"training {cfg.decoder} failed:\n{result.stderr.strip()[-2000:]}")
 
 
+def check_decoders(decoders, input_shapes: dict, num_classes: int, *, cache: str = "the cache") -> None:
+    """Raise one UserError listing every decoder of ``decoders`` that cannot be trained from a cache
+    with these feature shapes: unknown names, duplicates, and decoders that cannot be built from them
+    (built on the ``meta`` device, with their defaults, as training builds them: no memory, no weights)."""
+    from .decoders import DECODERS
+    from .stages import build_check
+
+    decoders = list(decoders)
+    errors = [] if decoders else ["no decoder to compare; pass --decoders NAME,NAME,..."]
+    seen = set()
+    for name in decoders:
+        if name not in DECODERS:
+            errors.append(f"unknown decoder {name!r}; known decoders: {', '.join(sorted(DECODERS))}.")
+        elif name in seen:
+            errors.append(f"{name!r} is listed twice; list each decoder once.")
+        else:
+            problem = build_check(name, {}, input_shapes, num_classes)
+            if problem:
+                errors.append(f"{name!r} cannot be trained from {cache}: {problem}")
+        seen.add(name)
+    if len(errors) == 1:
+        raise UserError(f"compare --decoders: {errors[0]} Nothing was trained.")
+    if errors:
+        raise UserError(f"compare --decoders has {len(errors)} problems (nothing was trained):\n"
+                        + "\n".join(f"compare --decoders: {e}" for e in errors))
+
+
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -99,11 +126,16 @@ def measure_decoder(record: dict, features: dict, labels: torch.Tensor, *, loss:
 
 def compare(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | None = None,
             decoders: tuple[str, ...] = DEFAULT_DECODERS, repeats: int = 5, progress: bool = True) -> list[dict]:
-    """Train and measure ``decoders`` on one cache with the schedule ``cfg``; write the table."""
+    """Train and measure ``decoders`` on one cache with the schedule ``cfg``; write the table.
+
+    The whole list is checked first (:func:`check_decoders`): nothing is trained, and no folder
+    is made, unless every decoder can be built from the cache's features.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     store = FeatureStore.open(cache)
     store.check_complete()
+    check_decoders(decoders, store.spec.input_shapes(), len(store.spec.classes), cache=str(cache))
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in decoders:
         run_dir = out / name

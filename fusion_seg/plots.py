@@ -85,33 +85,51 @@ def read_metrics(metrics_jsonl: str | Path) -> tuple[list[dict], list[dict]]:
     return steps, epochs
 
 
-def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Two panels: training loss against step (per logged step, and each epoch's mean) and val mIoU per epoch.
+def step_epochs(steps: list[dict], epochs: list[dict]) -> list[float] | None:
+    """Where each step record falls in epochs (fractional: 2.5 is half-way through the third epoch).
 
-    ``metrics_jsonl`` may also be the run directory. The title is the run's name (its folder).
-    The epoch means sit at the step that ended the epoch, so both series share the x axis.
+    Read from the step counts alone: each epoch record says which step ended that epoch (``epoch`` is the
+    number of epochs done), and steps in between are interpolated. A step record's own ``epoch`` field is
+    not used, so logs that number it from 0 and logs that number it from 1 give the same curve. None when
+    there is no epoch record yet (the first epoch is still running): then the curves are drawn per step.
     """
+    ends = sorted({(int(r["step"]), int(r["epoch"])) for r in epochs
+                   if isinstance(r.get("step"), int) and isinstance(r.get("epoch"), int)})
+    if not ends:
+        return None
+    xs, ys = [0] + [s for s, _ in ends], [0] + [e for _, e in ends]
+    per_epoch = (xs[-1] - xs[-2]) / max(1, ys[-1] - ys[-2]) or 1  # past the last epoch record: its pace
+    out = []
+    for r in steps:
+        step = r["step"]
+        out.append(float(np.interp(step, xs, ys)) if step <= xs[-1] else ys[-1] + (step - xs[-1]) / per_epoch)
+    return out
+
+
+def training_curves_figure(metrics_jsonl: str | Path):
+    """The figure of :func:`plot_training_curves` (not saved): ``fig.axes`` is [loss, validation]."""
     path = Path(metrics_jsonl)
     steps, epochs = read_metrics(path)
     run_name = (path if path.is_dir() else path.parent).resolve().name
     fig = new_figure(8, 6.5, "plot_training_curves")
+    fig.set_layout_engine("constrained")  # titles, labels and tick labels laid out without overlapping
     ax_loss, ax_val = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 2]})
-
-    if steps:
-        ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue",
-                     lw=0.8, alpha=0.45, label="loss per step")
-    means = [r for r in epochs if r.get("loss") is not None]
-    if means:
-        ax_loss.plot([r["step"] for r in means], [r["loss"] for r in means], color="tab:blue", lw=1.8,
-                     marker="o", ms=4, label="epoch mean")
     from matplotlib.ticker import MaxNLocator
 
-    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.set_xlabel("step")
+    x_steps = step_epochs(steps, epochs)
+    per_step = x_steps is None  # no finished epoch yet: the loss per step is all there is
+    if steps:
+        ax_loss.plot([r["step"] for r in steps] if per_step else x_steps, [r["loss"] for r in steps],
+                     color="tab:blue", lw=0.8, alpha=0.45, label="loss per logged step")
+    means = [r for r in epochs if r.get("loss") is not None]
+    if means:
+        ax_loss.plot([r["epoch"] for r in means], [r["loss"] for r in means], color="tab:blue", lw=1.8,
+                     marker="o", ms=4, label="epoch mean")
+    ax_loss.set_xlabel("step (no epoch finished yet)" if per_step else "epoch")
     ax_loss.set_ylabel("training loss")
     ax_loss.grid(alpha=0.3)
     if steps or means:
-        ax_loss.legend(loc="upper right", fontsize=9)
+        ax_loss.legend(loc="best", fontsize=9)  # where it covers the fewest points
 
     vals = [r for r in epochs if isinstance(r.get("val"), dict) and r["val"].get("miou") is not None]
     if vals:
@@ -122,32 +140,49 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path
         if all(a is not None for a in accs):
             ax_val.plot(x, accs, color="tab:gray", marker=".", lw=1, ls="--", label="val pixel acc")
         best = int(np.argmax(y))
-        ax_val.annotate(f"best {y[best]:.4f} (epoch {x[best]})", (x[best], y[best]), xytext=(0, 8),
-                        textcoords="offset points", ha="center", fontsize=9)
-        ax_val.legend(loc="lower right", fontsize=9)
-        ax_val.set_xlim(min(x) - 0.5, max(x) + 0.5)
-        if len(x) <= 30:
-            ax_val.set_xticks(x)
+        ax_val.legend(loc="best", fontsize=9, title=f"best mIoU {y[best]:.4f} (epoch {x[best]})",
+                      title_fontsize=9)
+        ax_val.plot([x[best]], [y[best]], marker="*", ms=12, color="tab:green", ls="none", zorder=3)
     else:
         ax_val.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax_val.transAxes,
                     color="gray")
     ax_val.set_xlabel("epoch")
     ax_val.set_ylabel("validation")
     ax_val.grid(alpha=0.3)
+    # One epoch axis for both panels, from 0 (the start of training) to the last epoch; whole-epoch ticks only,
+    # as many as fit without their labels touching (MaxNLocator).
+    last = max([r["epoch"] for r in epochs if isinstance(r.get("epoch"), int)] + [1])
+    if x_steps:
+        last = max(last, math.ceil(max(x_steps)))
+    for ax in (ax_loss, ax_val):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax is ax_val or not per_step:
+            ax.set_xlim(0, last + max(0.25, 0.03 * last))
     fig.suptitle(f"training: {run_name}")
-    fig.tight_layout()
-    return save_figure(fig, out_png)
+    return fig
+
+
+def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Two panels on one epoch axis: the training loss (per logged step and each epoch's mean) and the
+    validation mIoU and pixel accuracy per epoch, best epoch starred.
+
+    ``metrics_jsonl`` may also be the run directory. The title is the run's name (its folder).
+    Steps are placed by the epoch they fall in (see :func:`step_epochs`); the x ticks are whole epochs.
+    """
+    return save_figure(training_curves_figure(metrics_jsonl), out_png)
 
 
 # --------------------------------------------------------------------------- confusion matrix
-def plot_confusion(confusion, class_names, out_png: str | Path, *, title: str | None = None) -> Path:
-    """Row-normalised (recall) confusion matrix: rows ground truth, columns prediction.
+def row_percent(confusion) -> np.ndarray:
+    """Each row of a confusion matrix as percent of its ground-truth pixels (recall); NaN for empty rows."""
+    matrix = np.asarray(confusion, dtype=np.float64)
+    totals = matrix.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, 100.0 * matrix / np.where(totals > 0, totals, 1), np.nan)
 
-    The figure grows with the number of classes and the fonts shrink, so that
-    19 (Cityscapes) to 65 (Mapillary Vistas) classes stay legible; cell values
-    are written in only for 20 classes or fewer. Classes without ground-truth
-    pixels are drawn grey.
-    """
+
+def confusion_figure(confusion, class_names, *, title: str | None = None):
+    """The figure of :func:`plot_confusion` (not saved); the cells and the colour bar are in percent."""
     matrix = np.asarray(confusion, dtype=np.float64)
     n = len(class_names)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -157,9 +192,7 @@ def plot_confusion(confusion, class_names, out_png: str | Path, *, title: str | 
                         "given; pass the class list the matrix was computed with.")
     if n == 0:
         raise UserError("the confusion matrix is empty")
-    totals = matrix.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(totals > 0, matrix / np.where(totals > 0, totals, 1), np.nan)
+    percent = row_percent(matrix)
 
     cell = 0.36 if n <= 20 else 0.24  # inches per cell
     side = max(4.5, cell * n)
@@ -168,9 +201,10 @@ def plot_confusion(confusion, class_names, out_png: str | Path, *, title: str | 
     fig = new_figure(side + label_room + 1.3, side + label_room + 0.7, "plot_confusion")
     ax = fig.add_subplot()
     import matplotlib
+    from matplotlib.ticker import PercentFormatter
 
     cmap = matplotlib.colormaps["Blues"].with_extremes(bad="0.85")
-    im = ax.imshow(np.ma.masked_invalid(recall), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    im = ax.imshow(np.ma.masked_invalid(percent), cmap=cmap, vmin=0.0, vmax=100.0, interpolation="nearest")
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xticklabels([str(c) for c in class_names], rotation=90, fontsize=font)
@@ -181,19 +215,64 @@ def plot_confusion(confusion, class_names, out_png: str | Path, *, title: str | 
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                v = recall[i, j]
-                if np.isfinite(v) and (v >= 0.005 or i == j):
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=font - 1,
-                            color="white" if v > 0.6 else "black")
-    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    cbar.set_label("recall (row-normalised)", fontsize=font + 1)
+                v = percent[i, j]
+                if np.isfinite(v) and (v >= 0.5 or i == j):
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=font - 1,
+                            color="white" if v > 60 else "black")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, format=PercentFormatter(100, decimals=0))
+    cbar.set_label("% of the row's ground-truth pixels (recall)" + (", as in the cells" if n <= 20 else ""),
+                   fontsize=font + 1)
     cbar.ax.tick_params(labelsize=font)
-    present = np.isfinite(np.diag(recall))
-    mean_recall = float(np.mean(np.diag(recall)[present])) if present.any() else float("nan")
-    ax.set_title(title or f"confusion matrix, row-normalised (mean recall {100 * mean_recall:.1f}%)",
-                 fontsize=font + 3)
+    present = np.isfinite(np.diag(percent))
+    mean_recall = float(np.mean(np.diag(percent)[present])) if present.any() else float("nan")
+    ax.set_title(title or f"confusion matrix, % of each row (mean recall {mean_recall:.1f}%)", fontsize=font + 3)
     fig.tight_layout()
-    return save_figure(fig, out_png)
+    return fig
+
+
+def plot_confusion(confusion, class_names, out_png: str | Path, *, title: str | None = None) -> Path:
+    """Row-normalised (recall) confusion matrix: rows ground truth, columns prediction, in percent.
+
+    The cells are labelled with the percent of their row's ground-truth pixels and the colour bar
+    is in the same percent (0-100%). The figure grows with the number of classes and the fonts
+    shrink, so that 19 (Cityscapes) to 65 (Mapillary Vistas) classes stay legible; cell values
+    are written in only for 20 classes or fewer. Classes without ground-truth pixels are drawn grey.
+    """
+    return save_figure(confusion_figure(confusion, class_names, title=title), out_png)
+
+
+# --------------------------------------------------------------------------- class colour legends
+def legend_handles(class_names, palette) -> list:
+    """One colour patch per class (``palette[i]`` labelled ``class_names[i]``), for ``ax.legend(handles=...)``."""
+    require_matplotlib("a colour legend")
+    from matplotlib.patches import Patch
+
+    palette = np.asarray(palette, dtype=np.float64).reshape(-1, 3)
+    if len(palette) < len(class_names):
+        raise UserError(f"{len(class_names)} classes but {len(palette)} palette colours; pass one colour per class.")
+    return [Patch(facecolor=palette[i] / 255.0, edgecolor="0.3", linewidth=0.5, label=str(name))
+            for i, name in enumerate(class_names)]
+
+
+def legend_columns(n: int, max_rows: int = 12) -> int:
+    return max(1, math.ceil(n / max_rows))
+
+
+def legend_figure(class_names, palette, *, title: str = "classes"):
+    """A figure holding only the colour legend of ``class_names`` in ``palette`` (``(N, 3)`` uint8)."""
+    handles = legend_handles(class_names, palette)
+    ncol = legend_columns(len(handles))
+    rows = math.ceil(len(handles) / ncol)
+    width = max(2.0, ncol * (0.5 + 0.075 * max([len(str(c)) for c in class_names] + [len(title)])))
+    fig = new_figure(width, 0.5 + 0.2 * rows, "a colour legend")
+    fig.legend(handles=handles, loc="center", ncol=ncol, frameon=False, title=title, fontsize=9,
+               title_fontsize=10, handlelength=1.6)
+    return fig
+
+
+def plot_legend(class_names, palette, out_png: str | Path, *, title: str = "classes") -> Path:
+    """Write the colour legend of a palette (e.g. ``legend.png`` beside ``predict``'s overlays)."""
+    return save_figure(legend_figure(class_names, palette, title=title), out_png)
 
 
 # --------------------------------------------------------------------------- speed / accuracy

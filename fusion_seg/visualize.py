@@ -41,7 +41,8 @@ bottom/right to a multiple of 32 (the HRNet baseline pads so) also match
 and are cropped back to the expected size.
 
 :func:`visualize` draws one row per checkpoint: input, prediction overlay,
-ground-truth overlay (with a mask) and the four PCA maps. matplotlib is an
+ground-truth overlay (with a mask) and the four PCA maps, over a colour legend
+naming the classes of the overlays. matplotlib is an
 optional extra (``pip install 'fusion-seg[plots]'``), imported lazily.
 """
 from __future__ import annotations
@@ -273,10 +274,34 @@ def visualize(checkpoints: list[str | Path], image_path: str | Path, out_png: st
 
     Rows are labelled with the checkpoint's decoder name (and its run folder when two
     rows share a decoder). Predictions and ground truth are drawn over the image in the
-    default palette; the feature maps are :func:`pca_rgb` of :func:`decoder_feature_maps`,
-    shown with nearest-neighbour scaling so that their resolution is visible.
+    default palette, named by a colour legend of the classes under the panels; the feature
+    maps are :func:`pca_rgb` of :func:`decoder_feature_maps`, shown with nearest-neighbour
+    scaling so that their resolution is visible.
     """
-    from .plots import new_figure, save_figure
+    from .plots import save_figure
+
+    fig = figure2(checkpoints, image_path, mask_path=mask_path, device=device, weights=weights,
+                  panel_width=panel_width)
+    return save_figure(fig, out_png, dpi=dpi)
+
+
+def _legend_layout(class_lists: list[tuple[str, ...]], width: float) -> tuple[list[int], float]:
+    """Columns of each legend (side by side across ``width`` inches) and the height they need, in inches."""
+    share = width / max(1, len(class_lists))
+    ncols, height = [], 0.0
+    for classes in class_lists:
+        entry = 0.45 + 0.075 * max(len(c) for c in classes)  # inches: patch, gap and the longest name at 9 pt
+        ncol = max(1, min(len(classes), int(share // entry)))
+        ncols.append(ncol)
+        height = max(height, 0.45 + 0.22 * math.ceil(len(classes) / ncol))
+    return ncols, height
+
+
+def figure2(checkpoints: list[str | Path], image_path: str | Path, *, mask_path: str | Path | None = None,
+            device: str = "cpu", weights: str | None = None, panel_width: float = 3.0):
+    """The figure of :func:`visualize` (not saved). Its legends are ``fig.legends``: one for all rows, or
+    one per distinct class list when the checkpoints were trained on different classes."""
+    from .plots import legend_handles, new_figure
 
     checkpoints = [Path(c) for c in checkpoints]
     if not checkpoints:
@@ -299,14 +324,18 @@ def visualize(checkpoints: list[str | Path], image_path: str | Path, out_png: st
             gt = overlay(image, mask, palette, ignore_index=int(ckpt.get("ignore_index", 255)))
         rows.append({"pred": overlay(image, pred, palette), "gt": gt,
                      "maps": {s: (pca_rgb(m), tuple(m.shape)) for s, m in fmaps.items()}})
-        ckpts.append({k: ckpt.get(k) for k in ("decoder", "val")})
+        ckpts.append({k: ckpt.get(k) for k in ("decoder", "val")} | {"classes": tuple(map(str, ckpt["classes"]))})
         del model
 
     columns = (["input", "prediction"] + (["ground truth"] if mask is not None else [])
                + [f"stride {s}" for s in STRIDES])
     h, w = image.shape[:2]
     panel_height = panel_width * h / w
-    fig = new_figure(panel_width * len(columns) + 0.6, (panel_height + 0.35) * len(rows) + 0.2, "visualize")
+    width = panel_width * len(columns) + 0.6
+    class_lists = list(dict.fromkeys(c["classes"] for c in ckpts))
+    ncols, legend_height = _legend_layout(class_lists, width - 0.6)
+    height = (panel_height + 0.35) * len(rows) + 0.2 + legend_height
+    fig = new_figure(width, height, "visualize")
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     labels = _row_labels(checkpoints, ckpts)
     for r, (row, label) in enumerate(zip(rows, labels)):
@@ -335,6 +364,17 @@ def visualize(checkpoints: list[str | Path], image_path: str | Path, out_png: st
             if r == 0:
                 ax.set_title(columns[c], fontsize=10)
         axes[r][0].set_ylabel(label, fontsize=11, fontweight="bold")
-    fig.subplots_adjust(left=0.6 / fig.get_figwidth(), right=0.995, top=1 - 0.3 / fig.get_figheight(),
-                        bottom=0.15 / fig.get_figheight(), wspace=0.03, hspace=0.18)
-    return save_figure(fig, out_png, dpi=dpi)
+    # The colour legend of the prediction and ground-truth overlays, under the panels.
+    for k, (classes, ncol) in enumerate(zip(class_lists, ncols)):
+        users = [str(r + 1) for r, c in enumerate(ckpts) if c["classes"] == classes]
+        shown = "prediction and ground-truth" if mask is not None else "prediction"
+        title = (f"classes ({shown} colours)" if len(class_lists) == 1
+                 else f"classes of row{'s' if len(users) > 1 else ''} {', '.join(users)}")
+        left = 0.6 / width
+        x = left + (1 - left) * (k + 0.5) / len(class_lists)
+        fig.legend(handles=legend_handles(classes, default_palette(len(classes))), loc="lower center",
+                   bbox_to_anchor=(x, 0.05 / height), ncol=ncol, fontsize=9, title=title, title_fontsize=9,
+                   frameon=False, handlelength=1.4, columnspacing=1.2)
+    fig.subplots_adjust(left=0.6 / width, right=0.995, top=1 - 0.3 / height,
+                        bottom=(0.15 + legend_height) / height, wspace=0.03, hspace=0.18)
+    return fig

@@ -31,7 +31,8 @@ def runs(tmp_path_factory):
     out = {}
     for name, cfg in {"reverse-hrnet": tiny_config(epochs=1),
                       "fpn": tiny_config(epochs=1, decoder="fpn", decoder_config={})}.items():
-        train_decoder(str(d / "s.zarr"), d / name, cfg, val_cache=str(d / "s.zarr"), progress=False)
+        train_decoder(str(d / "s.zarr"), d / name, cfg, val_cache=str(d / "s.zarr"), allow_val_on_train=True,
+                      progress=False)
         out[name] = d / name
     sample = build_dataset("synthetic", split="val", num_images=1, size=SYNTH["size"])[0]
     write_rgb_png(d / "img.png", sample.image)
@@ -202,3 +203,120 @@ def test_visualize_rejects_a_mask_of_another_size(runs, tmp_path):
     write_mask_png(tmp_path / "small.png", np.zeros((10, 10), np.uint8))
     with pytest.raises(UserError, match="belongs to the image"):
         vis.visualize([runs["fpn"] / "best.pt"], runs["image"], tmp_path / "x.png", mask_path=tmp_path / "small.png")
+
+
+# ----- what the pictures say (figure objects, not pixels) ------------------------------------------
+
+def _shown_ticks(fig, ax):
+    """The x tick labels drawn: matplotlib also lists those of ticks beyond the axis limits."""
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    return [t for t in ax.get_xticklabels() if t.get_visible() and t.get_text() and lo <= t.get_position()[0] <= hi]
+
+
+def _tick_texts(fig, ax):
+    return [t.get_text() for t in _shown_ticks(fig, ax)]
+
+
+def _overlapping(fig, texts):
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts if t.get_visible() and t.get_text()]
+    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
+def _log(path, records):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _records(epochs, steps_per_epoch, first_step_epoch):
+    """A metrics.jsonl of ``epochs`` epochs; step records number epochs from ``first_step_epoch`` (0 or 1)."""
+    out, step = [], 0
+    for e in range(epochs):
+        for _ in range(steps_per_epoch):
+            step += 1
+            out.append({"type": "step", "epoch": e + first_step_epoch, "step": step, "loss": 2.0 / step, "lr": 0.01})
+        out.append({"type": "epoch", "epoch": e + 1, "step": step, "loss": 2.0 / step,
+                    "val": {"miou": 0.1 * (e + 1) / epochs + 0.5, "pixel_acc": 0.9}})
+    return out
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 40])
+def test_training_curves_have_whole_epoch_ticks_that_do_not_overlap(tmp_path, epochs):
+    fig = plots.training_curves_figure(_log(tmp_path / "metrics.jsonl", _records(epochs, 5, 1)))
+    ax_loss, ax_val = fig.axes[:2]
+    for ax in (ax_loss, ax_val):
+        assert ax.get_xlabel() == "epoch"
+        ticks = _tick_texts(fig, ax)
+        assert ticks and all(t.lstrip("\u2212-").isdigit() for t in ticks), ticks
+        assert [int(t) for t in ticks] == sorted({int(t) for t in ticks}) and int(ticks[-1]) <= epochs
+        assert not _overlapping(fig, _shown_ticks(fig, ax))
+    texts = [ax_loss.xaxis.label, ax_val.title, ax_val.xaxis.label, fig._suptitle, *_shown_ticks(fig, ax_loss)]
+    assert not _overlapping(fig, texts)  # the loss panel's labels stay clear of the validation panel's
+    star = ax_val.get_lines()[-1]  # the best epoch, starred: the legend does not cover it
+    best = ax_val.transData.transform(np.column_stack([star.get_xdata(), star.get_ydata()]))[0]
+    assert not ax_val.get_legend().get_window_extent(fig.canvas.get_renderer()).contains(*best)
+
+
+def test_training_curves_read_step_epochs_numbered_from_0_or_1(tmp_path):
+    """Older logs number step records' epochs from 0, newer ones from 1: the curves are the same."""
+    curves = []
+    for first in (0, 1):
+        fig = plots.training_curves_figure(_log(tmp_path / f"m{first}.jsonl", _records(3, 4, first)))
+        curves.append([tuple(line.get_xdata()) for line in fig.axes[0].get_lines()])
+    assert curves[0] == curves[1]
+    steps_x = curves[0][0]
+    assert steps_x[3] == 1.0 and steps_x[-1] == 3.0 and steps_x[0] == 0.25  # step 4 ends epoch 1 of 4 steps each
+
+
+def test_confusion_colour_bar_and_cells_share_units(tmp_path):
+    matrix = [[80, 20, 0], [0, 0, 0], [10, 30, 60]]
+    fig = plots.confusion_figure(matrix, ["road", "sky", "car"])
+    ax = fig.axes[0]
+    image = ax.get_images()[0]
+    bar = image.colorbar
+    assert (image.norm.vmin, image.norm.vmax) == (0.0, 100.0)  # the colours are percent of the row
+    assert "%" in bar.ax.get_ylabel()
+    fig.canvas.draw()
+    assert [t.get_text() for t in bar.ax.get_yticklabels() if t.get_text()][-1] == "100%"
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert cells[(0, 0)] == "80" and cells[(0, 1)] == "20" and cells[(2, 1)] == "30" and cells[(2, 2)] == "60"
+    assert (1, 1) not in cells  # a class without ground truth: no number, drawn grey
+    assert "%" in ax.get_title()
+
+
+def test_legend_names_every_class_in_its_palette_colour(tmp_path):
+    from matplotlib.colors import to_rgb
+
+    from fusion_seg.io import default_palette
+
+    names = [f"class {i}" for i in range(30)]
+    palette = default_palette(30)
+    fig = plots.legend_figure(names, palette)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == names
+    patches = legend.get_patches()
+    assert all(np.allclose(to_rgb(p.get_facecolor()), palette[i] / 255) for i, p in enumerate(patches))
+    assert _png_size(plots.plot_legend(names, palette, tmp_path / "legend.png"))[1] > 100
+    with pytest.raises(UserError, match="palette colours"):
+        plots.legend_figure(names, palette[:3])
+
+
+def test_figure2_has_a_legend_of_the_overlay_classes(runs, models):
+    from matplotlib.colors import to_rgb
+
+    from fusion_seg.io import default_palette
+
+    _, ckpt = models["fpn"]
+    fig = vis.figure2([runs["reverse-hrnet"] / "best.pt", runs["fpn"] / "best.pt"], runs["image"],
+                      mask_path=runs["mask"])
+    (legend,) = fig.legends  # both rows were trained on the same classes: one legend
+    assert [t.get_text() for t in legend.get_texts()] == list(ckpt["classes"])
+    palette = default_palette(len(ckpt["classes"]))
+    assert all(np.allclose(to_rgb(p.get_facecolor()), palette[i] / 255) for i, p in enumerate(legend.get_patches()))
+    fig.canvas.draw()
+    legend_box = legend.get_window_extent(fig.canvas.get_renderer())
+    lowest = min(ax.get_window_extent().y0 for ax in fig.axes)
+    assert legend_box.y1 <= lowest  # under the panels, not over them
