@@ -4,7 +4,7 @@ cd /work/main
 rm -rf /tmp/dk; mkdir -p /tmp/dk
 for round in 1 2; do
 for name in inprocess w1 w2; do
-  case $name in inprocess) flags="";; w1) flags="--workers 1";; w2) flags="--workers 2";; esac
+  case $name in inprocess) flags="";; w1) flags="--dask-workers 1";; w2) flags="--dask-workers 2";; esac
   start=$(date +%s.%N)
   out=$(.venv/bin/fusion-seg extract --dataset camvid --root ../shared/data/camvid --split train --dataset-opt limit=48 \
       --views 1 --crop 352x480 --encoder resnet50 --random-init --out /tmp/dk/$name-$round.zarr $flags 2>/dev/null | tail -1)

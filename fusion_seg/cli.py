@@ -1,7 +1,12 @@
 """``fusion-seg``: a thin command-line shell over the library functions.
 
 User errors (:class:`fusion_seg.errors.UserError`) are printed as one line, with
-no traceback, and exit with status 2.
+no traceback, and exit with status 2. Every numeric option is range-checked while
+the command line is parsed (click's usage error, also exit 2), before any work.
+
+Importing this module (``--help``, ``info``, ``verify``) does not import torch or timm:
+commands import the library inside their bodies, and the registries' names that the
+options list come from torch-free modules or the copies below (tested against the registries).
 """
 from __future__ import annotations
 
@@ -12,38 +17,120 @@ from pathlib import Path
 
 import click
 
+from .checks import FEATURE_CROP_ALIGN, scale_range_problem, size_problem, strides_problem
 from .errors import UserError
+from .storage import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES  # torch-free
+
+# Copies of the registries' names, which live in modules that import torch (decoders, encoder) or PIL and
+# every dataset module (datasets): --help imports none of them. tests/test_cli.py checks them against the originals.
+DATASET_NAMES = ("synthetic", "camvid", "folder", "cityscapes", "mapillary", "voc", "coco")  # datasets.DATASETS
+DECODER_NAMES = ("reverse-hrnet", "linear", "fpn", "eseg", "frm", "exfuse", "hrnet")  # decoders.DECODERS
+CACHE_DECODER_NAMES = tuple(d for d in DECODER_NAMES if d != "hrnet")  # hrnet trains end to end (--online) only
+DEFAULT_ENCODER = "resnet50.fb_ssl_yfcc100m_ft_in1k"  # encoder.DEFAULT_ENCODER
+DEFAULT_STRIDES = (2, 4, 8, 16, 32)  # encoder.DEFAULT_STRIDES
 
 
 class HxW(click.ParamType):
-    """``512x1024`` -> (512, 1024); a single number means a square."""
+    """``512x1024`` -> (512, 1024); a single number means a square. ``multiple``: each side a multiple of it."""
 
     name = "HxW"
+
+    def __init__(self, multiple: int = 1):
+        self.multiple = multiple
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            parts = value
+        else:
+            try:
+                parts = tuple(int(p) for p in str(value).lower().split("x"))
+            except ValueError:
+                self.fail(f"{value!r} is not a size like 512x1024 (height x width)", param, ctx)
+            if len(parts) == 1:
+                parts *= 2
+        problem = size_problem(parts, self.multiple)
+        if problem:
+            self.fail(f"{value if isinstance(value, str) else 'x'.join(map(str, value))}: {problem}", param, ctx)
+        return tuple(parts)
+
+
+class HxWList(click.ParamType):
+    """``360x480,720x960`` -> ((360, 480), (720, 960))."""
+
+    name = "HxW,HxW,..."
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        try:
-            parts = [int(p) for p in str(value).lower().split("x")]
-            if len(parts) == 1:
-                parts *= 2
-            if len(parts) != 2 or min(parts) <= 0:
-                raise ValueError
-            return tuple(parts)
-        except ValueError:
-            self.fail(f"{value!r} is not a size like 512x1024 (height x width)", param, ctx)
+        sizes = tuple(HxW().convert(s.strip(), param, ctx) for s in str(value).split(",") if s.strip())
+        if not sizes:
+            self.fail(f"{value!r}: give at least one size, e.g. 360x480,720x960", param, ctx)
+        return sizes
 
 
 class IntList(click.ParamType):
+    """``3,4,1`` -> (3, 4, 1); ``minimum``: the least each entry may be."""
+
     name = "N,N,..."
+
+    def __init__(self, minimum: int | None = None):
+        self.minimum = minimum
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
-            return tuple(int(v) for v in value)
-        try:
-            return tuple(int(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+            out = tuple(int(v) for v in value)
+        else:
+            try:
+                out = tuple(int(v) for v in str(value).split(",") if v.strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if self.minimum is not None and (not out or min(out) < self.minimum):
+            self.fail(f"{value!r}: give one or more integers, each >= {self.minimum}", param, ctx)
+        return out
+
+
+class Strides(IntList):
+    """Feature strides, ``4,8,16,32``: powers of 2 from 2 to 32, ascending, each once."""
+
+    name = "S,S,..."
+
+    def convert(self, value, param, ctx):
+        strides = super().convert(value, param, ctx)
+        problem = strides_problem(strides)
+        if problem:
+            self.fail(f"{value if isinstance(value, str) else ','.join(map(str, value))}: {problem}", param, ctx)
+        return strides
+
+
+class NameList(click.ParamType):
+    """``linear,fpn`` -> ("linear", "fpn"), each one of ``choices``."""
+
+    name = "NAME,NAME,..."
+
+    def __init__(self, choices):
+        self.choices = tuple(choices)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        names = tuple(v.strip() for v in str(value).split(",") if v.strip())
+        unknown = [n for n in names if n not in self.choices]
+        if unknown:
+            self.fail(f"{', '.join(map(repr, unknown))} is not one of {', '.join(self.choices)}", param, ctx)
+        if not names:
+            self.fail(f"{value!r}: give one or more of {', '.join(self.choices)}, comma-separated", param, ctx)
+        return names
+
+
+def check_scale_range(ctx, param, value):
+    """``--scale-range LOW HIGH``: 0 < LOW <= HIGH (a click callback, so the error names the option)."""
+    problem = value is not None and scale_range_problem(value)
+    if problem:
+        raise click.BadParameter(f"{' '.join(map(str, value))}: {problem}", ctx=ctx, param=param)
+    return value
+
+
+POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
 def parse_key_values(pairs) -> dict:
@@ -76,7 +163,7 @@ def user_errors(fn):
 
 def dataset_options(fn):
     for opt in reversed([
-        click.option("--dataset", required=True, help="synthetic, camvid or folder."),
+        click.option("--dataset", required=True, type=click.Choice(DATASET_NAMES), help="Dataset name."),
         click.option("--root", type=click.Path(), default=None, help="Dataset root folder."),
         click.option("--split", required=True, help="Split name, e.g. train or val."),
         click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE",
@@ -86,31 +173,49 @@ def dataset_options(fn):
     return fn
 
 
-def view_options(fn):
+def _view_options(fn, crop_option, prefix: str = ""):
     for opt in reversed([
-        click.option("--no-augment", is_flag=True, help="Store the whole (resized) image, no augmentation."),
-        click.option("--crop", type=HxW(), default="512x512", show_default=True, help="Crop of each view."),
+        click.option("--no-augment", is_flag=True, help=prefix + "Take the whole (resized) image, no augmentation."),
+        crop_option,
         click.option("--scale-range", type=float, nargs=2, default=(0.5, 2.0), show_default=True,
-                     help="Random scale range (HRNet: 0.5 2.0)."),
-        click.option("--no-flip", is_flag=True, help="Disable the random horizontal flip."),
-        click.option("--short-side", type=int, default=None, help="Resize so the short side is N, before anything else."),
-        click.option("--size", type=HxW(), default=None, help="Resize to exactly HxW, before anything else."),
+                     callback=check_scale_range, metavar="LOW HIGH",
+                     help=prefix + "Random scale range, 0 < LOW <= HIGH (HRNet: 0.5 2.0)."),
+        click.option("--no-flip", is_flag=True, help=prefix + "Disable the random horizontal flip."),
+        click.option("--short-side", type=click.IntRange(min=1), default=None,
+                     help=prefix + "Resize so the short side is N, before anything else."),
+        click.option("--size", type=HxW(), default=None, help=prefix + "Resize to exactly HxW, before anything else."),
     ]):
         fn = opt(fn)
     return fn
 
 
-def encoder_options(fn):
-    from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES
+def view_options(fn):
+    """extract's: how each view is made from an image."""
+    return _view_options(fn, click.option("--crop", type=HxW(), default="512x512", show_default=True,
+                                          help="Crop of each augmented view."))
 
+
+def train_view_options(fn):
+    """train-decoder's: --crop means two things (from a cache, or --online); the other options are --online's."""
+    crop = click.option(
+        "--crop", type=HxW(), default=None,
+        help=f"From a cache: a random crop in feature space, each side a multiple of {FEATURE_CROP_ALIGN} (default: "
+             "none, whole stored views). With --online: the augmentation crop, as extract's (default: 512x512).")
+    return _view_options(fn, crop, prefix="[--online] ")
+
+
+def encoder_options(fn):
     for opt in reversed([
         click.option("--encoder", default=DEFAULT_ENCODER, show_default=True,
                      help="timm model tag. The default (semi-supervised ResNet-50) is CC-BY-NC 4.0."),
         click.option("--weights", type=click.Path(), default=None, help="Encoder weights (.pth/.safetensors), offline."),
         click.option("--random-init", is_flag=True, help="Explicitly random encoder weights (seeded by --seed)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--strides", type=IntList(), default=",".join(map(str, DEFAULT_STRIDES)), show_default=True,
-                     help="Feature strides to extract."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of every random draw: the --random-init weights and each view's augmentation "
+                          "(train-decoder: also the decoder's initialisation, the batch order and the "
+                          "feature-space crops)."),
+        click.option("--strides", type=Strides(), default=",".join(map(str, DEFAULT_STRIDES)), show_default=True,
+                     help="Feature strides to extract: powers of 2 from 2 to 32, ascending."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
     ]):
         fn = opt(fn)
@@ -131,17 +236,20 @@ def main():
 
 @main.command()
 @dataset_options
-@click.option("--views", type=int, default=1, show_default=True, help="Augmented views per image.")
+@click.option("--views", type=click.IntRange(min=1), default=1, show_default=True, help="Augmented views per image.")
 @view_options
 @encoder_options
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "uint8"]), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULT_DTYPE, show_default=True,
               help="Storage dtype; uint8 is lossy (per-channel scale), see BENCHMARKS.md for its accuracy cost.")
-@click.option("--codec", type=click.Choice(["zstd", "blosc-zstd", "blosc-lz4", "lz4", "none"]), default="zstd",
+@click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC,
               show_default=True, help="Chunk compression (each chunk also carries a crc32c checksum).")
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--loader-workers", type=int, default=2, show_default=True,
-              help="DataLoader processes decoding views (in-process extraction).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Views per encoder forward.")
+@click.option("--loader-workers", "--workers", "loader_workers", type=click.IntRange(min=0), default=2,
+              show_default=True,
+              help="DataLoader processes decoding views (in-process extraction); --workers is the same option, "
+                   "DataLoader processes as in every command.")
+@click.option("--dask-workers", type=click.IntRange(min=1), default=None,
               help="Extract on a new local dask cluster of N worker processes (pip install 'fusion-seg[distributed]').")
 @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
               help="Extract on a running dask.distributed cluster (see README, Scaling out).")
@@ -150,7 +258,7 @@ def main():
 @click.option("--out", required=True, type=click.Path(), help="Feature store (a .zarr folder).")
 @user_errors
 def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_range, no_flip, short_side, size, encoder, weights,
-            random_init, seed, strides, device, dtype, codec, batch_size, loader_workers, workers, scheduler, repair,
+            random_init, seed, strides, device, dtype, codec, batch_size, loader_workers, dask_workers, scheduler, repair,
             skip_bad, out):
     """Run the frozen encoder once per view and store multi-scale features (resumable)."""
     from .extract import extract as run
@@ -158,7 +266,7 @@ def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_ra
     r = run(dataset=dataset, root=root, split=split, out=out, views=views, augment=not no_augment, crop=crop,
             scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size, encoder=encoder,
             weights=weights, random_init=random_init, seed=seed, strides=strides, dtype=dtype, codec=codec,
-            batch_size=batch_size, loader_workers=loader_workers, workers=workers, scheduler=scheduler,
+            batch_size=batch_size, loader_workers=loader_workers, workers=dask_workers, scheduler=scheduler,
             device=device, dataset_options=parse_key_values(dataset_opt), repair=repair, skip_bad=skip_bad)
     click.echo(f"{r.store}: {r.views_written} views written ({r.views_total} in store), "
                f"{r.views_per_second:.2f} views/s")
@@ -224,76 +332,94 @@ def info(store, as_json):
 @main.command("train-decoder")
 @click.option("--cache", type=click.Path(), default=None, help="Training feature store.")
 @click.option("--val-cache", type=click.Path(), default=None, help="Validation feature store (whole images).")
+@click.option("--allow-val-on-train", is_flag=True,
+              help="Accept a --val-cache that holds the training data (the --cache store, or the same split with "
+                   "the same augmentation), with a warning; refused otherwise.")
 @click.option("--online", is_flag=True, help="Run the frozen encoder every step instead of reading a cache.")
-@click.option("--dataset", default=None, help="[--online] dataset name.")
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), default=None, help="[--online] dataset name.")
 @click.option("--root", type=click.Path(), default=None, help="[--online] dataset root.")
 @click.option("--split", default="train", show_default=True, help="[--online] split.")
 @click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE", help="[--online] dataset option.")
-@view_options
+@train_view_options
 @encoder_options
-@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DataLoader worker processes.")
 @cache_mode_option
-@click.option("--decoder", default="reverse-hrnet", show_default=True,
-              help="reverse-hrnet, linear, fpn, eseg, frm or exfuse.")
+@click.option("--decoder", type=click.Choice(DECODER_NAMES), default="reverse-hrnet", show_default=True,
+              help="Decoder to train (hrnet: the end-to-end HRNet baseline, with --online only).")
 @click.option("--streams", type=click.IntRange(4, 5), default=None, help="[reverse-hrnet] 4 (default) or 5 streams.")
 @click.option("--preset", default=None, help="Decoder size preset (reverse-hrnet: small (default), w18, w48).")
-@click.option("--modules", type=IntList(), default=None, help="[reverse-hrnet] HR modules per stage, e.g. 3,4,1.")
-@click.option("--blocks", type=int, default=None, help="[reverse-hrnet] BasicBlocks per branch.")
+@click.option("--modules", type=IntList(minimum=1), default=None,
+              help="[reverse-hrnet] HR modules per stage, e.g. 3,4,1.")
+@click.option("--blocks", type=click.IntRange(min=1), default=None, help="[reverse-hrnet] BasicBlocks per branch.")
 @click.option("--decoder-opt", "decoder_opt", multiple=True, metavar="KEY=VALUE",
               help="Any other decoder option, e.g. width=128 (repeatable).")
-@click.option("--views", type=int, default=None,
+@click.option("--views", type=click.IntRange(min=1), default=None,
               help="Use only each image's first N cached views (default: all); e.g. to see how many a task needs.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="The global batch.")
+@click.option("--lr", type=POSITIVE, default=0.01, show_default=True, help="Initial learning rate (poly decay).")
 @click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True)
-@click.option("--ohem-thresh", type=float, default=0.9, show_default=True)
-@click.option("--ohem-min-kept", type=int, default=131072, show_default=True)
-@click.option("--val-every", type=int, default=1, show_default=True, help="Validate every N epochs.")
-@click.option("--log-every", type=int, default=10, show_default=True, help="Log the loss every N steps.")
+@click.option("--ohem-thresh", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="[ohem] Pixels whose true class has a lower predicted probability are kept as hard.")
+@click.option("--ohem-min-kept", type=click.IntRange(min=1), default=131072, show_default=True,
+              help="[ohem] Keep at least this many hardest pixels per batch.")
+@click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Validate every N epochs.")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Log the loss every N steps.")
 @click.option("--init", "init", type=click.Path(), default=None,
               help="Start from a decoder checkpoint trained on another dataset (classifier re-initialised "
                    "when the class sets differ).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last.pt (with the same settings; an explicit --lr may change).")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write the scalars to OUT/tensorboard (pip install 'fusion-seg[tensorboard]').")
 @click.option("--sync-bn", is_flag=True,
               help="[torchrun, CUDA] BatchNorm statistics over the global batch (SyncBatchNorm), not each process's.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory, e.g. runs/NAME.")
 @click.pass_context
 @user_errors
-def train_decoder(ctx, cache, val_cache, online, dataset, root, split, dataset_opt, no_augment, crop, scale_range, no_flip,
+def train_decoder(ctx, cache, val_cache, allow_val_on_train, online, dataset, root, split, dataset_opt, no_augment, crop, scale_range, no_flip,
                   short_side, size, encoder, weights, random_init, seed, strides, device, workers, cache_mode, decoder, streams,
                   preset, modules, blocks, decoder_opt, views, epochs, batch_size, lr, loss, ohem_thresh, ohem_min_kept,
-                  val_every, log_every, init, resume, sync_bn, out):
+                  val_every, log_every, init, resume, tensorboard, sync_bn, out):
     """Train only the decoder, from a feature cache (or --online from images).
 
     Under torchrun (`torchrun --nproc_per_node N -m fusion_seg train-decoder ...`) the cache path
     trains with DistributedDataParallel; --batch-size stays the global batch.
     """
     from .ddp import is_main_process
+    from .progress import require_tensorboard
     from .stages import train_config
-    from .train import train_decoder as from_cache, train_online
+    from .train import resumed_lr, train_decoder as from_cache, train_online
 
-    # --online: --crop is the augmentation crop, as in extract. From a cache: a random crop in feature
-    # space when given (a multiple of 32), else whole stored views.
-    crop_given = ctx.get_parameter_source("crop").name != "DEFAULT"
-    feature_crop = crop if crop_given and not online else None
+    # --online: --crop is the augmentation crop, as in extract (train_online's default when not given). From a
+    # cache: a random crop in feature space when given (a multiple of 32, checked by TrainConfig), else whole views.
+    feature_crop = crop if crop and not online else None
+    if resume and ctx.get_parameter_source("lr").name == "DEFAULT":
+        lr = resumed_lr(out, lr)  # --resume keeps the run's lr; only an explicit --lr changes it
     cfg = train_config(dict(decoder=decoder, streams=streams, preset=preset, modules=modules, blocks=blocks,
                             decoder_options=parse_key_values(decoder_opt), views=views,
                             epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, ohem_thresh=ohem_thresh,
                             ohem_min_kept=ohem_min_kept, crop=list(feature_crop) if feature_crop else None,
                             seed=seed, workers=workers, val_every=val_every, log_every=log_every, device=device,
-                            init=init, sync_bn=sync_bn, cache_mode=cache_mode))
+                            init=init, sync_bn=sync_bn, cache_mode=cache_mode, tensorboard=tensorboard))
+    if tensorboard:
+        require_tensorboard()  # refuse before any cache is loaded
     if online:
         if not dataset:
             raise UserError("--online needs --dataset (and --root, --split) to read images from.")
-        r = train_online(out, cfg, dataset=dataset, split=split, root=root, augment=not no_augment, crop=crop,
-                         scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size,
+        r = train_online(out, cfg, dataset=dataset, split=split, root=root, augment=not no_augment,
+                         **({"crop": crop} if crop else {}), scale_range=scale_range, flip=not no_flip,
+                         short_side=short_side, size=size,
                          encoder=encoder, weights=weights, random_init=random_init, seed=seed, strides=strides,
-                         val_cache=val_cache, resume=resume, dataset_options=parse_key_values(dataset_opt))
+                         val_cache=val_cache, resume=resume, dataset_options=parse_key_values(dataset_opt),
+                         allow_val_on_train=allow_val_on_train)
     else:
         if not cache:
             raise UserError("pass --cache STORE (made by `fusion-seg extract`), or --online with dataset options.")
-        r = from_cache(cache, out, cfg, val_cache=val_cache, resume=resume)
+        r = from_cache(cache, out, cfg, val_cache=val_cache, resume=resume, allow_val_on_train=allow_val_on_train)
     best = f"{r.best_miou:.4f}" if r.best_miou is not None else "n/a"
     if is_main_process():  # under torchrun, print once
         click.echo(f"{r.run_dir}: {r.steps} steps in {r.seconds:.1f}s, best val mIoU {best}")
@@ -342,18 +468,23 @@ def predict(checkpoint, inputs, out, sliding_window, weights, device):
 @main.command()
 @click.option("--cache", required=True, type=click.Path(), help="Training feature store.")
 @click.option("--val-cache", type=click.Path(), default=None, help="Validation feature store.")
-@click.option("--decoders", default="reverse-hrnet,linear,fpn,eseg,frm,exfuse", show_default=True,
-              help="Comma-separated decoder names, each trained with its defaults.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--decoders", type=NameList(CACHE_DECODER_NAMES), default=",".join(CACHE_DECODER_NAMES),
+              show_default=True, help="Comma-separated decoder names, each trained with its defaults (not hrnet, "
+                                      "which trains end to end: train-decoder --online).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=POSITIVE, default=0.01, show_default=True)
 @click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True)
-@click.option("--crop", type=HxW(), default=None, help="Random feature-space crop (multiple of 32).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--crop", type=HxW(multiple=FEATURE_CROP_ALIGN), default=None,
+              help=f"Random feature-space crop, each side a multiple of {FEATURE_CROP_ALIGN} (default: whole views).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the decoders' initialisation, the batch order and the crops.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DataLoader worker processes.")
 @cache_mode_option
 @click.option("--device", default="auto", show_default=True)
-@click.option("--repeats", type=int, default=5, show_default=True, help="Timing repetitions (median).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timing repetitions (median).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder, e.g. runs/compare.")
 @user_errors
 def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed, workers, cache_mode, device, repeats,
@@ -364,7 +495,7 @@ def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, crop=list(crop) if crop else None,
                       seed=seed, workers=workers, device=device, cache_mode=cache_mode)
-    run(cache, out, cfg, val_cache=val_cache, decoders=tuple(d.strip() for d in decoders.split(",") if d.strip()),
+    run(cache, out, cfg, val_cache=val_cache, decoders=decoders,
         repeats=repeats)
     click.echo((Path(out) / "compare.md").read_text())
     click.echo(f"written to {out}/compare.json, compare.md" + (", compare.png" if (Path(out) / "compare.png").exists()
@@ -391,7 +522,8 @@ def visualize(checkpoints, image, mask, out, weights, device):
 
 @main.command()
 @click.argument("store", type=click.Path(), required=False)
-@click.option("--dataset", default=None, help="Plan for a dataset not extracted yet (with --size; see --root, --split).")
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), default=None,
+              help="Plan for a dataset not extracted yet (with --size; see --root, --split).")
 @click.option("--root", type=click.Path(), default=None, help="[--dataset] root folder.")
 @click.option("--split", default="train", show_default=True, help="[--dataset] split.")
 @click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE", help="[--dataset] option.")
@@ -401,7 +533,7 @@ def visualize(checkpoints, image, mask, out, weights, device):
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
               help="E passes over the images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--decoder", default="reverse-hrnet", show_default=True)
+@click.option("--decoder", type=click.Choice(CACHE_DECODER_NAMES), default="reverse-hrnet", show_default=True)
 @click.option("--decoder-opt", "decoder_opt", multiple=True, metavar="KEY=VALUE", help="Decoder option (repeatable).")
 @click.option("--encoder", default="resnet50", show_default=True, help="timm tag (timings only: random-init weights).")
 @click.option("--device", default="auto", show_default=True, help="The device you will train on.")
@@ -435,7 +567,7 @@ def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_si
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE", help="Override a [vars] entry.")
 @click.option("--dry-run", is_flag=True, help="Print the stages and resolved settings, run nothing.")
-@click.option("--epoch-scale", type=float, default=1.0, show_default=True,
+@click.option("--epoch-scale", type=POSITIVE, default=1.0, show_default=True,
               help="Multiply every train stage's epochs (e.g. 0.1 for a tenth of the paper's schedule).")
 @user_errors
 def run(recipe, overrides, dry_run, epoch_scale):
@@ -459,15 +591,18 @@ def run(recipe, overrides, dry_run, epoch_scale):
               help="CamVid root for real images and features (synthetic images when it does not exist).")
 @click.option("--encoder", default="resnet50", show_default=True)
 @click.option("--weights", type=click.Path(), default=None, help="Encoder weights; default a seeded random init.")
-@click.option("--decoder", default="reverse-hrnet", show_default=True)
-@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--decoder", type=click.Choice(CACHE_DECODER_NAMES), default="reverse-hrnet", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--size", type=HxW(), default="360x480", show_default=True, help="Input size of the main comparisons.")
-@click.option("--scaling-sizes", default="360x480,720x960,1024x2048", show_default=True)
-@click.option("--forward-sizes", default="360x480,512x1024", show_default=True,
+@click.option("--scaling-sizes", type=HxWList(), default="360x480,720x960,1024x2048", show_default=True,
+              help="Sizes (HxW, comma-separated) of the scaling section.")
+@click.option("--forward-sizes", type=HxWList(), default="360x480,512x1024", show_default=True,
               help="Sizes (HxW, comma-separated) of the extraction section's bare encoder forward table.")
-@click.option("--views", type=int, default=32, show_default=True, help="Views per extraction run.")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Timed repetitions (the median is quoted).")
-@click.option("--loader-workers", type=int, default=2, show_default=True, help="Training DataLoader workers.")
+@click.option("--views", type=click.IntRange(min=1), default=32, show_default=True, help="Views per extraction run.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed repetitions (the median is quoted).")
+@click.option("--loader-workers", "--workers", "loader_workers", type=click.IntRange(min=0), default=2,
+              show_default=True, help="Training DataLoader worker processes.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the results as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="Write the tables as Markdown.")
 @click.option("--update", "update_path", type=click.Path(), default=None,
@@ -484,8 +619,7 @@ def bench(device, sections, camvid, encoder, weights, decoder, batch_size, size,
     cfg = BenchConfig(device=device, camvid=camvid, encoder=encoder, weights=weights, decoder=decoder,
                       batch_size=batch_size, size=tuple(size), views=views, repeats=repeats,
                       loader_workers=loader_workers, workdir=workdir,
-                      scaling_sizes=tuple(HxW().convert(s, None, None) for s in scaling_sizes.split(",") if s),
-                      forward_sizes=tuple(HxW().convert(s, None, None) for s in forward_sizes.split(",") if s))
+                      scaling_sizes=scaling_sizes, forward_sizes=forward_sizes)
     results = run_bench(cfg, tuple(x.strip() for x in sections.split(",") if x.strip()), echo=click.echo)
     markdown = render_markdown(results)
     click.echo(markdown)

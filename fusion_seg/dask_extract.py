@@ -39,7 +39,7 @@ from .views import ViewSource
 try:
     from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
     from distributed.scheduler import KilledWorker
-except ImportError:  # the optional extra; the CLI only imports this module for --scheduler/--workers
+except ImportError:  # the optional extra; the CLI only imports this module for --scheduler/--dask-workers
     Client = None
     WorkerPlugin = object
 
@@ -122,13 +122,13 @@ def _run_views(plugin_name: str, views: list[int]) -> list:
 def cluster_client(scheduler: str | None, workers: int | None):
     """A client of the cluster at ``scheduler``, or of a new local one with ``workers`` processes."""
     if Client is None:
-        raise UserError("--scheduler/--workers need dask.distributed: pip install 'fusion-seg[distributed]'.")
+        raise UserError("--scheduler/--dask-workers need dask.distributed: pip install 'fusion-seg[distributed]'.")
     if scheduler is not None:
         try:
             client = Client(scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))
         except (OSError, TimeoutError) as exc:
             raise UserError(f"cannot reach the dask scheduler at {scheduler}: {exc}. Start one with `dask scheduler` "
-                            "and workers with `dask worker ADDRESS` (see README), or use --workers N.") from None
+                            "and workers with `dask worker ADDRESS` (see README), or use --dask-workers N.") from None
         with client:
             try:
                 client.wait_for_workers(1, timeout=60)

@@ -16,7 +16,6 @@ each is followed by a crc32c checksum, so a flipped bit is an error, never a wro
 from __future__ import annotations
 
 import numpy as np
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .errors import CacheError, UserError
 
@@ -64,6 +63,8 @@ def codec_label(codec: dict) -> str:
 
 def compressors(codec: dict) -> list:
     """Zarr compressors for a codec dict, followed by the crc32c checksum."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec  # here: `fusion-seg --help` lists the codecs only
+
     name = codec.get("name")
     if name == "none":
         return [Crc32cCodec()]

@@ -102,3 +102,73 @@ def test_python_dash_m_is_the_same_program():
     out = subprocess.run([sys.executable, "-m", "fusion_seg", "--help"], capture_output=True, text=True, check=True)
     for command in ("extract", "info", "train-decoder", "evaluate", "predict", "run"):
         assert command in out.stdout
+
+
+# --- issue 12: help that is true, and a fast start --------------------------------------------------------------------
+
+def test_the_clis_names_are_the_registries():
+    """cli.py lists names without importing the registries' modules (torch, PIL); they must stay the same."""
+    from fusion_seg import cli
+    from fusion_seg.cached_views import ALIGN
+    from fusion_seg.checks import FEATURE_CROP_ALIGN
+    from fusion_seg.compare import DEFAULT_DECODERS
+    from fusion_seg.datasets import DATASETS
+    from fusion_seg.decoders import DECODERS
+    from fusion_seg.encoder import DEFAULT_ENCODER, DEFAULT_STRIDES
+    from fusion_seg.resident import CACHE_MODES
+
+    assert cli.DATASET_NAMES == tuple(DATASETS)
+    assert cli.DECODER_NAMES == tuple(DECODERS)
+    assert set(cli.CACHE_DECODER_NAMES) == {n for n, c in DECODERS.items() if not getattr(c, "end_to_end", False)}
+    assert cli.CACHE_DECODER_NAMES == DEFAULT_DECODERS
+    assert (cli.DEFAULT_ENCODER, cli.DEFAULT_STRIDES) == (DEFAULT_ENCODER, DEFAULT_STRIDES)
+    assert FEATURE_CROP_ALIGN == ALIGN
+    assert tuple(cli.cache_mode_option(lambda: None).__click_params__[0].type.choices) == CACHE_MODES
+
+
+def test_help_lists_every_dataset_and_decoder_and_no_false_default():
+    from fusion_seg.datasets import DATASETS
+    from fusion_seg.decoders import DECODERS
+
+    for command in ("extract", "evaluate", "train-decoder", "plan"):
+        out = invoke(command, "--help")
+        assert all(name in out for name in DATASETS), (command, out)
+    out = invoke("train-decoder", "--help")
+    assert all(name in out for name in DECODERS)
+    crop = out[out.index("--crop"):out.index("--scale-range")]
+    assert "feature space" in crop and "--online" in crop and "[default" not in crop
+    assert "Seed of every random draw" in out
+    seeds = [p for p in main.commands["compare"].params if p.name == "seed"]
+    assert seeds[0].help
+
+
+def test_workers_means_dataloader_processes_in_every_command():
+    for name, command in main.commands.items():
+        for param in command.params:
+            if "--workers" in param.opts:
+                assert param.name in ("workers", "loader_workers"), (name, param.name)
+                assert "DataLoader" in param.help, (name, param.help)
+    dask = [p for p in main.commands["extract"].params if "--dask-workers" in p.opts]
+    assert dask and dask[0].name == "dask_workers"
+
+
+DRIVER = """
+import sys
+from fusion_seg.cli import main
+try:
+    main(sys.argv[1:], prog_name="fusion-seg", standalone_mode=False)
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+heavy = sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy))
+"""
+
+
+def test_help_info_and_verify_do_not_import_torch(tmp_path):
+    store = tmp_path / "s.zarr"
+    invoke("extract", *DATA, "--split", "train", "--views", "1", "--crop", "64x64", *EXTRACT_ENC, "--out", store)
+    for args in (["--help"], ["train-decoder", "--help"], ["extract", "--help"], ["info", store],
+                 ["info", "--json", store], ["verify", store]):
+        out = subprocess.run([sys.executable, "-c", DRIVER, *map(str, args)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == "HEAVY:", (args, out.stdout[-300:])

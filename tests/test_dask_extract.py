@@ -1,7 +1,7 @@
 """Issue 6: extraction on dask.distributed writes the same store, bit for bit, as in-process extraction.
 
 One local cluster of two worker processes serves most tests (through ``scheduler=``); the
-CLI test starts its own with ``--workers 2``. Worker-side faults are injected with worker
+CLI test starts its own with ``--dask-workers 2``. Worker-side faults are injected with worker
 plugins, which run inside the worker processes.
 
 Bit-identity holds between processes that run the encoder with the same number of torch
@@ -71,7 +71,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two worker processes, started as `--workers 2` starts them (one thread each on two cores)."""
+    """Two worker processes, started as `--dask-workers 2` starts them (one thread each on two cores)."""
     with local_cluster(2) as local, distributed.Client(local) as client:
         yield client
 
@@ -227,9 +227,9 @@ def test_skip_bad_and_repair_on_the_cluster_match_in_process(cluster, tmp_path):
     assert_bit_identical(tmp_path / "h.zarr", tmp_path / "c.zarr")
 
 
-def test_cli_workers_2_starts_a_local_cluster_bit_identical(reference, tmp_path):
+def test_cli_dask_workers_2_starts_a_local_cluster_bit_identical(reference, tmp_path):
     out = tmp_path / "cli.zarr"
-    result = CliRunner().invoke(main, ["extract", *CLI_SYNTH, "--workers", "2", "--out", str(out)])
+    result = CliRunner().invoke(main, ["extract", *CLI_SYNTH, "--dask-workers", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "8 views written" in result.output
     assert_bit_identical(reference, out)
@@ -237,11 +237,11 @@ def test_cli_workers_2_starts_a_local_cluster_bit_identical(reference, tmp_path)
 
 def test_cli_refuses_bad_cluster_options(tmp_path):
     out = str(tmp_path / "x.zarr")
-    result = CliRunner().invoke(main, ["extract", *CLI_SYNTH, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1",
+    result = CliRunner().invoke(main, ["extract", *CLI_SYNTH, "--dask-workers", "2", "--scheduler", "tcp://127.0.0.1:1",
                                        "--out", out])
     assert result.exit_code == 2 and "mutually exclusive" in result.output
-    result = CliRunner().invoke(main, ["extract", *CLI_SYNTH, "--workers", "0", "--out", out])
-    assert result.exit_code == 2 and "--workers" in result.output
+    result = CliRunner().invoke(main, ["extract", *CLI_SYNTH, "--dask-workers", "0", "--out", out])
+    assert result.exit_code == 2 and "--dask-workers" in result.output
     with pytest.raises(UserError, match="--loader-workers"):
         extract_synthetic(tmp_path / "y.zarr", workers=0)
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):

@@ -1,0 +1,107 @@
+"""Range checks of numeric settings, shared by the command line and the library entry points.
+
+The CLI checks its options at parse time (cli.py's option types), and ``extract()`` and
+``TrainConfig`` check the same values for callers that do not go through it (recipes,
+scripts), so a bad value is refused before a store or run directory is made.
+
+Each ``*_problem`` function returns what is wrong with a value and how to fix it (``None``
+when it is fine); :func:`require` raises that as a :class:`UserError` naming the option.
+Torch-free: ``fusion-seg --help`` imports it.
+"""
+from __future__ import annotations
+
+import numbers
+
+from .errors import UserError
+
+FEATURE_CROP_ALIGN = 32  # a feature-space crop is cut at the coarsest stride (cached_views.ALIGN)
+STRIDES = (2, 4, 8, 16, 32)  # the strides a feature map may have
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def int_problem(value, minimum: int) -> str | None:
+    if not _is_int(value) or value < minimum:
+        return f"must be an integer >= {minimum}"
+    return None
+
+
+def non_negative_problem(value) -> str | None:
+    if not _is_number(value) or not value >= 0:
+        return "must be a number >= 0"
+    return None
+
+
+def fraction_problem(value) -> str | None:
+    """A fraction in (0, 1]."""
+    if not _is_number(value) or not 0 < value <= 1:
+        return "must be a number in (0, 1]"
+    return None
+
+
+def size_problem(hw, multiple: int = 1) -> str | None:
+    """(H, W): two positive integers, each a multiple of ``multiple``."""
+    try:
+        parts = tuple(hw)
+    except TypeError:
+        parts = ()
+    if len(parts) != 2 or not all(_is_int(p) and p > 0 for p in parts):
+        return "must be a size HxW of two positive integers, e.g. 512x1024 (height x width)"
+    if multiple > 1 and any(p % multiple for p in parts):
+        up = "x".join(str(-(-p // multiple) * multiple) for p in parts)
+        return (f"a feature-space crop must be a multiple of {multiple} (the coarsest feature stride) in both "
+                f"dimensions, e.g. {up}")
+    return None
+
+
+def scale_range_problem(scale_range) -> str | None:
+    """(low, high) with 0 < low <= high."""
+    try:
+        parts = tuple(scale_range)
+    except TypeError:
+        parts = ()
+    if len(parts) != 2 or not all(_is_number(p) for p in parts):
+        return "must be two numbers LOW HIGH, e.g. 0.5 2.0"
+    low, high = parts
+    if not 0 < low <= high:
+        fix = f"{high} {low}" if 0 < high < low else "0.5 2.0"
+        return f"must be LOW HIGH with 0 < LOW <= HIGH, e.g. {fix}"
+    return None
+
+
+def strides_problem(strides) -> str | None:
+    """Feature strides: one or more of 2, 4, 8, 16, 32, ascending, each once."""
+    allowed = ",".join(map(str, STRIDES))
+    try:
+        parts = tuple(strides) if not isinstance(strides, str) else None
+    except TypeError:
+        parts = None
+    if parts is None:
+        return f"must be a list of integers, e.g. {allowed}"
+    if not parts:
+        return f"must name at least one stride, e.g. {allowed}"
+    bad = [p for p in parts if not _is_int(p) or p not in STRIDES]
+    if bad:
+        return f"{', '.join(map(str, bad))}: each stride must be a power of 2 from 2 to 32 ({allowed})"
+    if list(parts) != sorted(set(parts)):
+        return f"strides must be ascending and unique, e.g. {','.join(map(str, sorted(set(parts))))}"
+    return None
+
+
+def show(value, sep: str = ",") -> str:
+    """A value as it is typed on the command line: 4,8,16 (``sep=","``), 48x64 (``"x"``), 0.5 2.0 (``" "``)."""
+    if isinstance(value, (tuple, list)):
+        return sep.join(map(str, value))
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def require(option: str, value, problem: str | None, sep: str = ",") -> None:
+    """Raise ``problem`` (from a ``*_problem`` function) as a UserError naming ``option``."""
+    if problem:
+        raise UserError(f"{option} {show(value, sep)}: {problem}.")
