@@ -8,6 +8,7 @@ one. It is read with ``torch.load(weights_only=True)``: no code in a checkpoint 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,16 +19,28 @@ FORMAT = "fusion-seg/decoder-checkpoint"
 VERSION = 1
 
 
+def _open_temp(tmp: Path):
+    """The file a checkpoint's bytes go to before the rename; tests replace it to inject a full disk."""
+    return open(tmp, "wb")
+
+
 def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically. A failed write (a full disk) leaves the previous file
+    as it was, removes the temporary one, and raises a :class:`CheckpointError` that says why."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with _open_temp(tmp) as f:
             torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    # torch.save reports a failed write (ENOSPC, EIO) as a RuntimeError ("unexpected pos ..."), or as
+    # the OSError itself; close/fsync/replace raise OSError.
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(_write_failed(path, exc)) from exc
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -35,6 +48,24 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _write_failed(path: Path, exc: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    kept = (f"the previous {path.name} is unchanged" if path.exists()
+            else f"no earlier {path.name} was there")
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+    elif "unexpected pos" in str(exc):  # torch's writer lost bytes the file refused
+        reason = "the write stopped part-way, as when the disk is full"
+    else:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return (f"cannot write checkpoint {path} ({reason}; {free}); {kept}. Free space on that "
+            "disk (or write to another one), then run the same command again (train-decoder: with --resume, "
+            "to continue from last.pt).")
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -72,18 +72,29 @@ class EncoderIdentity:
     def differences(self, other: "EncoderIdentity") -> list[str]:
         """Human-readable list of what differs (empty when the features are interchangeable).
 
-        The weights' *source* (a path, a tag) is not compared, only their content hash.
+        The weights' *source* (a path, a tag) is not compared, only their content hash; it is shown
+        when the hashes differ, so the message says which weights met (``weights random-init:1 vs
+        random-init:0``), with the start of each hash. Each item reads "``self``'s vs ``other``'s".
         """
         diffs = []
-        for key in ("tag", "weights_sha256", "mean", "std"):
+        if self.tag != other.tag:
+            diffs.append(f"architecture {self.tag} vs {other.tag}")
+        if self.weights_sha256 != other.weights_sha256:
+            sources = (f"{self.weights} vs {other.weights}" if self.weights != other.weights
+                       else f"both {self.weights}, with other contents")
+            diffs.append(f"weights {sources} (weights_sha256 {self.weights_sha256[:12]}... vs "
+                         f"{other.weights_sha256[:12]}...)")
+        for key in ("mean", "std"):
             a, b = getattr(self, key), getattr(other, key)
-            if a != b:
-                diffs.append(f"{key}: {a!r} != {b!r}")
+            if tuple(a) != tuple(b):
+                diffs.append(f"{key} {list(a)} vs {list(b)}")  # the input normalisation
         mine = {f["name"]: f for f in self.features}
         theirs = {f["name"]: f for f in other.features}
         for name in sorted(set(mine) & set(theirs)):
             if mine[name] != theirs[name]:
-                diffs.append(f"feature {name}: {mine[name]} != {theirs[name]}")
+                keys = sorted(set(mine[name]) | set(theirs[name]))
+                diffs += [f"feature {name} {k} {mine[name].get(k)} vs {theirs[name].get(k)}" for k in keys
+                          if mine[name].get(k) != theirs[name].get(k)]
         return diffs
 
 

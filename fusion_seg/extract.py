@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .cache import CacheSpec, FeatureStore, writer_lock
 from .datasets import build_dataset
@@ -24,6 +23,7 @@ from .datasets.base import SegDataset
 from .device import autocast, memory_format, resolve_device, to_device
 from .encoder import DEFAULT_ENCODER, DEFAULT_STRIDES, FrozenEncoder, build_encoder
 from .errors import CacheError, DataError, Failed, UserError
+from .progress import Progress
 from .storage import DEFAULT_CODEC, DEFAULT_DTYPE, check_dtype, codec_spec
 from .transforms import resized_shape
 from .views import Augment, Resize, ViewSource, collate_list, stack_groups
@@ -126,6 +126,46 @@ def handle_failed(store: FeatureStore, failed: list[Failed], skip_bad: bool, ski
         skipped.append({"view": bad.index, **bad.info, "error": str(bad.error)})
 
 
+def check_extract_arguments(**arguments) -> None:
+    """Refuse out-of-range or conflicting :func:`extract` arguments (UserError naming the option), before any work.
+
+    Takes ``extract``'s keyword arguments (those left out take its defaults); recipes check a stage with it.
+    """
+    import inspect
+
+    from .checks import int_problem, require, scale_range_problem, size_problem, strides_problem
+
+    defaults = {k: p.default for k, p in inspect.signature(extract).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    a = {**defaults, **arguments}
+    require("--views", a["views"], int_problem(a["views"], 1))
+    if not a["augment"] and a["views"] != 1:
+        raise UserError("--no-augment stores the whole image once; use it with --views 1.")
+    if a["augment"]:
+        require("--crop", a["crop"], size_problem(a["crop"]), sep="x")
+    require("--scale-range", a["scale_range"], scale_range_problem(a["scale_range"]), sep=" ")
+    if a["short_side"] is not None and a["size"] is not None:
+        raise UserError("--short-side and --size are mutually exclusive.")
+    if a["short_side"] is not None:
+        require("--short-side", a["short_side"], int_problem(a["short_side"], 1))
+    if a["size"] is not None:
+        require("--size", a["size"], size_problem(a["size"]), sep="x")
+    require("--seed", a["seed"], int_problem(a["seed"], 0))
+    require("--strides", a["strides"], strides_problem(a["strides"]))
+    require("--batch-size", a["batch_size"], int_problem(a["batch_size"], 1))
+    require("--loader-workers", a["loader_workers"], int_problem(a["loader_workers"], 0))
+    require("writers", a["writers"], int_problem(a["writers"], 1))
+    if a["scheduler"] is not None and a["workers"] is not None:
+        raise UserError("--scheduler and --dask-workers are mutually exclusive: --dask-workers N starts a local "
+                        "dask cluster, --scheduler uses a running one.")
+    if a["workers"] is not None and int_problem(a["workers"], 1):
+        raise UserError(f"--dask-workers {a['workers']} (workers={a['workers']!r}): it starts N local dask worker "
+                        "processes (N >= 1); leave it out to extract in this process. DataLoader processes are set "
+                        "with --loader-workers.")
+    check_dtype(a["dtype"])
+    codec_spec(a["codec"])
+
+
 def extract(
     *,
     dataset: str,
@@ -172,20 +212,7 @@ def extract(
     count in every process (see dask_extract.py).
     """
     arguments = dict(locals())
-    if views < 1:
-        raise UserError("--views must be at least 1.")
-    if not augment and views != 1:
-        raise UserError("--no-augment stores the whole image once; use it with --views 1.")
-    if short_side is not None and size is not None:
-        raise UserError("--short-side and --size are mutually exclusive.")
-    if scheduler is not None and workers is not None:
-        raise UserError("--scheduler and --workers are mutually exclusive: --workers N starts a local dask "
-                        "cluster, --scheduler uses a running one.")
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers {workers}: --workers N starts N local dask worker processes (N >= 1); leave it "
-                        "out to extract in this process. DataLoader processes are set with --loader-workers.")
-    check_dtype(dtype)
-    codec_spec(codec)
+    check_extract_arguments(**arguments)  # before the store (or its lock) is made
     with writer_lock(out):
         return _extract_locked(**arguments)
 
@@ -215,8 +242,7 @@ def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_ra
     skipped: list[dict] = []
     start = time.perf_counter()
     try:
-        with tqdm(total=len(todo), desc=f"extract {Path(str(out)).name}", unit="view",
-                  disable=None if progress else True) as bar:
+        with Progress(len(todo), f"extract {Path(str(out)).name}", "view", enabled=progress) as bar:
             if on_cluster:
                 from .dask_extract import extract_on_cluster
 

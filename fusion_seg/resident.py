@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -219,8 +218,8 @@ class ResidentViews:
         return torch.empty(shape, dtype=dtype, device=self.home, pin_memory=self.pinned)
 
     def _load(self, store: FeatureStore, threads: int | None, progress: bool) -> float:
-        """Decode every view once, in parallel (zarr and its codecs release the GIL), with a progress bar."""
-        from tqdm.auto import tqdm
+        """Decode every view once, in parallel (zarr and its codecs release the GIL), showing progress."""
+        from .progress import Progress
 
         n, spec = len(self.views), self.spec
         t0 = time.perf_counter()
@@ -239,8 +238,8 @@ class ResidentViews:
 
         workers = threads or min(16, 2 * (os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool, \
-                tqdm(total=n, desc=f"load {os.path.basename(self.path.rstrip('/'))} -> {self.mode}", unit="view",
-                     disable=None if progress else True, file=sys.stderr) as bar:
+                Progress(n, f"load {os.path.basename(self.path.rstrip('/'))} -> {self.mode}", "view",
+                         enabled=progress) as bar:
             for _ in pool.map(load, range(n)):
                 bar.update(1)
         if self.home.type == "cuda":

@@ -26,6 +26,7 @@ import math
 import os
 import resource
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import ddp
 from .cache import FeatureStore
@@ -49,6 +49,7 @@ from .losses import build_loss
 from .metrics import SegEvaluator
 from .model import decoder_from_record, decoder_record, upsample_logits
 from .plots import plot_if_available
+from .progress import Progress, TensorBoardLog, format_duration, require_tensorboard
 from .resident import ResidentViews, TierChoice, choose_tier, resident_bytes
 from .decoders import DECODERS, build_decoder
 from .shapes import ShapeSpec
@@ -82,12 +83,44 @@ class TrainConfig:
     # SyncBatchNorm across torchrun processes. Operational, like the number of processes (which a
     # resume may change): both only decide over how many samples BatchNorm takes its statistics.
     sync_bn: bool = False
+    # Also write the scalars to RUN_DIR/tensorboard (needs the tensorboard extra). Operational: logging only.
+    tensorboard: bool = False
 
     def schedule(self) -> dict:
         """The settings a run must keep to be resumed (not the operational ones: workers, device, logging,
         and how the work is spread over processes)."""
-        operational = {"workers", "device", "log_every", "val_every", "sync_bn", "cache_mode"}
+        operational = {"workers", "device", "log_every", "val_every", "sync_bn", "cache_mode", "tensorboard"}
         return {k: v for k, v in asdict(self).items() if k not in operational}
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse out-of-range settings (a UserError naming the option) before any work is done."""
+        from .checks import (FEATURE_CROP_ALIGN, fraction_problem, int_problem, non_negative_problem, require,
+                             size_problem)
+        from .resident import CACHE_MODES
+
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("ohem_min_kept", 1), ("seed", 0), ("workers", 0),
+                              ("val_every", 1), ("log_every", 1)):
+            require("--" + name.replace("_", "-"), getattr(self, name), int_problem(getattr(self, name), minimum))
+        if self.views is not None:
+            require("--views", self.views, int_problem(self.views, 1))
+        # The command line also refuses --lr 0; a script may train with lr 0 (weights carried over unchanged).
+        require("--lr", self.lr, non_negative_problem(self.lr))
+        require("--ohem-thresh", self.ohem_thresh, fraction_problem(self.ohem_thresh))
+        for name in ("momentum", "weight_decay", "poly_power"):  # no command-line option: a recipe's or a script's
+            value = getattr(self, name)
+            problem = non_negative_problem(value)
+            if name == "momentum" and not problem and not value < 1:
+                problem = "must be a number in [0, 1)"
+            require(f"TrainConfig {name}", value, problem)
+        if self.crop is not None:  # from a cache: a feature-space crop
+            require("--crop", self.crop, size_problem(self.crop, FEATURE_CROP_ALIGN), sep="x")
+        if self.loss not in ("ohem", "ce"):
+            require("--loss", self.loss, "choose ohem or ce")
+        if self.cache_mode not in CACHE_MODES:
+            require("--cache-mode", self.cache_mode, f"choose one of {', '.join(CACHE_MODES)}")
 
 
 @dataclass
@@ -267,6 +300,12 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
     """The training loop; under torchrun, one of ``dist.world`` processes (rank 0 writes every output)."""
     dist = dist or DistEnv(device=resolve_device(cfg.device))
     device = dist.device
+    if resume and not (run_dir / "last.pt").exists():
+        raise CheckpointError(f"--resume: {run_dir} holds no last.pt to continue from (no epoch of a run there has "
+                              "finished). Drop --resume to start the run from scratch, or pass the --out of the "
+                              "run to continue.")
+    if cfg.tensorboard:
+        require_tensorboard()
     ddp.check_sync_bn(cfg.sync_bn, dist)
     decoder = decoder.to(device)
     if device.type == "cuda":
@@ -287,18 +326,25 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
     last, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
     start_epoch, step, best = 0, 0, None
     init_info = None
-    if cfg.init and not (resume and last.exists()):
+    lr_changes: list[dict] = []  # explicit --lr changes on resume: {"epoch", "step", "from", "to"}
+    lr_change = None
+    if cfg.init and not resume:
         init_info = init_from_checkpoint(decoder, cfg.init, record, classes, encoder)
-    if resume and last.exists():
+    if resume:
         ckpt = load_checkpoint(last)
-        _check_resumable(ckpt, record, cfg, classes, encoder, last)
+        old_lr = _check_resumable(ckpt, record, cfg, classes, encoder, last)
         decoder.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt.get("best_miou")
         init_info = ckpt.get("init")
+        lr_changes = list(ckpt.get("lr_changes") or [])
+        if old_lr is not None:  # the poly decay continues from the new base lr
+            _set_base_lr(optimizer, scheduler, cfg.lr, step, total_steps, cfg.poly_power)
+            lr_change = {"epoch": start_epoch + 1, "step": step, "from": old_lr, "to": cfg.lr}
+            lr_changes.append(lr_change)
         if dist.is_main:
-            _truncate_log(log_path, start_epoch)
+            _truncate_log(log_path, start_epoch, step)
     elif last.exists():
         raise UserError(f"{run_dir} already holds a run (last.pt). Pass --resume to continue it, or choose a new --out.")
     elif log_path.exists() and dist.is_main:
@@ -311,7 +357,8 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
     def payload(epoch: int) -> dict:
         return {"decoder": record, "classes": classes, "ignore_index": ignore_index, "encoder": encoder,
                 "data": data, "train": asdict(cfg), "init": init_info, "epoch": epoch, "step": step, "best_miou": best,
-                "world_size": dist.world,  # the unwrapped decoder's keys: no DDP "module." prefix
+                "world_size": dist.world, "lr_changes": lr_changes,
+                # the unwrapped decoder's keys: no DDP "module." prefix
                 "model": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}
 
@@ -320,20 +367,27 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
     t0 = time.perf_counter()
     model = _distributed(decoder, dist)
     model.train()
-    # Only rank 0 writes the log and shows progress; the others log into /dev/null.
+    # Only rank 0 writes the log (and TensorBoard) and shows progress; the others log into /dev/null.
+    # Epochs are numbered 1..E in every record: "epoch" is the epoch being (or just) trained.
     with open(log_path if dist.is_main else os.devnull, "a") as log, \
-            tqdm(total=total_steps, initial=step, desc=f"train {run_dir.name}", unit="step",
-                 disable=None if progress and dist.is_main else True) as bar:
+            Progress(total_steps, f"train {run_dir.name}", "step", initial=step,
+                     enabled=progress and dist.is_main) as bar, \
+            TensorBoardLog(run_dir / "tensorboard", enabled=cfg.tensorboard and dist.is_main,
+                           purge_step=step + 1 if step else None) as board:
+        bar.write(_describe_run(run_dir, cfg, data, device, dist, len(source), steps_per_epoch, total_steps,
+                                start_epoch, step))
+        if lr_change is not None:
+            _log(log, {"type": "lr_change", **lr_change})
+            bar.write(f"learning rate changed on resume: {lr_change['from']:g} -> {lr_change['to']:g} from epoch "
+                      f"{lr_change['epoch']} (step {step + 1}); recorded in {log_path.name} and the checkpoints")
         for epoch in range(start_epoch, cfg.epochs):
             epoch_losses = []
+            epoch_t0 = time.perf_counter()
             for features, labels in source.batches(epoch):
                 loss = decoder_loss(model, decoder, features, labels, criterion, device)
                 value = dist.mean(loss)  # over all processes: the loss of the global batch, on every rank
                 if not math.isfinite(value):
-                    raise UserError(
-                        f"the loss became {value} at step {step} (epoch {epoch}). The last good checkpoint "
-                        f"is {last if last.exists() else 'not written yet'}; resume with --resume and a lower --lr."
-                    )
+                    raise UserError(_diverged_message(value, step, epoch, cfg, run_dir, last))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # under DDP this averages the gradients over the processes
                 optimizer.step()
@@ -341,11 +395,11 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
                 step += 1
                 losses.append(value)
                 epoch_losses.append(value)
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
+                lr = optimizer.param_groups[0]["lr"]
+                bar.update(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{value:.4f}", lr=f"{lr:.3g}")
                 if step % cfg.log_every == 0:
-                    _log(log, {"type": "step", "epoch": epoch, "step": step, "loss": value,
-                               "lr": optimizer.param_groups[0]["lr"]})
+                    _log(log, {"type": "step", "epoch": epoch + 1, "step": step, "loss": value, "lr": lr})
+                    board.add({"train/loss": value, "train/lr": lr}, step)
             record_epoch = {"type": "epoch", "epoch": epoch + 1, "step": step,
                             "loss": float(np.mean(epoch_losses)) if epoch_losses else None,
                             "seconds": time.perf_counter() - t0}
@@ -358,6 +412,10 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
                         best = val["miou"]
                         save_checkpoint(best_path, payload(epoch + 1) | {"val": record_epoch["val"]})
                 _log(log, record_epoch)
+                board.add({"epoch/loss": record_epoch["loss"],
+                           **({"val/miou": record_epoch["val"]["miou"], "val/pixel_acc": record_epoch["val"]["pixel_acc"]}
+                              if "val" in record_epoch else {})}, step)
+                bar.write(_epoch_line(record_epoch, cfg.epochs, time.perf_counter() - epoch_t0))
                 save_checkpoint(last, payload(epoch + 1))
             dist.barrier()
         peak = peak_memory_mib(device)
@@ -446,8 +504,9 @@ def _log(f, record: dict) -> None:
     f.flush()
 
 
-def _truncate_log(path: Path, epoch: int) -> None:
-    """Drop log records written after the checkpoint being resumed (a partial epoch)."""
+def _truncate_log(path: Path, epoch: int, step: int) -> None:
+    """Drop log records written after the checkpoint being resumed (a partial epoch), which ended ``epoch``
+    at ``step``. Steps are numbered alike in logs of every version, so step records are kept by step."""
     if not path.exists():
         return
     keep = []
@@ -456,32 +515,125 @@ def _truncate_log(path: Path, epoch: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by the interruption
-        if rec.get("type") == "summary":
+        kind = rec.get("type")
+        if kind == "summary":
             continue  # rewritten at the end of the resumed run
-        done = rec["epoch"] if rec.get("type") == "epoch" else rec.get("epoch", 0) + 1
-        if done <= epoch:
+        if kind == "epoch":
+            done = rec["epoch"] <= epoch
+        elif kind == "lr_change":
+            done = rec.get("step", 0) < step  # a change made on resuming this checkpoint is made again
+        else:
+            done = rec.get("step", 0) <= step
+        if done:
             keep.append(line)
     path.write_text("".join(k + "\n" for k in keep))
 
 
-def _check_resumable(ckpt: dict, record: dict, cfg: TrainConfig, classes, encoder: dict, path: Path) -> None:
+def _differences(ours, theirs, name: str) -> list[str]:
+    """``name.key A vs B`` for each key whose value differs (one level into dicts), or ``name A vs B``."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        def shown(d, k):
+            return repr(d[k]) if k in d else "(unset)"
+        return [f"{name}.{k} {shown(ours, k)} vs {shown(theirs, k)}"
+                for k in sorted(set(ours) | set(theirs), key=str) if ours.get(k, ...) != theirs.get(k, ...)]
+    return [f"{name} {ours!r} vs {theirs!r}"] if ours != theirs else []
+
+
+def _check_resumable(ckpt: dict, record: dict, cfg: TrainConfig, classes, encoder: dict, path: Path) -> float | None:
+    """Refuse to resume ``ckpt`` with other settings, listing each that differs with both values.
+
+    The learning rate alone may change (after a divergence, say): then this returns the checkpoint's
+    lr, for the caller to apply and record; else None.
+    """
     diffs = []
-    if ckpt["decoder"] != record:
-        diffs.append(f"decoder {ckpt['decoder']['name']} {ckpt['decoder']['config']} != {record['name']} {record['config']}")
-    stored = TrainConfig(**ckpt["train"]).schedule()
-    diffs += [f"{k} {stored[k]!r} != {v!r}" for k, v in cfg.schedule().items() if stored.get(k) != v]
+    theirs = ckpt["decoder"]
+    for key in ("name", "num_classes", "config", "input_shapes"):
+        diffs += _differences(theirs.get(key), record.get(key), "decoder" if key == "name" else f"decoder {key}")
+    stored, now = TrainConfig(**ckpt["train"]).schedule(), cfg.schedule()
+    changed = [k for k in now if stored.get(k) != now[k]]
+    decoder_differs = (theirs.get("name"), theirs.get("config")) != (record.get("name"), record.get("config"))
+    for k in changed:
+        if k in ("decoder", "decoder_config") and decoder_differs:
+            continue  # listed above, as the decoder's resolved settings
+        diffs += _differences(stored.get(k), now[k], k)
     if list(ckpt["classes"]) != list(classes):
-        diffs.append("class names differ")
+        diffs.append(f"classes {list(ckpt['classes'])} vs {list(classes)}")
     enc_diffs = EncoderIdentity.from_dict(ckpt["encoder"]).differences(EncoderIdentity.from_dict(encoder))
     diffs += [f"encoder {d}" for d in enc_diffs]
+    if changed == ["lr"] and len(diffs) == 1:
+        return stored["lr"]
     if diffs:
-        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(diffs) + ". Use a new --out.")
+        note = " (--lr alone may change on --resume)" if "lr" in changed else ""
+        raise CheckpointError(f"cannot resume from {path}: these settings differ (checkpoint vs now): "
+                              + "; ".join(diffs) + f". Pass the checkpoint's settings to continue it{note}, "
+                              "or use a new --out.")
+    return None
+
+
+def resumed_lr(run_dir: str | Path, default: float) -> float:
+    """The learning rate of the run in ``run_dir`` (its last.pt), else ``default``: the CLI's ``--resume``
+    without ``--lr`` keeps it, so only an explicit ``--lr`` changes it."""
+    last = Path(run_dir) / "last.pt"
+    if not last.is_file():
+        return default
+    try:
+        return float(load_checkpoint(last)["train"]["lr"])
+    except (UserError, KeyError, TypeError, ValueError):
+        return default  # the resume itself reports what is wrong with the checkpoint
+
+
+def _set_base_lr(optimizer, scheduler, lr: float, step: int, total_steps: int, power: float) -> None:
+    """Make ``lr`` the base of the poly decay from ``step`` on, as if the run had started with it."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = lr * (1.0 - min(step, total_steps) / total_steps) ** power
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+
+
+def _diverged_message(value: float, step: int, epoch: int, cfg: TrainConfig, run_dir: Path, last: Path) -> str:
+    lower = f"{cfg.lr / 10:g}"
+    what = f"the loss became {value} at step {step + 1} (epoch {epoch + 1}/{cfg.epochs}): training diverged."
+    if last.exists():
+        return (f"{what} {last} holds the last good state (end of epoch {epoch}). Continue from it with a lower "
+                f"--lr: run the same command with --resume --lr {lower}, i.e. `fusion-seg train-decoder <the same "
+                f"options> --out {run_dir} --resume --lr {lower}` (--lr is the one setting --resume lets you "
+                "change; the change is recorded in metrics.jsonl and the checkpoint).")
+    return (f"{what} No checkpoint was written yet, so start again with a lower --lr: run the same command "
+            f"without --resume and with --lr {lower}, i.e. `fusion-seg train-decoder <the same options> --out "
+            f"{run_dir} --lr {lower}`.")
+
+
+def _describe_run(run_dir: Path, cfg: TrainConfig, data: dict, device: torch.device, dist: DistEnv, views: int,
+                  steps_per_epoch: int, total_steps: int, start_epoch: int, step: int) -> str:
+    """The run's resolved settings, one compact block (printed at its start)."""
+    source = data.get("source", {})
+    where = "online (encoder every step)" if source.get("online") else f"cache {source.get('cache')}"
+    head = (f"train {run_dir}: {where}, val cache {source.get('val_cache') or 'none'}, device {device}"
+            f"{f' x {dist.world} processes' if dist.distributed else ''}, {views} views, {steps_per_epoch} "
+            f"steps/epoch x {cfg.epochs} epochs = {total_steps} steps")
+    if start_epoch:
+        head += f"; resuming after epoch {start_epoch} (step {step})"
+    settings = " ".join(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (dict, list)) else v}"
+                        for k, v in asdict(cfg).items())
+    return head + "\n" + textwrap.fill(settings, width=110, initial_indent="  ", subsequent_indent="  ",
+                                       break_on_hyphens=False)
+
+
+def _epoch_line(record: dict, epochs: int, seconds: float) -> str:
+    loss = f"{record['loss']:.4f}" if record.get("loss") is not None else "n/a"
+    line = f"epoch {record['epoch']}/{epochs}: mean loss {loss}"
+    if "val" in record:
+        line += f", val mIoU {record['val']['miou']:.4f}, pixel acc {record['val']['pixel_acc']:.4f}"
+    return line + f" ({format_duration(seconds)})"
 
 
 # --------------------------------------------------------------------------- entry points
 def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | None = None,
-                  resume: bool = False, progress: bool = True) -> TrainResult:
+                  resume: bool = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
     """Train ``cfg.decoder`` from the feature store ``cache``; the encoder is never loaded.
+
+    A ``val_cache`` that holds the training data (the same store, or one of the same dataset split
+    and augmentation) is refused unless ``allow_val_on_train``, which warns instead.
 
     Launched by torchrun, each process trains its share of every global batch
     (``cfg.batch_size`` / processes) with DistributedDataParallel (see :mod:`fusion_seg.ddp`).
@@ -492,7 +644,7 @@ def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: s
     if val_cache:
         val_store = FeatureStore.open(val_cache)
         val_store.check_complete()
-        _check_val_store(spec, val_store, val_cache)
+        _check_val_store(spec, val_store, val_cache, train_path=cache, allow_val_on_train=allow_val_on_train)
     shapes = spec.input_shapes()
     decoder, names = _make_decoder(cfg, shapes, len(spec.classes))
     data = {"dataset": spec.dataset, "resize": spec.resize, "augment": spec.augment, "crop": cfg.crop,
@@ -534,7 +686,9 @@ def _echo(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_val_store(train_spec, val_store: FeatureStore, path: str) -> None:
+def _check_val_store(train_spec, val_store: FeatureStore, path: str, *, train_path: str | None = None,
+                     allow_val_on_train: bool = False) -> None:
+    """Refuse a validation store that does not match the training cache, or that holds the training data."""
     diffs = []
     if list(val_store.spec.classes) != list(train_spec.classes):
         diffs.append(f"classes {list(val_store.spec.classes)} != {list(train_spec.classes)}")
@@ -545,6 +699,38 @@ def _check_val_store(train_spec, val_store: FeatureStore, path: str) -> None:
     if diffs:
         raise UserError(f"--val-cache {path} does not match the training cache: " + "; ".join(diffs)
                         + ". Extract the val split with the same dataset and encoder.")
+    _check_not_training_data(val_store, path, train_spec.dataset, train_spec.augment, train_spec.image_ids,
+                             train_path=train_path, allow=allow_val_on_train)
+
+
+def _check_not_training_data(val_store: FeatureStore, path: str, dataset: dict, augment: dict, image_ids, *,
+                             train_path: str | None, allow: bool) -> None:
+    """Refuse (or with ``allow``, warn about) a validation store that holds the training data: the training
+    store itself, or a store of the same dataset split with the same augmentation (its seed aside: other
+    random crops of the same images) that shares images with it."""
+    from . import store_url
+
+    def where(p) -> str:
+        return os.path.realpath(store_url.local_path(p)) if store_url.is_local(p) else str(p).rstrip("/")
+
+    val = val_store.spec
+    strip = lambda a: {k: v for k, v in (a or {}).items() if k != "seed"}  # noqa: E731
+    if train_path is not None and where(train_path) == where(path):
+        why = "it is the training store"
+    elif (val.dataset.get("name") == dataset.get("name") and val.dataset.get("split") == dataset.get("split")
+          and strip(val.augment) == strip(augment) and not set(val.image_ids).isdisjoint(image_ids)):
+        crops = "augmented crops" if (augment or {}).get("enabled") else "images"
+        why = (f"it holds {crops} of the training split ({dataset.get('name')}/{dataset.get('split')}, "
+               "same augmentation)")
+    else:
+        return
+    if not allow:
+        raise UserError(f"--val-cache {path} holds the training data: {why}, so validation would score the model on "
+                        "what it trains on. Pass a store of the validation split (`fusion-seg extract --split val "
+                        "--no-augment`), or --allow-val-on-train to validate on training data anyway.")
+    if ddp.is_main_process():
+        print(f"warning: --val-cache {path} holds the training data ({why}); validating on it anyway "
+              "(--allow-val-on-train): its scores are not validation scores.", file=sys.stderr, flush=True)
 
 
 def train_online(out: str | Path, cfg: TrainConfig, *, dataset: str, split: str, root: str | None = None,
@@ -552,8 +738,12 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: str, split: str,
                  flip: bool = True, short_side: int | None = None, size: tuple[int, int] | None = None,
                  encoder: str = DEFAULT_ENCODER, weights: str | None = None, random_init: bool = False,
                  seed: int = 0, strides=DEFAULT_STRIDES, val_cache: str | None = None, resume: bool = False,
-                 dataset_options: dict | None = None, progress: bool = True) -> TrainResult:
+                 dataset_options: dict | None = None, progress: bool = True,
+                 allow_val_on_train: bool = False) -> TrainResult:
     """Train the same decoder with the frozen encoder run every step (no cache): the baseline.
+
+    A ``val_cache`` of the training split with the same augmentation is refused unless
+    ``allow_val_on_train``, which warns instead.
 
     One process only: under torchrun with several processes this is refused.
     """
@@ -579,6 +769,8 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: str, split: str,
         diffs = EncoderIdentity.from_dict(val_store.spec.encoder).differences(enc.identity)
         if diffs:
             raise UserError(f"--val-cache {val_cache} was extracted with another encoder: " + "; ".join(diffs))
+        _check_not_training_data(val_store, val_cache, ds.describe(), aug.to_json(), ds.ids, train_path=None,
+                                 allow=allow_val_on_train)
     device = resolve_device(cfg.device)
     source = OnlineSource(views, enc, cfg, device)
     decoder, names = _make_decoder(cfg, enc.output_shape(), len(ds.classes))
