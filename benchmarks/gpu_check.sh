@@ -193,7 +193,7 @@ open(dst, "w").write(text)
 EOF
     local t_demo; t_demo=$(now)
     part demo 600 "$PYTHON" -m fusion_seg run "$work/demo.toml" --set "cache=$work/demo/cache" \
-        --set "runs=$work/demo/runs" --epoch-scale "$DEMO_SCALE"
+        --set "runs=$work/demo/runs" --set "images=pipelines/demo-images" --epoch-scale "$DEMO_SCALE"
     local metrics=$work/demo/runs/demo/eval-val/metrics.json
     if [[ -f $metrics ]]; then
         "$PYTHON" - "$metrics" "$DEVICE" "$DEMO_SCALE" "$(since "$t_demo")" <<'EOF'

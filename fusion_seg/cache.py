@@ -19,6 +19,18 @@ padding holding zeros in the features and the ignore index in the labels.
 Completion record: a view's row in ``views`` is written *after* its features and
 labels, and zarr writes each chunk atomically, so a view is complete exactly when
 its row is present. An interrupted extraction resumes by filling the missing rows.
+
+Chunk presence: Zarr reads an absent chunk as the array's fill value, so a deleted or
+lost chunk of a completed view would read as zero features or an all-ignore view. Every
+completed view therefore has every chunk of every data array (features, scales, labels):
+they are written even when they equal the fill value (``write_empty_chunks``), and a
+read of an absent one raises (:class:`MissingChunkError` from the store, a CacheError
+naming the view and the chunk from the readers, a bad view in :meth:`FeatureStore.verify`,
+re-extracted by ``extract --repair``). The check is made by the read itself: no extra
+request. Only ``views`` may have absent chunks (a view not completed yet). Stores written
+before this rule open and train unchanged (same schema); in them, a view whose labels were
+all ignore (or whose features were all zero) has no such chunk and reads as missing until
+``extract --repair`` rewrites it.
 """
 from __future__ import annotations
 
@@ -32,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.storage import WrapperStore
 
 from . import storage, store_url
 from .errors import CacheError
@@ -41,6 +54,32 @@ SCHEMA_VERSION = 1
 ATTRS_KEY = "fusion_seg"
 SKIPPED_KEY = "fusion_seg_skipped"
 VIEW_FIELDS = ("image_index", "view_index", "scale", "flip", "resized_h", "resized_w", "valid_h", "valid_w", "seed")
+OPTIONAL_CHUNKS = ("views",)  # the one array whose absent chunks are meaningful (views not completed yet)
+
+
+class MissingChunkError(Exception):
+    """A chunk of a data array is absent from the store (Zarr would have read it as the fill value)."""
+
+
+class _ChunksRequired(WrapperStore):
+    """The store, except that reading an absent chunk of a data array raises :class:`MissingChunkError`.
+
+    Costs nothing: the absence is the answer of the read that fetches the chunk anyway.
+    """
+
+    async def get(self, key, prototype=None, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and "/c/" in key and key.split("/", 1)[0] not in OPTIONAL_CHUNKS:
+            raise MissingChunkError(f"chunk {key} is missing")
+        return value
+
+
+def _chunks_required(group: zarr.Group) -> zarr.Group:
+    """``group`` read through :class:`_ChunksRequired` (unchanged if it already is)."""
+    if isinstance(group.store, _ChunksRequired):
+        return group
+    mode = "r" if group.store.read_only else "r+"
+    return zarr.open_group(_ChunksRequired(group.store), mode=mode, zarr_format=3)
 
 
 @dataclass(frozen=True)
@@ -80,8 +119,21 @@ class CacheSpec:
         return {f["name"]: ShapeSpec(f["channels"], f["stride"]) for f in self.encoder["features"]}
 
     def differences(self, other: "CacheSpec") -> list[str]:
+        """``key: stored A, requested B`` for each setting that differs; for a dict setting (augment,
+        resize, encoder, ...) only its differing entries, and a long list (image ids) by its length."""
         a, b = self.to_json(), other.to_json()
-        return [f"{k}: stored {a[k]!r}, requested {b[k]!r}" for k in a if a[k] != b[k]]
+        out = []
+        for k in a:
+            if a[k] == b[k]:
+                continue
+            if isinstance(a[k], dict) and isinstance(b[k], dict):
+                out += [f"{k}.{sub}: stored {a[k].get(sub)!r}, requested {b[k].get(sub)!r}"
+                        for sub in sorted(set(a[k]) | set(b[k])) if a[k].get(sub) != b[k].get(sub)]
+            elif isinstance(a[k], list) and max(len(a[k]), len(b[k])) > 8:
+                out.append(f"{k}: stored {len(a[k])} entries, requested {len(b[k])} (they differ)")
+            else:
+                out.append(f"{k}: stored {a[k]!r}, requested {b[k]!r}")
+        return out
 
 
 class FeatureStore:
@@ -89,12 +141,14 @@ class FeatureStore:
 
     def __init__(self, path: str | Path, group: zarr.Group, spec: CacheSpec):
         self.path = str(path)
-        self.group = group
+        self.group = group = _chunks_required(group)
         self.spec = spec
-        self._arrays = {name: group[name] for name in spec.feature_shapes}
-        self._scales = ({name: group[f"scale_{name}"] for name in spec.feature_shapes}
+        # Written even where a chunk equals the fill value: a completed view has every chunk (see above).
+        data = lambda name: group[name].with_config({"write_empty_chunks": True})  # noqa: E731
+        self._arrays = {name: data(name) for name in spec.feature_shapes}
+        self._scales = ({name: data(f"scale_{name}") for name in spec.feature_shapes}
                         if storage.has_scales(spec.dtype) else {})
-        self._labels = group["labels"]
+        self._labels = data("labels")
         self._views = group["views"]
         self._strides = {name: spec.input_shapes()[name].stride for name in spec.feature_shapes}
 
@@ -112,7 +166,7 @@ class FeatureStore:
                 "Create it with `fusion-seg extract ... --out STORE`."
             )
         try:
-            group = zarr.open_group(store_url.zarr_store(path, mode), mode=mode, zarr_format=3)
+            group = zarr.open_group(_ChunksRequired(store_url.zarr_store(path, mode)), mode=mode, zarr_format=3)
             attrs = group.attrs.asdict()
         except CacheError:
             raise
@@ -226,28 +280,39 @@ class FeatureStore:
         return np.flatnonzero(usable)
 
     def verify(self, progress: bool = False) -> dict:
-        """Read every chunk of every view; report the views that are corrupt, missing or skipped."""
-        from tqdm.auto import tqdm
+        """Read every chunk of every view; report the views that are corrupt, missing or skipped.
+
+        A completed view with an absent chunk is bad (``error`` says the chunk is missing).
+        """
+        from .progress import Progress
 
         rows = self._rows()
         bad, incomplete, skipped = [], [], []
-        for v in tqdm(range(self.num_views), desc=f"verify {self.path}", unit="view",
-                      disable=None if progress else True):
-            if np.isnan(rows[v, 0]):
-                incomplete.append(v)
-                continue
-            if rows[v, VIEW_FIELDS.index("valid_h")] == 0:
-                skipped.append(v)
-                continue
-            for name, array in [*self._arrays.items(), *((f"scale_{n}", a) for n, a in self._scales.items()),
-                                ("labels", self._labels)]:
-                try:
-                    array[v]
-                except Exception as exc:
-                    bad.append({"view": v, "array": name, "chunk": self.chunk_path(name, v),
-                                "error": f"{type(exc).__name__}: {exc}"})
+        with Progress(self.num_views, f"verify {self.path}", "view", enabled=progress) as bar:
+            for v in range(self.num_views):
+                bar.update(1)
+                self._verify_view(v, rows, bad, incomplete, skipped)
         return {"store": self.path, "views": self.num_views, "bad": bad, "incomplete": incomplete,
                 "skipped": skipped, "ok": not bad and not incomplete}
+
+    def _verify_view(self, v: int, rows, bad: list, incomplete: list, skipped: list) -> None:
+        """Read every chunk of view ``v``; append it to ``bad``, ``incomplete`` or ``skipped`` as it is."""
+        if np.isnan(rows[v, 0]):
+            incomplete.append(v)
+            return
+        if rows[v, VIEW_FIELDS.index("valid_h")] == 0:
+            skipped.append(v)
+            return
+        for name, array in [*self._arrays.items(), *((f"scale_{n}", a) for n, a in self._scales.items()),
+                            ("labels", self._labels)]:
+            try:
+                array[v]
+            except MissingChunkError:
+                bad.append({"view": v, "array": name, "chunk": self.chunk_path(name, v),
+                            "error": "missing: the view is marked complete but this chunk is not in the store"})
+            except Exception as exc:
+                bad.append({"view": v, "array": name, "chunk": self.chunk_path(name, v),
+                            "error": f"{type(exc).__name__}: {exc}"})
 
     def check_complete(self) -> None:
         done = self.completed()
@@ -308,6 +373,12 @@ class FeatureStore:
             return fn()
         except CacheError:
             raise
+        except MissingChunkError:
+            raise CacheError(
+                f"cannot read view {v} of {self.path}: chunk {self.chunk_path(name, v)} is missing, though the view "
+                f"is marked complete (deleted, or lost in a copy). Run `fusion-seg verify {self.path}` to list all "
+                "bad views, and `fusion-seg extract ... --repair` to re-extract them."
+            ) from None
         except Exception as exc:
             raise CacheError(
                 f"cannot read view {v} of {self.path}: chunk {self.chunk_path(name, v)} is corrupt or unreadable "
@@ -347,11 +418,17 @@ class FeatureStore:
 
 @contextlib.contextmanager
 def writer_lock(path: str | Path):
-    """Exclusive right to write a local store, held in ``STORE.lock`` until this process exits.
+    """Exclusive right to write a local store: an flock on ``STORE.lock``, removed when released.
 
     A second extraction into the same store is refused rather than interleaved. The
-    kernel frees the lock when its holder dies, so a killed run leaves no stale lock.
-    The file sits beside the store because Zarr treats unknown files inside it as errors.
+    kernel frees the lock when its holder dies, so a killed run leaves no stale lock (only
+    the file, which the next holder removes). The file sits beside the store because Zarr
+    treats unknown files inside it as errors.
+
+    The holder removes the file while it still holds the flock. Another process may have
+    opened the file just before: its flock then succeeds on the removed file, which proves
+    nothing, so after locking a process checks that the name still refers to the file it
+    locked (same device and inode), and starts over if not.
 
     A remote store (``s3://…``) has no lock: its creation is exclusive (see store_url.create_group),
     so two runs with different settings cannot both make it, but two concurrent extractions into the
@@ -364,21 +441,41 @@ def writer_lock(path: str | Path):
         return
     root = store_url.local_path(path)
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.with_name(root.name + ".lock"), "a+") as f:
+    lock = root.with_name(root.name + ".lock")
+    while True:
+        f = open(lock, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             owner = f.read().strip() or "unknown"
+            f.close()
             raise CacheError(
                 f"{path} is being written by another fusion-seg process (pid {owner}). Wait for it to finish "
                 "or stop it, then re-run this command: the views it wrote are kept."
             ) from None
+        except BaseException:
+            f.close()
+            raise
+        try:
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(f.fileno()), current):
+            break
+        f.close()  # its holder removed it as this process opened it: lock the file now under the name
+    try:
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
         yield
+    finally:
+        try:
+            lock.unlink()  # still under the flock: nobody else holds this file
+        except FileNotFoundError:
+            pass
+        f.close()
 
 
 def _ensure_arrays(group: zarr.Group, spec: CacheSpec) -> None:

@@ -152,3 +152,15 @@ def test_bad_extract_arguments(tmp_path):
     with pytest.raises(UserError, match="--views 1"):
         extract_synthetic(tmp_path / "unused.zarr", views=2, augment=False)
     assert list(tmp_path.iterdir()) == []  # refused before anything was created, lock file included
+
+
+def test_resume_with_other_settings_names_only_what_differs(tmp_path):
+    from fusion_seg.errors import CacheError
+    from pipeline_helpers import extract_synthetic
+
+    extract_synthetic(tmp_path / "s.zarr", views=1, crop=(64, 64), num_images=2)
+    with pytest.raises(CacheError) as e:
+        extract_synthetic(tmp_path / "s.zarr", views=1, crop=(32, 32), num_images=2)
+    msg = str(e.value)
+    assert "augment.crop: stored [64, 64], requested [32, 32]" in msg
+    assert "'scale_range'" not in msg and "augment.flip" not in msg  # the unchanged entries are not listed
