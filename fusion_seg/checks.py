@@ -16,6 +16,7 @@ from .errors import UserError
 
 FEATURE_CROP_ALIGN = 32  # a feature-space crop is cut at the coarsest stride (cached_views.ALIGN)
 STRIDES = (2, 4, 8, 16, 32)  # the strides a feature map may have
+CACHE_MODES = ("auto", "device", "ram", "stream")  # train-decoder --cache-mode (resident.py)
 
 
 def _is_int(value) -> bool:

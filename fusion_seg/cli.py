@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from .checks import FEATURE_CROP_ALIGN, scale_range_problem, size_problem, strides_problem
+from .checks import CACHE_MODES, FEATURE_CROP_ALIGN, scale_range_problem, size_problem, strides_problem
 from .errors import UserError
 from .storage import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES  # torch-free
 
@@ -223,7 +223,7 @@ def encoder_options(fn):
 
 
 cache_mode_option = click.option(
-    "--cache-mode", type=click.Choice(["auto", "device", "ram", "stream"]), default="auto", show_default=True,
+    "--cache-mode", type=click.Choice(CACHE_MODES), default="auto", show_default=True,
     help="Where cached views are read from: decoded once into device memory, into (pinned) host RAM, or streamed "
          "from the store by DataLoader workers every epoch. auto: the fastest that fits (it says which and why).")
 

@@ -35,9 +35,9 @@ import torch
 from . import storage
 from .cache import VIEW_FIELDS, FeatureStore
 from .cached_views import ALIGN, aligned_crop_box
+from .checks import CACHE_MODES
 from .errors import UserError
 
-CACHE_MODES = ("auto", "device", "ram", "stream")
 # What a resident cache may take of the free memory: the rest stays for the training step,
 # the allocator's fragmentation and (host) the page cache and other processes.
 MEMORY_FRACTION = 0.8
@@ -203,6 +203,7 @@ class ResidentViews:
         self.strides = {n: s.stride for n, s in self.spec.input_shapes().items()}
         self.home = device if mode == "device" else torch.device("cpu")
         self.pinned = mode == "ram" and device.type == "cuda"  # pinning needs CUDA
+        self.staged = self.home != device  # batches are cut in host RAM, then copied to the device
         rows = store.rows()[self.views]
         self.valid = rows[:, [VIEW_FIELDS.index("valid_h"), VIEW_FIELDS.index("valid_w")]].astype(np.int64)
         self.nbytes = resident_bytes(self.spec, self.names, len(self.views))
@@ -249,26 +250,43 @@ class ResidentViews:
     # ----------------------------------------------------------------- batches
     def batch(self, positions, epoch: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Features (float32) and labels (int64) of the views at ``positions`` (indices into this
-        shard), on the device; crops drawn as the stream tier draws them."""
-        boxes, out_hw = self._boxes(positions, epoch)
-        oh, ow = out_hw
+        shard), on the device; crops drawn as the stream tier draws them.
+
+        Held where the step runs (the device tier, or any tier on a CPU), a batch is written straight
+        into float32: each item's region is copied once, converting as it goes, and only the padding
+        is zeroed. From pinned host RAM (the ram tier on CUDA) it is cut in the storage dtype, half the
+        bytes to copy, and decoded on the device.
+        """
+        boxes, (oh, ow) = self._boxes(positions, epoch)
+        staged = self.staged
         b = len(positions)
-        labels = torch.full((b, oh, ow), self.spec.ignore_index, dtype=torch.uint8, device=self.home,
-                            pin_memory=self.pinned)
-        features = {k: torch.zeros((b, self.features[k].shape[1], -(-oh // self.strides[k]), -(-ow // self.strides[k])),
-                                   dtype=self.features[k].dtype, device=self.home, pin_memory=self.pinned)
-                    for k in self.names}
+        where = dict(device=self.home, pin_memory=self.pinned) if staged else dict(device=self.device)
+        labels = torch.empty((b, oh, ow), dtype=torch.uint8 if staged else torch.int64, **where)
+        features = {}
+        for k in self.names:
+            shape = (b, self.features[k].shape[1], -(-oh // self.strides[k]), -(-ow // self.strides[k]))
+            if staged:
+                features[k] = torch.empty(shape, dtype=self.features[k].dtype, **where)
+            else:
+                features[k] = torch.empty(shape, dtype=torch.float32, device=self.device,
+                                          memory_format=_memory_format(self.device))
         for i, (p, (y0, x0)) in enumerate(zip(positions, boxes)):
             vh, vw = (int(x) for x in self.valid[p])
-            h, w = min(oh, vh - y0), min(ow, vw - x0)
-            labels[i, :h, :w] = self.labels[p, y0:y0 + h, x0:x0 + w]
+            _copy_padded(labels[i], self.labels[p, y0:y0 + min(oh, vh - y0), x0:x0 + min(ow, vw - x0)],
+                         self.spec.ignore_index)
             for k in self.names:
                 s = self.strides[k]
                 # The stream tier first cuts a map to the view's valid cells, ceil(valid / s), then crops.
                 fh = min(features[k].shape[2], -(-vh // s) - y0 // s)
                 fw = min(features[k].shape[3], -(-vw // s) - x0 // s)
-                features[k][i, :, :fh, :fw] = self.features[k][p, :, y0 // s: y0 // s + fh, x0 // s: x0 // s + fw]
-        return self._to_device(features, labels, positions)
+                _copy_padded(features[k][i], self.features[k][p, :, y0 // s: y0 // s + fh, x0 // s: x0 // s + fw], 0)
+        if staged:
+            return self._to_device(features, labels, positions)
+        if self.spec.dtype == "uint8":
+            index = torch.as_tensor(positions, device=self.home)
+            for k in self.names:
+                features[k].mul_(self.scales[k][index][:, :, None, None])
+        return features, labels
 
     def _boxes(self, positions, epoch: int):
         """Each item's crop corner and the batch's (H, W): the crop, or the (equal) valid size."""
@@ -298,6 +316,22 @@ class ResidentViews:
                 t = t.float()
             out[k] = t.contiguous(memory_format=fmt)
         return out, labels.to(self.device, non_blocking=True).long()
+
+
+def _copy_padded(dst: torch.Tensor, src: torch.Tensor, fill) -> None:
+    """``dst[..., :h, :w] = src`` (converting its dtype) and ``fill`` in the rest of ``dst``'s last two dims."""
+    h, w = src.shape[-2:]
+    dst[..., :h, :w].copy_(src)
+    if h < dst.shape[-2]:
+        dst[..., h:, :].fill_(fill)
+    if w < dst.shape[-1]:
+        dst[..., :h, w:].fill_(fill)
+
+
+def _memory_format(device: torch.device) -> torch.memory_format:
+    from .device import memory_format
+
+    return memory_format(device)
 
 
 def _as_tensor(stored: np.ndarray, dtype: str) -> torch.Tensor:

@@ -97,9 +97,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse out-of-range settings (a UserError naming the option) before any work is done."""
-        from .checks import (FEATURE_CROP_ALIGN, fraction_problem, int_problem, non_negative_problem, require,
-                             size_problem)
-        from .resident import CACHE_MODES
+        from .checks import (CACHE_MODES, FEATURE_CROP_ALIGN, fraction_problem, int_problem, non_negative_problem,
+                             require, size_problem)
 
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("ohem_min_kept", 1), ("seed", 0), ("workers", 0),
                               ("val_every", 1), ("log_every", 1)):

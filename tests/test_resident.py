@@ -55,6 +55,20 @@ def test_resident_batches_equal_the_streamed_ones(stores, store, mode, crop):
     assert float(features["s4"].abs().sum()) > 0
 
 
+@pytest.mark.parametrize("store", ["train.zarr", "u8.zarr", "bf16.zarr"])
+def test_staged_batches_equal_the_direct_ones(stores, store):
+    """The ram tier on CUDA cuts batches in host RAM in the storage dtype and decodes them on the device;
+    forced here on the CPU, it gives the batches the direct path (and so the stream tier) gives."""
+    res = ResidentViews(str(stores / store), NAMES, torch.device("cpu"), "ram", crop=(96, 96), progress=False)
+    assert not res.staged
+    direct = res.batch([1, 0, 2], epoch=1)
+    res.staged = True
+    staged = res.batch([1, 0, 2], epoch=1)
+    assert torch.equal(staged[1], direct[1])
+    for k in NAMES:
+        assert torch.equal(staged[0][k], direct[0][k]), k
+
+
 def test_uint8_stays_uint8_in_memory(stores):
     res = ResidentViews(str(stores / "u8.zarr"), NAMES, torch.device("cpu"), "device", progress=False)
     assert all(t.dtype == torch.uint8 for t in res.features.values())
