@@ -87,6 +87,9 @@ def test_training_section_measures_every_cache_tier(results):
         assert m["resident_views"] == 4 and m["load_s"] > 0 and m["resident_MiB"] > 0
         # On CPU the resident store is in the RSS: the step's own memory is the peak less the store.
         assert rows[tier]["step_MiB"] == pytest.approx(rows[tier]["peak_MiB"] - m["resident_MiB"])
+        # Timed in turn with the in-memory step of the same process: its own ratio, not the cross-process one.
+        assert m["paired_vs_memory"] > 0 and m["paired_memory_step_s"] > 0 and rows[tier]["paired_vs_memory"] == \
+            m["paired_vs_memory"]
     assert rows["stream"]["resident_MiB"] == 0 and rows["stream"]["load_s"] == 0
     sched = {r["epochs"]: r for r in t["whole_schedule"]}
     assert sorted(sched) == [10, 100, 200]

@@ -123,7 +123,15 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
             raise ValueError(mode)
     # The cheap modes run 8 steps per repetition: a loader that falls behind now and then shows in the mean.
     cheap = mode in ("memory", "cache", *TIERS)
-    seconds = median_seconds(one, cfg.repeats, cfg.warmup, sync, calls_per_repeat=8 if cheap else 1)
+    paired = None
+    if resident is not None:
+        # Against the step on one batch already in memory, timed in turn with it in this process
+        # (A B A B): the ratio holds when the machine's speed drifts between processes.
+        fixed = resident.batch(list(range(min(batch, len(resident)))))
+        paired = paired_ratio(one, lambda: step(*fixed), cfg.repeats, cfg.warmup, sync)
+        seconds = paired["a_s"]
+    else:
+        seconds = median_seconds(one, cfg.repeats, cfg.warmup, sync, calls_per_repeat=8 if cheap else 1)
     peak = peak_memory(device)
     out = {"mode": mode, "size": list(size), "batch": batch, "step_s": seconds, "baseline_rss_MiB": baseline,
            **peak, "loader_workers_peak_rss_MiB": children_peak_rss_mib() if mode == "cache" else None}
@@ -133,8 +141,32 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
         out.update(resident_MiB=resident.nbytes / 2**20, load_s=resident.load_seconds,
                    load_GB_per_s=resident.nbytes / 1e9 / max(resident.load_seconds, 1e-9),
                    resident_views=len(resident), resident_counted_in_peak=counted,
-                   loader_cpu_ms_per_view=1e3 * assembly["cpu_s"] / max(1, assembly["views"]))
+                   loader_cpu_ms_per_view=1e3 * assembly["cpu_s"] / max(1, assembly["views"]),
+                   paired_vs_memory=paired["ratio"], paired_memory_step_s=paired["b_s"])
     return out
+
+
+def paired_ratio(a, b, repeats: int, warmup: int, sync=None, calls: int = 8) -> dict:
+    """Median over ``repeats`` pairs of the ratio (mean time of ``calls`` calls of ``a``) / (the same of
+    ``b``), timed in turn; with each one's median time."""
+    import statistics
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if sync:
+            sync()
+        return (time.perf_counter() - t0) / calls
+
+    for _ in range(warmup):
+        a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timed(a))
+        tb.append(timed(b))
+    return {"ratio": statistics.median(x / y for x, y in zip(ta, tb)), "a_s": statistics.median(ta),
+            "b_s": statistics.median(tb)}
 
 
 def endless_positions(n: int, batch: int, seed: int):
@@ -225,6 +257,7 @@ def tier_rows(modes: dict, loader: dict) -> list[dict]:
     for tier, key in (("device", "device"), ("ram", "ram"), ("stream", "cache")):
         m = modes[key]
         rows.append({"tier": tier, "step_s": m["step_s"], "vs_memory": m["step_s"] / memory,
+                     "paired_vs_memory": m.get("paired_vs_memory"),
                      "loader_cpu_ms_per_view": m.get("loader_cpu_ms_per_view", loader.get("cpu_ms_per_view")),
                      "load_s": m.get("load_s", 0.0), "load_GB_per_s": m.get("load_GB_per_s"),
                      "resident_MiB": m.get("resident_MiB", 0.0), "step_MiB": step_memory_MiB(m),
@@ -327,11 +360,16 @@ def tiers_markdown(rows: list[dict], goal: float) -> list[str]:
     lines = ["", "Cache tiers (`train-decoder --cache-mode`), the same decoder and batch; loader CPU is the time spent "
              "making batches per view (stream: the DataLoader workers' CPU; resident: cutting batches from memory); "
              "memory is the peak above the import baseline, with the resident store and the step's own share apart:",
-             "", "| tier | step (s) | vs in-memory step | goal | loader CPU (ms/view) | one-off load (s) | load (GB/s) | "
-             "resident (MiB) | step's own (MiB) | peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "The paired column times each resident tier's step in turn with the step on one batch already in memory, "
+             "in one process (A B A B, median of the ratios), which holds when the machine's speed drifts; the "
+             "column before it divides by the memory row above, measured in another process.",
+             "", "| tier | step (s) | vs in-memory step | paired (A B A B) | goal | loader CPU (ms/view) | "
+             "one-off load (s) | load (GB/s) | resident (MiB) | step's own (MiB) | peak (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in rows:
         resident = t["tier"] != "stream"
-        lines.append(f"| {t['tier']} | {t['step_s']:.3f} | **{t['vs_memory']:.2f}x** | "
+        paired = f"**{t['paired_vs_memory']:.2f}x**" if t.get("paired_vs_memory") else ""
+        lines.append(f"| {t['tier']} | {t['step_s']:.3f} | {t['vs_memory']:.2f}x | {paired} | "
                      f"{f'<= {goal}x' if resident else ''} | {t['loader_cpu_ms_per_view']:.2f} | "
                      f"{t['load_s']:.2f} | " + (f"{t['load_GB_per_s']:.2f}" if t["load_GB_per_s"] else "") + " | "
                      f"{t['resident_MiB']:.0f} | {t['step_MiB']:.0f} | {t['peak_MiB']:.0f} |")
