@@ -202,6 +202,9 @@ def plan(req: PlanRequest, echo=print) -> Plan:
                      resident_bytes=resident_bytes(spec, names, images * views), extracted=extracted,
                      free=available_memory(device))
     rows = project(w, rates)
+    if device.type != "cuda":  # the device is the CPU: the two resident tiers are one memory, one row
+        rows = [r for r in rows if r.method != "cache-ram"]
+        notes.append("on a CPU --cache-mode ram and device hold the views in the same RAM: one row")
     best, why = recommend(rows)
     notes.append("an epoch is one pass over the images for every method (the cache reads one of the K views of "
                  f"each image): train-decoder --epochs {max(1, round(req.epochs / views))} with {views} views gives "
