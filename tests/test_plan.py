@@ -103,6 +103,7 @@ def test_plan_command_from_a_bench_json(store, tmp_path):
     assert rows["online"]["seconds"] == pytest.approx(10 * (4 // 2) * 2.0)  # same size and batch: unscaled
 
 
+@pytest.mark.slow  # 40 s of probing; the probe's measurements are the bench's, which tests/test_bench.py runs
 def test_plan_probes_the_device_itself(store):
     p = plan(PlanRequest(store=str(store), epochs=5, batch_size=2, device="cpu", repeats=1), echo=lambda m: None)
     rows = {row["method"]: row for row in p.rows}
