@@ -273,7 +273,7 @@ def _sample_store(req: PlanRequest, device, tmp: Path, echo) -> tuple[str, float
 def probe(req: PlanRequest, store: str, device, extract_rate: float | None = None) -> Rates:
     """A few steps of each method on ``device``, each in its own process (the bench's measure_mode)."""
     from .bench.common import BenchConfig
-    from .bench.training import run_modes, step_memory_MiB
+    from .bench.training import run_modes
     from .cache import FeatureStore
 
     spec = FeatureStore.open(store).spec
@@ -286,36 +286,38 @@ def probe(req: PlanRequest, store: str, device, extract_rate: float | None = Non
     tiers = ("device", "ram") if device.type == "cuda" else ("device",)
     modes = run_modes(cfg, size, req.batch_size, store, modes=("memory", *tiers, "cache", "online", "finetune"))
     modes.setdefault("ram", modes["device"])
-    key = {"stream": "cache"}
-    names = ("memory", "device", "ram", "stream", "online", "finetune")
-    return Rates(batch=req.batch_size, size=size,
-                 step_s={n: modes[key.get(n, n)]["step_s"] for n in names},
+    return _rates(modes, req.batch_size, size, extract_rate, str(device), "probe")
+
+
+# The bench's measure_mode names, by this module's names (the bench calls the stream tier "cache").
+BENCH_MODES = {"memory": "memory", "device": "device", "ram": "ram", "stream": "cache", "online": "online",
+               "finetune": "finetune"}
+
+
+def _rates(modes: dict, batch: int, size, extract_rate: float | None, device: str, source: str) -> Rates:
+    """Rates from the bench's per-mode measurements (``measure_mode`` results, probed or from a JSON file)."""
+    from .bench.training import step_memory_MiB
+
+    return Rates(batch=batch, size=tuple(size), step_s={n: modes[k]["step_s"] for n, k in BENCH_MODES.items()},
                  extract_views_per_s=extract_rate,
                  load_s_per_view={t: modes[t]["load_s"] / modes[t]["resident_views"] for t in ("device", "ram")},
-                 step_MiB={n: step_memory_MiB(modes[key.get(n, n)]) for n in names},
-                 memory_kind=modes["memory"]["kind"], device=str(device), source="probe")
+                 step_MiB={n: step_memory_MiB(modes[k]) for n, k in BENCH_MODES.items()},
+                 memory_kind=modes["memory"]["kind"], device=device, source=source)
 
 
 def rates_from_bench(path: str) -> Rates:
     """The rates of a ``fusion-seg bench --json`` file (its training section; extraction if present)."""
-    from .bench.training import step_memory_MiB
-
     try:
         data = json.loads(Path(path).read_text())
         t = data["sections"]["training"]
         modes = t["modes"]
-        names = {"memory": "memory", "device": "device", "ram": "ram", "stream": "cache", "online": "online",
-                 "finetune": "finetune"}
-        missing = [k for k in names.values() if k not in modes]
+        missing = [k for k in BENCH_MODES.values() if k not in modes]
         if missing:
             raise UserError(f"--bench-json {path} lacks the training modes {', '.join(missing)}: it was written by an "
                             "older fusion-seg bench. Re-run `fusion-seg bench --sections extraction,training --json FILE`.")
         ext = data["sections"].get("extraction")
-        return Rates(batch=t["batch"], size=tuple(t["size"]), step_s={n: modes[k]["step_s"] for n, k in names.items()},
-                     extract_views_per_s=ext["extract_views_per_s"] if ext else None,
-                     load_s_per_view={k: modes[k]["load_s"] / modes[k]["resident_views"] for k in ("device", "ram")},
-                     step_MiB={n: step_memory_MiB(modes[k]) for n, k in names.items()},
-                     memory_kind=modes["memory"]["kind"], device=data["config"]["device"], source=str(path))
+        return _rates(modes, t["batch"], t["size"], ext["extract_views_per_s"] if ext else None,
+                      data["config"]["device"], str(path))
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"--bench-json {path} is not a `fusion-seg bench --json` file ({type(exc).__name__}: {exc}).")
 

@@ -36,6 +36,7 @@ from . import storage
 from .cache import VIEW_FIELDS, FeatureStore
 from .cached_views import ALIGN, aligned_crop_box
 from .checks import CACHE_MODES
+from .device import memory_format
 from .errors import UserError
 
 # What a resident cache may take of the free memory: the rest stays for the training step,
@@ -269,7 +270,7 @@ class ResidentViews:
                 features[k] = torch.empty(shape, dtype=self.features[k].dtype, **where)
             else:
                 features[k] = torch.empty(shape, dtype=torch.float32, device=self.device,
-                                          memory_format=_memory_format(self.device))
+                                          memory_format=memory_format(self.device))
         for i, (p, (y0, x0)) in enumerate(zip(positions, boxes)):
             vh, vw = (int(x) for x in self.valid[p])
             _copy_padded(labels[i], self.labels[p, y0:y0 + min(oh, vh - y0), x0:x0 + min(ow, vw - x0)],
@@ -303,8 +304,6 @@ class ResidentViews:
 
     def _to_device(self, features, labels, positions):
         """Copy (non-blocking from pinned memory) and decode on the device: float32 maps, int64 labels."""
-        from .device import memory_format
-
         fmt = memory_format(self.device)
         out = {}
         for k, t in features.items():
@@ -326,12 +325,6 @@ def _copy_padded(dst: torch.Tensor, src: torch.Tensor, fill) -> None:
         dst[..., h:, :].fill_(fill)
     if w < dst.shape[-1]:
         dst[..., :h, w:].fill_(fill)
-
-
-def _memory_format(device: torch.device) -> torch.memory_format:
-    from .device import memory_format
-
-    return memory_format(device)
 
 
 def _as_tensor(stored: np.ndarray, dtype: str) -> torch.Tensor:

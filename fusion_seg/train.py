@@ -177,9 +177,7 @@ class ResidentSource:
         return len(self.views.all_views)  # all processes' views, as CacheSource counts them
 
     def batches(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
-        sampler = torch.utils.data.DistributedSampler(range(len(self.views)), num_replicas=1, rank=0, shuffle=True,
-                                                      seed=self.cfg.seed * 100003, drop_last=True)
-        sampler.set_epoch(epoch)
+        sampler = _sampler(range(len(self.views)), self.cfg, epoch, DistEnv(device=self.dist.device))  # its shard
         batches = torch.utils.data.BatchSampler(sampler, self.dist.local_batch(self.cfg.batch_size),
                                                 drop_last=len(self) >= self.cfg.batch_size)
         for positions in batches:
@@ -233,15 +231,23 @@ def _loader(dataset, cfg: TrainConfig, epoch: int, collate, device, dist: DistEn
     if len(dataset) < dist.world:
         raise UserError(f"{len(dataset)} training views cannot be shared among {dist.world} processes; "
                         "start fewer processes or use a larger training set.")
-    # DistributedSampler shuffles with randperm seeded by seed + epoch: seed * 100003 keeps seeds 0 and 1
-    # from sharing permutations one epoch apart, and keeps one process's order what it was before DDP.
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                                  seed=cfg.seed * 100003, drop_last=True)
-    sampler.set_epoch(epoch)
+    sampler = _sampler(dataset, cfg, epoch, dist)
     return torch.utils.data.DataLoader(
         dataset, batch_size=dist.local_batch(cfg.batch_size), sampler=sampler, num_workers=cfg.workers,
         collate_fn=collate, drop_last=len(dataset) >= cfg.batch_size, pin_memory=device.type == "cuda",
     )
+
+
+def _sampler(dataset, cfg: TrainConfig, epoch: int, dist: DistEnv) -> torch.utils.data.DistributedSampler:
+    """The order of epoch ``epoch``'s items for this process, the one rule of every cache tier.
+
+    DistributedSampler shuffles with randperm seeded by seed + epoch: seed * 100003 keeps seeds 0 and 1
+    from sharing permutations one epoch apart, and keeps one process's order what it was before DDP.
+    """
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                                  seed=cfg.seed * 100003, drop_last=True)
+    sampler.set_epoch(epoch)
+    return sampler
 
 
 # --------------------------------------------------------------------------- validation

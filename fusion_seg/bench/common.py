@@ -73,18 +73,22 @@ def rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def child_pids() -> list[str]:
+    """The live child processes of this one, e.g. DataLoader workers (Linux /proc)."""
+    return [pid for task in Path("/proc/self/task").glob("*/children") for pid in task.read_text().split()]
+
+
 def children_peak_rss_mib() -> list[float]:
     """Peak RSS (VmHWM) of each live child process, e.g. DataLoader workers (pages shared with the parent count in both)."""
     peaks = []
-    for task in Path("/proc/self/task").glob("*/children"):
-        for pid in task.read_text().split():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    peaks.append(int(line.split()[1]) / 1024)
+    for pid in child_pids():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
     return peaks
 
 

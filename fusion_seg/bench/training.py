@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (BenchConfig, DecoderStep, decoder_for_store, build_frozen_encoder, children_peak_rss_mib, images,
+from .common import (BenchConfig, DecoderStep, child_pids, decoder_for_store, build_frozen_encoder,
+                     children_peak_rss_mib, images,
                      median_seconds, peak_memory, rss_mib, run_isolated, synchronizer)
 
 MODES = ("memory", "cache", "online", "finetune")
@@ -198,11 +199,6 @@ def _cpu_seconds(pids) -> float:
     return total
 
 
-def _children() -> list[str]:
-    from pathlib import Path
-
-    return [pid for task in Path("/proc/self/task").glob("*/children") for pid in task.read_text().split()]
-
 
 def loader_throughput(cfg: BenchConfig, store: str, names, batch: int, seconds_budget: float = 20.0) -> dict:
     """Views/s the training DataLoader delivers alone (read, decompress, collate), after its first batch,
@@ -211,7 +207,7 @@ def loader_throughput(cfg: BenchConfig, store: str, names, batch: int, seconds_b
     loader = cache_loader(store, names, batch, cfg.loader_workers, device)
     batches = endless(loader)
     next(batches)  # worker start-up is paid once per run, not per step
-    workers = _children() if cfg.loader_workers else []
+    workers = child_pids() if cfg.loader_workers else []
     cpu0, own0 = _cpu_seconds(workers), time.process_time()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds_budget and count < 400:
