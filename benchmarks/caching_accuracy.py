@@ -22,8 +22,8 @@ import json
 import time
 from pathlib import Path
 
-from fusion_seg.extract import extract
-from fusion_seg.train import TrainConfig, train_decoder, train_online
+from fusion_seg.extract.local import extract
+from fusion_seg.training.train import TrainConfig, train_decoder, train_online
 
 COMMON = dict(dataset="camvid", encoder="resnet50", random_init=True, seed=0, size=(180, 240), batch_size=4)
 AUG = dict(crop=(160, 224), scale_range=(0.5, 2.0), flip=True)

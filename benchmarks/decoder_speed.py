@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fusion_seg.bench.common import DecoderStep
+from fusion_seg.reports.bench.common import DecoderStep
 from fusion_seg.decoders import build_decoder
 from fusion_seg.shapes import ShapeSpec
 

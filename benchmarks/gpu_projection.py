@@ -12,7 +12,7 @@ CPU figure measured by ``fusion-seg bench`` on this machine's cores (the cache-f
 - the stream tier by the step or by decompressing views on the host cores, whichever is slower;
 - the resident tiers pay one decompression per view to load, then the step alone.
 
-The arithmetic is ``fusion_seg.plan.project``, the same the ``fusion-seg plan`` command uses.
+The arithmetic is ``fusion_seg.reports.plan.project``, the same the ``fusion-seg plan`` command uses.
 
     python benchmarks/gpu_projection.py [--host-cores 16] [--compress-ms 61] [--decode-ms 22]
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from fusion_seg.plan import LABELS, Rates, Workload, hms, project, recommend
+from fusion_seg.reports.plan import LABELS, Rates, Workload, hms, project, recommend
 
 GiB = 2**30
 

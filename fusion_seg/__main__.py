@@ -1,3 +1,3 @@
-from .cli import main
+from fusion_seg.cli import main
 
 main(prog_name="fusion-seg")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from fusion_seg.errors import CheckpointError
 
 FORMAT = "fusion-seg/decoder-checkpoint"
 VERSION = 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 
-from .errors import UserError
+from fusion_seg.errors import UserError
 
 FEATURE_CROP_ALIGN = 32  # a feature-space crop is cut at the coarsest stride (cached_views.ALIGN)
 STRIDES = (2, 4, 8, 16, 32)  # the strides a feature map may have

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import click
 
-from .checks import CACHE_MODES, FEATURE_CROP_ALIGN, scale_range_problem, size_problem, strides_problem
-from .errors import UserError
-from .storage import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES  # torch-free
+from fusion_seg.checks import CACHE_MODES, FEATURE_CROP_ALIGN, scale_range_problem, size_problem, strides_problem
+from fusion_seg.errors import UserError
+from fusion_seg.cache.codecs import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES  # torch-free
 
 # Copies of the registries' names, which live in modules that import torch (decoders, encoder) or PIL and
 # every dataset module (datasets): --help imports none of them. tests/test_cli.py checks them against the originals.
@@ -261,7 +261,7 @@ def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_ra
             random_init, seed, strides, device, dtype, codec, batch_size, loader_workers, dask_workers, scheduler, repair,
             skip_bad, out):
     """Run the frozen encoder once per view and store multi-scale features (resumable)."""
-    from .extract import extract as run
+    from fusion_seg.extract.local import extract as run
 
     r = run(dataset=dataset, root=root, split=split, out=out, views=views, augment=not no_augment, crop=crop,
             scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size, encoder=encoder,
@@ -280,7 +280,7 @@ def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_ra
 @user_errors
 def verify(store, as_json):
     """Read every chunk of a feature store and list the views that are corrupt or missing (exit 1 if any)."""
-    from .cache import FeatureStore
+    from fusion_seg.cache.store import FeatureStore
 
     report = FeatureStore.open(store).verify(progress=not as_json)
     if as_json:
@@ -306,8 +306,8 @@ def verify(store, as_json):
 @user_errors
 def info(store, as_json):
     """Schema, size, compression ratio and encoder identity of a feature store."""
-    from .cache import FeatureStore
-    from .storage import codec_label
+    from fusion_seg.cache.store import FeatureStore
+    from fusion_seg.cache.codecs import codec_label
 
     d = FeatureStore.open(store).info()
     if as_json:
@@ -389,10 +389,10 @@ def train_decoder(ctx, cache, val_cache, allow_val_on_train, online, dataset, ro
     Under torchrun (`torchrun --nproc_per_node N -m fusion_seg train-decoder ...`) the cache path
     trains with DistributedDataParallel; --batch-size stays the global batch.
     """
-    from .ddp import is_main_process
-    from .progress import require_tensorboard
-    from .stages import train_config
-    from .train import resumed_lr, train_decoder as from_cache, train_online
+    from fusion_seg.training.ddp import is_main_process
+    from fusion_seg.progress import require_tensorboard
+    from fusion_seg.pipeline.stages import train_config
+    from fusion_seg.training.train import resumed_lr, train_decoder as from_cache, train_online
 
     # --online: --crop is the augmentation crop, as in extract (train_online's default when not given). From a
     # cache: a random crop in feature space when given (a multiple of 32, checked by TrainConfig), else whole views.
@@ -435,7 +435,7 @@ def train_decoder(ctx, cache, val_cache, allow_val_on_train, online, dataset, ro
 @user_errors
 def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window, weights, device):
     """Pixel accuracy, mIoU, per-class IoU and confusion matrix, end to end on images."""
-    from .infer import evaluate as run
+    from fusion_seg.evaluation.evaluate import evaluate as run
 
     r = run(checkpoint, dataset=dataset, root=root, split=split, out=out, sliding_window=sliding_window,
             weights=weights, device=device, dataset_options=parse_key_values(dataset_opt))
@@ -459,7 +459,7 @@ def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window,
 @user_errors
 def predict(checkpoint, inputs, out, sliding_window, weights, device):
     """Image(s) to label PNGs and colour overlays, end to end."""
-    from .infer import predict as run
+    from fusion_seg.inference.predict import predict as run
 
     r = run(checkpoint, inputs, out, sliding_window=sliding_window, weights=weights, device=device)
     click.echo(f"{r['images']} image(s) -> {r['out']}")
@@ -490,8 +490,8 @@ def predict(checkpoint, inputs, out, sliding_window, weights, device):
 def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed, workers, cache_mode, device, repeats,
             out):
     """Train several decoders from one cache with one schedule and tabulate them."""
-    from .compare import compare as run
-    from .train import TrainConfig
+    from fusion_seg.reports.compare import compare as run
+    from fusion_seg.training.train import TrainConfig
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, crop=list(crop) if crop else None,
                       seed=seed, workers=workers, device=device, cache_mode=cache_mode)
@@ -513,7 +513,7 @@ def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed
 @user_errors
 def visualize(checkpoints, image, mask, out, weights, device):
     """The paper's Figure 2: prediction and decoder feature maps (PCA) at strides 4-32, per checkpoint."""
-    from .visualize import visualize as run
+    from fusion_seg.reports.visualize import visualize as run
 
     path = run([Path(c) for c in checkpoints], Path(image), Path(out), mask_path=Path(mask) if mask else None,
                device=device, weights=weights)
@@ -548,7 +548,7 @@ def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_si
 
     It says so when online-frozen training beats the cache on this hardware.
     """
-    from .plan import PlanRequest, plan as run, to_text
+    from fusion_seg.reports.plan import PlanRequest, plan as run, to_text
 
     req = PlanRequest(store=store, dataset=dataset, root=root, split=split,
                       dataset_options=parse_key_values(dataset_opt), size=tuple(size) if size else None, views=views,
@@ -572,7 +572,7 @@ def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_si
 @user_errors
 def run(recipe, overrides, dry_run, epoch_scale):
     """Run the stages of a TOML recipe; stages already done with the same settings are skipped."""
-    from .recipes import run_recipe
+    from fusion_seg.pipeline.recipes import run_recipe
 
     pairs = {}
     for item in overrides:
@@ -612,8 +612,8 @@ def run(recipe, overrides, dry_run, epoch_scale):
 def bench(device, sections, camvid, encoder, weights, decoder, batch_size, size, scaling_sizes, forward_sizes, views,
           repeats, loader_workers, json_path, markdown_path, update_path, workdir):
     """Measure extraction, cache formats, loader, training (cache/online/fine-tune), scaling and predict."""
-    from .bench import BenchConfig, render_markdown, run_bench, save_json, update_benchmarks
-    from .device import resolve_device
+    from fusion_seg.reports.bench import BenchConfig, render_markdown, run_bench, save_json, update_benchmarks
+    from fusion_seg.device import resolve_device
 
     resolve_device(device)  # a clear error when CUDA is asked for and absent
     cfg = BenchConfig(device=device, camvid=camvid, encoder=encoder, weights=weights, decoder=decoder,

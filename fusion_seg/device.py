@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from .errors import UserError
+from fusion_seg.errors import UserError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from fusion_seg.errors import UserError
 
 _INSTALL = "pip install 'fusion-seg[plots]'"
 

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from .errors import UserError
+from fusion_seg.errors import UserError
 
 ENV_SECONDS = "FUSION_SEG_PROGRESS_SECONDS"
 DEFAULT_SECONDS = 30.0

@@ -185,7 +185,7 @@ def write_voc(root, splits: Mapping[str, int | Sequence[str]] = {"train": 2, "va
     when both exist. Masks (:func:`voc_mask`) are palette PNGs with VOC's colour map.
     ``nested=False`` writes the VOC2012 contents directly into ``root``.
     """
-    from fusion_seg.io import default_palette
+    from fusion_seg.data.io import default_palette
 
     root = Path(root)
     voc = root / "VOCdevkit" / "VOC2012" if nested else root

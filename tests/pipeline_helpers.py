@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusion_seg.extract import extract
+from fusion_seg.extract.local import extract
 
 ENCODER = "resnet18"
 SYNTH = {"num_images": 6, "size": (64, 96)}
@@ -21,7 +21,7 @@ def extract_synthetic(out: Path, *, split="train", views=2, augment=True, crop=(
 
 
 def tiny_config(**kw):
-    from fusion_seg.train import TrainConfig
+    from fusion_seg.training.train import TrainConfig
 
     base = dict(decoder_config={"streams": 4, "preset": "small"}, epochs=2, batch_size=2, workers=0,
                 log_every=1, loss="ce", device="cpu")
@@ -31,13 +31,13 @@ def tiny_config(**kw):
 
 def raise_after_checkpoint(monkeypatch, epoch: int, exc: type[Exception]) -> None:
     """Make training raise ``exc`` right after it has written ``last.pt`` for ``epoch`` (an interruption)."""
-    import fusion_seg.train
+    import fusion_seg.training.train
 
-    real_save = fusion_seg.train.save_checkpoint
+    real_save = fusion_seg.training.train.save_checkpoint
 
     def save_then_raise(path, payload):
         real_save(path, payload)
         if path.name == "last.pt" and payload["epoch"] == epoch:
             raise exc
 
-    monkeypatch.setattr(fusion_seg.train, "save_checkpoint", save_then_raise)
+    monkeypatch.setattr(fusion_seg.training.train, "save_checkpoint", save_then_raise)

@@ -11,7 +11,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from fusion_seg.bench import BenchConfig, render_markdown, run_bench, update_benchmarks
+from fusion_seg.reports.bench import BenchConfig, render_markdown, run_bench, update_benchmarks
 from fusion_seg.cli import main
 from pipeline_helpers import ENCODER
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import zarr
 
-from fusion_seg.cache import SCHEMA_VERSION, FeatureStore
+from fusion_seg.cache.store import SCHEMA_VERSION, FeatureStore
 from fusion_seg.errors import CacheError, UserError
 from PIL import Image
 
-from fusion_seg.extract import extract
+from fusion_seg.extract.local import extract
 from pipeline_helpers import ENCODER, extract_synthetic
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fusion_seg.cached_views import aligned_crop_box, crop_view
+from fusion_seg.cache.reader import aligned_crop_box, crop_view
 
 STRIDES = {"s4": 4, "s8": 8, "s16": 16, "s32": 32}
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_seg.cityscapes_metrics import (AVG_CLASS_SIZE, CATEGORIES, INSTANCE_CLASSES,
+from fusion_seg.evaluation.cityscapes import (AVG_CLASS_SIZE, CATEGORIES, INSTANCE_CLASSES,
                                            TRAIN_ID_CATEGORY, CityscapesEvaluator)
-from fusion_seg.datasets.cityscapes import CLASSES, LABEL_TO_TRAIN, label_id_table
+from fusion_seg.data.datasets.cityscapes import CLASSES, LABEL_TO_TRAIN, label_id_table
 
 I = 255  # noqa: E741 - ignore
 ROAD, PERSON, RIDER, CAR, TRUCK = 0, 11, 12, 13, 14

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fusion_seg.cli import main
-from fusion_seg.datasets import build_dataset
+from fusion_seg.data.datasets import build_dataset
 
 DATA = ["--dataset", "synthetic", "--dataset-opt", "num_images=4", "--dataset-opt", "size=[64,96]"]
 ENC = ["--encoder", "resnet18", "--random-init", "--seed", "0", "--strides", "4,8,16,32", "--device", "cpu"]
@@ -109,13 +109,13 @@ def test_python_dash_m_is_the_same_program():
 def test_the_clis_names_are_the_registries():
     """cli.py lists names without importing the registries' modules (torch, PIL); they must stay the same."""
     from fusion_seg import cli
-    from fusion_seg.cached_views import ALIGN
+    from fusion_seg.cache.reader import ALIGN
     from fusion_seg.checks import FEATURE_CROP_ALIGN
-    from fusion_seg.compare import DEFAULT_DECODERS
-    from fusion_seg.datasets import DATASETS
+    from fusion_seg.reports.compare import DEFAULT_DECODERS
+    from fusion_seg.data.datasets import DATASETS
     from fusion_seg.decoders import DECODERS
-    from fusion_seg.encoder import DEFAULT_ENCODER, DEFAULT_STRIDES
-    from fusion_seg.resident import CACHE_MODES
+    from fusion_seg.encoder.build import DEFAULT_ENCODER, DEFAULT_STRIDES
+    from fusion_seg.cache.resident import CACHE_MODES
 
     assert cli.DATASET_NAMES == tuple(DATASETS)
     assert cli.DECODER_NAMES == tuple(DECODERS)
@@ -127,7 +127,7 @@ def test_the_clis_names_are_the_registries():
 
 
 def test_help_lists_every_dataset_and_decoder_and_no_false_default():
-    from fusion_seg.datasets import DATASETS
+    from fusion_seg.data.datasets import DATASETS
     from fusion_seg.decoders import DECODERS
 
     for command in ("extract", "evaluate", "train-decoder", "plan"):

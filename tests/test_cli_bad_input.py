@@ -118,7 +118,7 @@ EXTRACT_KW = dict(dataset="synthetic", split="train", encoder="resnet18", random
     (dict(writers=0), "writers"), (dict(workers=0), "--dask-workers"),
 ])
 def test_extract_refuses_bad_values_before_creating_the_store(bad, option, tmp_path):
-    from fusion_seg.extract import extract
+    from fusion_seg.extract.local import extract
 
     out = tmp_path / "out" / "x.zarr"
     with pytest.raises(UserError, match=option):
@@ -145,14 +145,14 @@ def test_extract_with_a_corrected_scale_range_after_a_bad_one(tmp_path):
     (dict(val_every=0), "val-every"), (dict(log_every=0), "log-every"), (dict(cache_mode="disk"), "cache-mode"),
 ])
 def test_train_config_refuses_bad_values(bad, name):
-    from fusion_seg.train import TrainConfig
+    from fusion_seg.training.train import TrainConfig
 
     with pytest.raises(UserError, match=name):
         TrainConfig(**bad)
 
 
 def test_train_config_accepts_its_defaults_and_edge_values():
-    from fusion_seg.train import TrainConfig
+    from fusion_seg.training.train import TrainConfig
 
     TrainConfig()
     TrainConfig(lr=0.0)  # a script may train with lr 0 (tests carry weights over unchanged); the CLI refuses --lr 0

@@ -30,7 +30,7 @@ def test_compare_checks_the_whole_decoder_list_before_training(tmp_path, monkeyp
     before the first decoder trains; no run folder is made."""
     import pytest
 
-    from fusion_seg import compare as cmp
+    from fusion_seg.reports import compare as cmp
     from fusion_seg.errors import UserError
     from fusion_seg.shapes import ShapeSpec
     from pipeline_helpers import tiny_config

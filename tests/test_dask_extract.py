@@ -22,11 +22,11 @@ from click.testing import CliRunner
 from dask.system import CPU_COUNT
 from PIL import Image
 
-from fusion_seg.cache import FeatureStore
+from fusion_seg.cache.store import FeatureStore
 from fusion_seg.cli import main
-from fusion_seg.dask_extract import local_cluster
+from fusion_seg.extract.dask_cluster import local_cluster
 from fusion_seg.errors import CacheError, DataError, UserError
-from fusion_seg.extract import extract
+from fusion_seg.extract.local import extract
 from pipeline_helpers import ENCODER, extract_synthetic
 
 distributed = pytest.importorskip("distributed")
@@ -85,7 +85,7 @@ class CountBuilds(distributed.WorkerPlugin):
         self.log = str(log)
 
     def setup(self, worker):
-        from fusion_seg import dask_extract
+        from fusion_seg.extract import dask_cluster as dask_extract
 
         self.original = build = dask_extract.build_encoder
 
@@ -96,7 +96,7 @@ class CountBuilds(distributed.WorkerPlugin):
         dask_extract.build_encoder = counted
 
     def teardown(self, worker):
-        from fusion_seg import dask_extract
+        from fusion_seg.extract import dask_cluster as dask_extract
 
         dask_extract.build_encoder = self.original
 
@@ -105,13 +105,13 @@ class OtherWeights(distributed.WorkerPlugin):
     """The worker builds its random-init encoder with another seed: other weights than the client's."""
 
     def setup(self, worker):
-        from fusion_seg import dask_extract
+        from fusion_seg.extract import dask_cluster as dask_extract
 
         self.original = build = dask_extract.build_encoder
         dask_extract.build_encoder = lambda **kw: build(**{**kw, "seed": kw["seed"] + 1})
 
     def teardown(self, worker):
-        from fusion_seg import dask_extract
+        from fusion_seg.extract import dask_cluster as dask_extract
 
         dask_extract.build_encoder = self.original
 
@@ -123,7 +123,7 @@ class DieWhileWriting(distributed.WorkerPlugin):
         self.view, self.marker = view, str(marker)
 
     def setup(self, worker):
-        from fusion_seg.cache import FeatureStore
+        from fusion_seg.cache.store import FeatureStore
 
         self.original = write = FeatureStore.write_view
 
@@ -142,7 +142,7 @@ class DieWhileWriting(distributed.WorkerPlugin):
         FeatureStore.write_view = write_view
 
     def teardown(self, worker):
-        from fusion_seg.cache import FeatureStore
+        from fusion_seg.cache.store import FeatureStore
 
         FeatureStore.write_view = self.original
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusion_seg.datasets import DATASETS, SegSample, build_dataset
-from fusion_seg.datasets.camvid import PALETTE as CAMVID_PALETTE
+from fusion_seg.data.datasets import DATASETS, SegSample, build_dataset
+from fusion_seg.data.datasets.camvid import PALETTE as CAMVID_PALETTE
 from fusion_seg.errors import DataError, UserError
 
 

@@ -21,11 +21,11 @@ from fake_layouts import (
 )
 from PIL import Image
 
-from fusion_seg.datasets import DATASETS, build_dataset
-from fusion_seg.datasets.base import import_optional
-from fusion_seg.datasets.cityscapes import label_id_table
+from fusion_seg.data.datasets import DATASETS, build_dataset
+from fusion_seg.data.datasets.base import import_optional
+from fusion_seg.data.datasets.cityscapes import label_id_table
 from fusion_seg.errors import DataError, UserError
-from fusion_seg.io import read_image
+from fusion_seg.data.io import read_image
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools

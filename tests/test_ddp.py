@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusion_seg.cached_views import CachedViews, collate_views
+from fusion_seg.cache.reader import CachedViews, collate_views
 from fusion_seg.checkpoint import load_checkpoint
-from fusion_seg.ddp import DistEnv, check_sync_bn
+from fusion_seg.training.ddp import DistEnv, check_sync_bn
 from fusion_seg.errors import UserError
-from fusion_seg.losses import build_loss
-from fusion_seg.resident import resident_bytes
-from fusion_seg.model import upsample_logits
-from fusion_seg.train import TrainConfig, _loader, _make_decoder, train_decoder, train_online
+from fusion_seg.training.losses import build_loss
+from fusion_seg.cache.resident import resident_bytes
+from fusion_seg.decoders.base import upsample_logits
+from fusion_seg.training.train import TrainConfig, _loader, _make_decoder, train_decoder, train_online
 from pipeline_helpers import extract_synthetic, raise_after_checkpoint, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ ARGS = ["--decoder", "fpn", "--decoder-opt", "fpn_width=32", "--decoder-opt", "h
 # torchrun runs this instead of `-m fusion_seg` to stop rank 0 dead right after it wrote last.pt of epoch 1.
 DIE_AFTER_EPOCH_1 = """
 import os
-import fusion_seg.train as train
+import fusion_seg.training.train as train
 from fusion_seg.cli import main
 
 real_save = train.save_checkpoint
@@ -157,7 +157,7 @@ def test_two_processes_step_like_one_process_at_the_global_batch(cache, two_proc
 
 
 def test_only_rank_0_writes_and_checkpoints_load_unchanged(two_procs_one_step):
-    from fusion_seg.infer import load_segmenter
+    from fusion_seg.inference.segmenter import load_segmenter
 
     run, done = two_procs_one_step
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "curves.png", "last.pt",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion_seg.recipes import run_recipe
+from fusion_seg.pipeline.recipes import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from fusion_seg.errors import DataError
-from fusion_seg.io import (default_palette, image_size, overlay, read_image, read_mask, write_mask_png,
+from fusion_seg.data.io import (default_palette, image_size, overlay, read_image, read_mask, write_mask_png,
                            write_rgb_png)
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_seg.errors import UserError
-from fusion_seg.losses import CrossEntropy, OhemCrossEntropy, build_loss
+from fusion_seg.training.losses import CrossEntropy, OhemCrossEntropy, build_loss
 
 
 def hrnet_ohem_reference(score, target, ignore, thresh, min_kept, weight=None):

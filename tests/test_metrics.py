@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_seg.metrics import SegEvaluator
+from fusion_seg.evaluation.metrics import SegEvaluator
 
 I = 255  # noqa: E741 - ignore label
 # 4 classes: 0 and 1 in the ground truth, 2 only predicted, 3 nowhere.

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from fusion_seg.cli import main
 from fusion_seg.errors import UserError
-from fusion_seg.plan import PlanRequest, Rates, Workload, plan, project, recommend
+from fusion_seg.reports.plan import PlanRequest, Rates, Workload, plan, project, recommend
 from pipeline_helpers import extract_synthetic
 
 GiB = 2**30

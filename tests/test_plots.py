@@ -9,16 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion_seg.datasets import build_dataset
+from fusion_seg.data.datasets import build_dataset
 from fusion_seg.errors import UserError
-from fusion_seg.infer import load_segmenter
-from fusion_seg.io import write_mask_png, write_rgb_png
-from fusion_seg.train import train_decoder
+from fusion_seg.inference.segmenter import load_segmenter
+from fusion_seg.data.io import write_mask_png, write_rgb_png
+from fusion_seg.training.train import train_decoder
 from pipeline_helpers import SYNTH, extract_synthetic, tiny_config
 
 pytest.importorskip("matplotlib")
 
-from fusion_seg import plots, visualize as vis  # noqa: E402
+from fusion_seg import plots
+
+from fusion_seg.reports import visualize as vis  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -161,8 +163,8 @@ def test_decoder_feature_maps(models, decoder, rule):
 def test_feature_maps_of_the_end_to_end_hrnet(rule):
     """The HRNet baseline pads the image to a multiple of 32: its maps still match, cropped back."""
     from fusion_seg.decoders import DECODERS, build_decoder
-    from fusion_seg.encoder import build_image_encoder
-    from fusion_seg.model import Segmenter
+    from fusion_seg.encoder.build import build_image_encoder
+    from fusion_seg.inference.segmenter import Segmenter
 
     if "hrnet" not in DECODERS:
         pytest.skip("the hrnet baseline decoder is not registered")
@@ -290,7 +292,7 @@ def test_confusion_colour_bar_and_cells_share_units(tmp_path):
 def test_legend_names_every_class_in_its_palette_colour(tmp_path):
     from matplotlib.colors import to_rgb
 
-    from fusion_seg.io import default_palette
+    from fusion_seg.data.io import default_palette
 
     names = [f"class {i}" for i in range(30)]
     palette = default_palette(30)
@@ -307,7 +309,7 @@ def test_legend_names_every_class_in_its_palette_colour(tmp_path):
 def test_figure2_has_a_legend_of_the_overlay_classes(runs, models):
     from matplotlib.colors import to_rgb
 
-    from fusion_seg.io import default_palette
+    from fusion_seg.data.io import default_palette
 
     _, ckpt = models["fpn"]
     fig = vis.figure2([runs["reverse-hrnet"] / "best.pt", runs["fpn"] / "best.pt"], runs["image"],

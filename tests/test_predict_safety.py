@@ -6,10 +6,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from fusion_seg import infer
+from fusion_seg.evaluation import evaluate as scoring
+from fusion_seg.inference import predict as infer
 from fusion_seg.cli import main
 from fusion_seg.errors import UserError
-from fusion_seg.train import train_decoder
+from fusion_seg.training.train import train_decoder
 from pipeline_helpers import SYNTH, extract_synthetic, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -36,6 +37,7 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded before the refusal")
 
     monkeypatch.setattr(infer, "load_segmenter", fail)
+    monkeypatch.setattr(scoring, "load_segmenter", fail)
 
 
 def snapshot(folder):
@@ -125,8 +127,8 @@ def test_evaluate_refuses_a_bad_out_before_scoring(checkpoint, tmp_path, no_mode
                 device="cpu", progress=False)
     for out in (blocker, blocker / "sub"):
         with pytest.raises(UserError, match="metrics"):
-            infer.evaluate(checkpoint, out=out, **data)
+            scoring.evaluate(checkpoint, out=out, **data)
     (tmp_path / "e" / "metrics.json").mkdir(parents=True)
     with pytest.raises(UserError, match="metrics.json"):
-        infer.evaluate(checkpoint, out=tmp_path / "e", **data)
+        scoring.evaluate(checkpoint, out=tmp_path / "e", **data)
     assert blocker.read_text() == "keep me"

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from fusion_seg.cli import main
 from fusion_seg.errors import UserError
-from fusion_seg.recipes import load_recipe, run_recipe
+from fusion_seg.pipeline.recipes import load_recipe, run_recipe
 from pipeline_helpers import extract_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,10 +160,11 @@ def test_every_key_a_stage_accepts_is_one_its_function_takes():
     import inspect
     from dataclasses import fields
 
-    from fusion_seg.extract import extract
-    from fusion_seg.infer import evaluate, predict
-    from fusion_seg.stages import DECODER_KEYS, stage_schema, trainer_keys
-    from fusion_seg.train import TrainConfig
+    from fusion_seg.extract.local import extract
+    from fusion_seg.evaluation.evaluate import evaluate
+    from fusion_seg.inference.predict import predict
+    from fusion_seg.pipeline.stages import DECODER_KEYS, stage_schema, trainer_keys
+    from fusion_seg.training.train import TrainConfig
 
     assert set(stage_schema("extract")) == set(inspect.signature(extract).parameters) - {"progress"}
     assert set(stage_schema("evaluate")) == set(inspect.signature(evaluate).parameters) - {"progress"}

@@ -5,7 +5,7 @@ import pytest
 
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import UserError
-from fusion_seg.recipes import load_recipe, run_recipe
+from fusion_seg.pipeline.recipes import load_recipe, run_recipe
 
 RECIPE = """
 name = "tiny"

@@ -19,11 +19,11 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from fusion_seg.cache import FeatureStore, writer_lock
+from fusion_seg.cache.store import FeatureStore, writer_lock
 from fusion_seg.checkpoint import load_checkpoint, save_checkpoint
 from fusion_seg.cli import main
 from fusion_seg.errors import CacheError, CheckpointError, UserError
-from fusion_seg.train import train_decoder
+from fusion_seg.training.train import train_decoder
 from pipeline_helpers import ENCODER, extract_synthetic, tiny_config
 
 EXTRACT = ["extract", "--dataset", "synthetic", "--dataset-opt", "num_images=8", "--dataset-opt", "size=[128,128]",

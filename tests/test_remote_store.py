@@ -17,12 +17,12 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from fusion_seg import store_url
-from fusion_seg.cache import FeatureStore
+from fusion_seg.cache import locations as store_url
+from fusion_seg.cache.store import FeatureStore
 from fusion_seg.cli import main
 from fusion_seg.errors import CacheError
-from fusion_seg.recipes import run_recipe
-from fusion_seg.train import TrainConfig, train_decoder
+from fusion_seg.pipeline.recipes import run_recipe
+from fusion_seg.training.train import TrainConfig, train_decoder
 from pipeline_helpers import extract_synthetic, tiny_config
 
 s3fs = pytest.importorskip("s3fs")

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_seg import resident
-from fusion_seg.cache import FeatureStore
-from fusion_seg.cached_views import CachedViews, collate_views
+from fusion_seg.cache import resident
+from fusion_seg.cache.store import FeatureStore
+from fusion_seg.cache.reader import CachedViews, collate_views
 from fusion_seg.errors import UserError
-from fusion_seg.resident import ResidentViews, choose_tier, resident_bytes, shard
-from fusion_seg.train import train_decoder
+from fusion_seg.cache.resident import ResidentViews, choose_tier, resident_bytes, shard
+from fusion_seg.training.train import train_decoder
 from pipeline_helpers import extract_synthetic, tiny_config
 
 NAMES = ["s4", "s8", "s16", "s32"]

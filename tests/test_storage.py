@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_seg import storage
-from fusion_seg.cache import FeatureStore
-from fusion_seg.cached_views import CachedViews
+from fusion_seg.cache import codecs as storage
+from fusion_seg.cache.store import FeatureStore
+from fusion_seg.cache.reader import CachedViews
 from fusion_seg.errors import CacheError, UserError
 from pipeline_helpers import extract_synthetic
 

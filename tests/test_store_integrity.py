@@ -15,12 +15,12 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from fusion_seg import cache as cache_module
-from fusion_seg.cache import FeatureStore, writer_lock
+from fusion_seg.cache import store as cache_module
+from fusion_seg.cache.store import FeatureStore, writer_lock
 from fusion_seg.cli import main
 from fusion_seg.errors import CacheError, DataError, UserError
-from fusion_seg.extract import extract
-from fusion_seg.train import train_decoder, train_online
+from fusion_seg.extract.local import extract
+from fusion_seg.training.train import train_decoder, train_online
 from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

@@ -5,7 +5,7 @@ import pytest
 
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import CheckpointError, UserError
-from fusion_seg.train import train_decoder, train_online
+from fusion_seg.training.train import train_decoder, train_online
 from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, raise_after_checkpoint, tiny_config
 
 
@@ -117,8 +117,9 @@ def test_every_decoder_trains_from_the_cache(stores, tmp_path, name):
 
 def test_hrnet_baseline_trains_end_to_end_and_predicts(stores, tmp_path):
     """The paper's baseline: HRNet with its own stem, from images, through the same commands."""
-    from fusion_seg.infer import evaluate, load_segmenter, predict_logits
-    from fusion_seg.datasets import build_dataset
+    from fusion_seg.evaluation.evaluate import evaluate
+    from fusion_seg.inference.segmenter import load_segmenter, predict_logits
+    from fusion_seg.data.datasets import build_dataset
 
     opts = {"num_images": 4, "size": (72, 100)}  # not multiples of 32: padded inside the model
     cfg = tiny_config(epochs=1, decoder="hrnet", decoder_config={})

@@ -10,14 +10,14 @@ import torch
 from click.testing import CliRunner
 
 import fusion_seg.checkpoint
-import fusion_seg.train
+import fusion_seg.training.train
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
-from fusion_seg.encoder import EncoderIdentity
+from fusion_seg.encoder.build import EncoderIdentity
 from fusion_seg.errors import CheckpointError, UserError
-from fusion_seg.extract import extract
+from fusion_seg.extract.local import extract
 from fusion_seg.progress import Progress
-from fusion_seg.train import train_decoder
+from fusion_seg.training.train import train_decoder
 from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, raise_after_checkpoint, tiny_config
 
 
@@ -183,14 +183,14 @@ def test_tensorboard_missing_is_refused_before_training(stores, tmp_path, monkey
 # --------------------------------------------------------------------------- NaN, and an lr change on resume
 def test_nan_advice_is_a_resume_the_tool_accepts(stores, tmp_path, monkeypatch):
     cache, run = str(stores / "train.zarr"), tmp_path / "run"
-    real_loss, calls = fusion_seg.train.decoder_loss, []
+    real_loss, calls = fusion_seg.training.train.decoder_loss, []
 
     def diverge_in_epoch_2(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 9 else loss
 
-    monkeypatch.setattr(fusion_seg.train, "decoder_loss", diverge_in_epoch_2)
+    monkeypatch.setattr(fusion_seg.training.train, "decoder_loss", diverge_in_epoch_2)
     with pytest.raises(UserError) as err:
         train_decoder(cache, run, tiny_config(epochs=2), progress=False)
     monkeypatch.undo()
@@ -269,7 +269,7 @@ def test_resume_without_last_pt_is_refused(stores, tmp_path):
 
 
 def test_train_stage_resumes_only_a_run_with_last_pt(stores, tmp_path):
-    from fusion_seg.stages import run_stage
+    from fusion_seg.pipeline.stages import run_stage
 
     stage = {"kind": "train", "cache": str(stores / "train.zarr"), "out": str(tmp_path / "run"), "epochs": 1,
              "batch_size": 4, "workers": 0, "device": "cpu", "loss": "ce",

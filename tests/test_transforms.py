@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_seg.transforms import hrnet_train_view, resize_pair, resized_shape, to_tensor, view_rng
+from fusion_seg.data.transforms import hrnet_train_view, resize_pair, resized_shape, to_tensor, view_rng
 
 
 def _pair(h=40, w=60, seed=0, labels=(0, 3, 7)):

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
 from fusion_seg.errors import CheckpointError
-from fusion_seg.extract import extract
-from fusion_seg.train import train_decoder
+from fusion_seg.extract.local import extract
+from fusion_seg.training.train import train_decoder
 from fake_layouts import write_camvid, write_cityscapes, write_coco, write_mapillary, write_voc
 from pipeline_helpers import ENCODER, tiny_config
 
@@ -117,7 +117,7 @@ def test_init_from_another_encoder_or_decoder_is_refused(first_stage, tmp_path):
 
 def test_mapillary_to_cityscapes_recipe_runs_on_official_layouts(tmp_path):
     """The paper's two-stage recipe end to end on small fakes, offline (random-init resnet18)."""
-    from fusion_seg.recipes import run_recipe
+    from fusion_seg.pipeline.recipes import run_recipe
 
     overrides = {"mapillary": str(write_mapillary(tmp_path / "vistas")),
                  "cityscapes": str(write_cityscapes(tmp_path / "cs")),

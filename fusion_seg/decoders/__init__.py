@@ -51,3 +51,15 @@ def build_decoder(name: str, input_shapes: dict[str, ShapeSpec], num_classes: in
 
 __all__ = ["DECODERS", "ESeg", "ExFuse", "FRM", "HRNetBaseline", "LinearProbe", "ReverseHRNet", "SemanticFPN",
            "build_decoder"]
+
+
+def decoder_from_record(record: dict) -> nn.Module:
+    """Rebuild a decoder from the ``{"name", "num_classes", "config", "input_shapes"}`` record a checkpoint holds."""
+    shapes = {k: ShapeSpec(int(c), int(s)) for k, (c, s) in record["input_shapes"].items()}
+    return build_decoder(record["name"], shapes, int(record["num_classes"]), **record["config"])
+
+
+
+def decoder_record(name: str, decoder: nn.Module, input_shapes: dict[str, ShapeSpec], num_classes: int) -> dict:
+    return {"name": name, "num_classes": num_classes, "config": decoder.config,
+            "input_shapes": {k: [v.channels, v.stride] for k, v in input_shapes.items()}}

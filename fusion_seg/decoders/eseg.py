@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, SeparableConvNormAct
 from torch import nn
 
-from fusion_seg.decoders.common import (check_group_norm, check_positive, check_preset,
+from fusion_seg.decoders.base import (check_group_norm, check_positive, check_preset,
                                         init_weights, norm_layer, select_features)
 from fusion_seg.decoders.hrnet_blocks import resize_to
 from fusion_seg.errors import UserError

@@ -38,7 +38,7 @@ import torch
 from timm.layers import ConvNormAct
 from torch import nn
 
-from fusion_seg.decoders.common import (check_group_norm, check_positive, check_preset,
+from fusion_seg.decoders.base import (check_group_norm, check_positive, check_preset,
                                         init_weights, norm_layer, select_features,
                                         upsample_nearest)
 from fusion_seg.decoders.hrnet_blocks import resize_to

@@ -56,7 +56,7 @@ from timm.models.twins import PosConv
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from fusion_seg.decoders.common import check_positive, check_preset, init_weights, select_features
+from fusion_seg.decoders.base import check_positive, check_preset, init_weights, select_features
 from fusion_seg.decoders.hrnet_blocks import resize_to
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_seg.decoders.common import init_weights
+from fusion_seg.decoders.base import init_weights
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_seg.decoders.common import init_weights, select_features
+from fusion_seg.decoders.base import init_weights, select_features
 from fusion_seg.decoders.hrnet_blocks import resize_to
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec

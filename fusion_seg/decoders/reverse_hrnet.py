@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusion_seg.decoders.common import init_weights, select_features
+from fusion_seg.decoders.base import init_weights, select_features
 from fusion_seg.decoders.hrnet_blocks import HighResolutionModule
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec

@@ -1,0 +1,52 @@
+"""Dataset registry: ``build_dataset("camvid", root, "val")`` and friends."""
+from __future__ import annotations
+
+import inspect
+
+from fusion_seg.errors import UserError
+from fusion_seg.data.datasets.base import FileSegDataset, SegDataset, SegSample
+from fusion_seg.data.datasets.camvid import CamVidDataset
+from fusion_seg.data.datasets.cityscapes import CityscapesDataset
+from fusion_seg.data.datasets.coco import COCODataset
+from fusion_seg.data.datasets.folder import FolderDataset
+from fusion_seg.data.datasets.mapillary import MapillaryDataset
+from fusion_seg.data.datasets.synthetic import SyntheticDataset
+from fusion_seg.data.datasets.voc import VOCDataset
+
+DATASETS: dict[str, type[SegDataset]] = {
+    "synthetic": SyntheticDataset,
+    "camvid": CamVidDataset,
+    "folder": FolderDataset,
+    "cityscapes": CityscapesDataset,
+    "mapillary": MapillaryDataset,
+    "voc": VOCDataset,
+    "coco": COCODataset,
+}
+
+__all__ = ["DATASETS", "SegDataset", "SegSample", "build_dataset"]
+
+
+def build_dataset(name: str, root=None, split: str = "train", **options) -> SegDataset:
+    """The dataset ``name`` at ``root`` (ignored by ``synthetic``), split ``split``.
+
+    ``options`` are the dataset's own keyword arguments (e.g. ``num_images``
+    for synthetic, ``require_masks`` for the file datasets, ``version`` for
+    mapillary, ``sbd`` for voc, ``classes`` and ``min_pixels`` for coco), plus
+    ``limit=N`` for every file dataset: only its first N samples (quick trials, benchmarks).
+    """
+    options = dict(options)
+    limit = options.pop("limit", None)
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}.")
+    cls = DATASETS[name]
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("root", "split")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UserError(f"dataset {name!r} has no option {', '.join(unknown)}; "
+                        f"its options are: {', '.join(accepted) or 'none'}.")
+    dataset = cls(root=root, split=split, **options)
+    if limit is not None:
+        if not isinstance(dataset, FileSegDataset):
+            raise UserError(f"dataset {name!r} takes no limit option (synthetic: use num_images).")
+        dataset.keep_first(int(limit))
+    return dataset

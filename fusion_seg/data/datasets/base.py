@@ -1,0 +1,239 @@
+"""The dataset contract shared by every dataset.
+
+A :class:`SegDataset` is a sequence of :class:`SegSample`. Every sample is
+checked on read (mask values, image/mask size), so a broken label file fails
+with a message naming it instead of silently training on garbage.
+:class:`FileSegDataset` implements the contract for datasets stored as
+image/mask file pairs.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusion_seg.errors import DataError
+from fusion_seg.data.io import default_palette, image_size, read_image, read_mask
+
+
+@dataclass(frozen=True, eq=False)
+class SegSample:
+    """One image with its mask.
+
+    ``image`` is ``(H, W, 3)`` uint8 RGB; ``mask`` is ``(H, W)`` uint8 class
+    ids with ``ignore_index`` for unlabelled pixels, or None when the split
+    has no labels; ``id`` is unique and stable within the split. (``eq=False``:
+    field-wise ``==`` on arrays is ambiguous, so samples compare by identity.)
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    id: str
+
+
+class SegDataset(Sequence, abc.ABC):
+    """Base class: a ``Sequence[SegSample]`` plus class names, palette and a JSON description.
+
+    Subclasses set ``name``, call ``__init__`` and implement ``__len__``,
+    ``ids``, ``image_size`` and ``_load``; ``__getitem__`` validates what
+    ``_load`` returns.
+    """
+
+    name: str = ""
+    ignore_index: int = 255
+
+    def __init__(self, *, split: str, classes, root=None, palette=None, options: dict | None = None):
+        self.split = split
+        self.classes = tuple(str(c) for c in classes)
+        self.root = None if root is None else Path(root)
+        self.palette = (default_palette(len(self.classes)) if palette is None
+                        else np.asarray(palette, dtype=np.uint8).reshape(len(self.classes), 3))
+        self.options = dict(options or {})
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def ids(self) -> list[str]:
+        """Sample ids in index order."""
+
+    @abc.abstractmethod
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(H, W)`` of sample ``i``, without decoding pixels where possible."""
+
+    @abc.abstractmethod
+    def _load(self, i: int) -> SegSample:
+        """Read sample ``i`` (``0 <= i < len``) without validating it."""
+
+    def _sources(self, i: int) -> tuple[str, str]:
+        """Names of sample ``i``'s image and mask for error messages (file paths for file datasets)."""
+        where = f"{self.name} {self.split} sample {i} ({self.ids[i]})"
+        return f"image of {where}", f"mask of {where}"
+
+    def __getitem__(self, i) -> SegSample:
+        i = operator.index(i)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {self.name} {self.split} with {n} samples")
+        i %= n
+        sample = self._load(i)
+        if sample.mask is not None:
+            image_src, mask_src = self._sources(i)
+            check_pair(sample.image, sample.mask, image_src, mask_src)
+            check_mask_values(sample.mask, mask_src, self.num_classes, self.ignore_index)
+        return sample
+
+    def describe(self) -> dict:
+        """A plain-JSON description (for run records and cache metadata)."""
+        return {
+            "name": self.name,
+            "split": self.split,
+            "root": None if self.root is None else str(self.root),
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "ignore_index": self.ignore_index,
+            "len": len(self),
+            "options": dict(self.options),
+        }
+
+
+def check_pair(image: np.ndarray, mask: np.ndarray, image_src, mask_src) -> None:
+    """Image and mask must have the same height and width."""
+    if image.shape[:2] != mask.shape[:2]:
+        (ih, iw), (mh, mw) = image.shape[:2], mask.shape[:2]
+        raise DataError(
+            f"image {image_src} is {iw}x{ih} (WxH) but its mask {mask_src} is {mw}x{mh}; "
+            "every mask must have its image's size. Re-export the mask at the image's resolution."
+        )
+
+
+def check_mask_values(mask: np.ndarray, mask_src, num_classes: int, ignore_index: int) -> None:
+    """Every mask value must be a class id (``< num_classes``) or ``ignore_index``."""
+    if mask.size == 0 or int(mask.max()) < num_classes:
+        return
+    bad = np.unique(mask[(mask >= num_classes) & (mask != ignore_index)])
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:20]) + (" ..." if bad.size > 20 else "")
+        raise DataError(
+            f"mask {mask_src} contains values {shown}, but valid values are class ids 0..{num_classes - 1} "
+            f"and {ignore_index} (ignore). Fix the mask, or add the missing classes to the dataset's "
+            "class list."
+        )
+
+
+class FileSegDataset(SegDataset):
+    """A dataset of image files with optional mask files, listed at construction.
+
+    Subclasses build ``entries`` — ``(id, image_path, mask_path or None)`` —
+    and may set ``label_map``, a 256-entry uint8 lookup table applied to raw
+    mask values before validation (e.g. CamVid's void class 11 -> 255).
+    """
+
+    label_map: np.ndarray | None = None
+
+    def __init__(self, entries: list[tuple[str, Path, Path | None]], **kwargs):
+        super().__init__(**kwargs)
+        self._entries = list(entries)
+        seen: dict[str, Path] = {}
+        for sid, image_path, _ in self._entries:
+            if sid in seen:
+                raise DataError(
+                    f"two images share the id {sid!r}: {seen[sid]} and {image_path}. "
+                    "Rename or remove one of them."
+                )
+            seen[sid] = image_path
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keep_first(self, n: int) -> None:
+        """Keep only the first ``n`` samples (the ``limit`` option); recorded in :meth:`describe`."""
+        if n < 1:
+            raise DataError(f"limit must be at least 1, not {n}.")
+        self._entries = self._entries[:n]
+        self.options["limit"] = n
+
+    @property
+    def ids(self) -> list[str]:
+        return [sid for sid, _, _ in self._entries]
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return image_size(self._entries[i][1])
+
+    def _sources(self, i: int) -> tuple[str, str]:
+        _, image_path, mask_path = self._entries[i]
+        return str(image_path), str(mask_path)
+
+    def _load(self, i: int) -> SegSample:
+        sid, image_path, mask_path = self._entries[i]
+        image = read_image(image_path)
+        mask = None if mask_path is None else self._read_mask(mask_path)
+        return SegSample(image=image, mask=mask, id=sid)
+
+    def _read_mask(self, path: Path) -> np.ndarray:
+        """A mask file as uint8 class ids, before validation: ``read_mask`` then ``label_map``.
+
+        Datasets whose label files differ per sample (encodings, file formats) override this.
+        """
+        mask = read_mask(path)
+        return mask if self.label_map is None else self.label_map[mask]
+
+
+def import_optional(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or raise a DataError saying which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise DataError(
+            f"{purpose} needs the Python package {module.split('.')[0]!r}, which is not installed "
+            f"({exc}). Install it with: pip install 'fusion-seg[{extra}]'"
+        ) from exc
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name; hidden files (``.*``) are skipped."""
+    return sorted(
+        (p for p in folder.iterdir()
+         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: p.name,
+    )
+
+
+def safe_relative(entry: str, list_file: Path, line_no: int, line: str) -> Path:
+    """A list-file entry as a path relative to the dataset root; refuses absolute paths and ``..`` escapes.
+
+    The check is lexical (no symlink resolution), so a root whose folders are
+    symlinks elsewhere still works. ``line`` is the whole line, for the message.
+    """
+    posix = entry.replace("\\", "/")
+    parts: list[str] = []
+    escaped = posix.startswith("/")
+    for part in posix.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                escaped = True
+                break
+            parts.pop()
+        else:
+            parts.append(part)
+    if escaped or not parts:
+        raise DataError(
+            f"{list_file}, line {line_no} ({line.strip()!r}): {entry!r} points outside the dataset root. "
+            "List files may only name files inside the root (relative paths without leading '..')."
+        )
+    return Path(*parts)

@@ -1,0 +1,342 @@
+"""Recipes: a TOML file listing stages (extract, train, evaluate, predict) run in order.
+
+A recipe is data, never code. Its only indirection is ``${name}``, replaced by the
+value of ``name`` in its ``[vars]`` table, which ``--set name=value`` overrides (e.g.
+a dataset root). A string that is exactly ``"${name}"`` takes the variable's value
+with its type (a number, a boolean); inside a longer string the value is inserted
+as text. ``--set`` values are read as JSON when they parse (``8``, ``true``), else
+as text. Each stage's keys are the keyword arguments of the library function it
+calls, so a recipe reads like the equivalent command lines::
+
+    name = "demo"
+    [vars]
+    root = "../../shared/data/camvid"
+
+    [[stage]]
+    kind = "extract"
+    dataset = "camvid"
+    root = "${root}"
+    split = "train"
+    out = "../cache/camvid-train.zarr"
+
+Relative paths (the values of ``root``, ``out``, ``cache``, ``val_cache``, ``init``,
+``checkpoint``, ``input``, ``weights`` and the ``sbd`` dataset option) are relative to the
+folder of the recipe file, so a recipe means the same from any working directory; a path
+that starts with a variable given with ``--set`` is relative to the current directory, like
+any other path on a command line. URLs (``s3://...``) are left as they are.
+
+Before the first stage runs (and with ``--dry-run``) the whole recipe is checked against
+the functions its stages call (see :func:`fusion_seg.pipeline.stages.check_stage`): kinds, keys,
+required keys, value types, dataset and decoder names and options, decoders built from the
+feature shapes they will get, and the files each stage reads (made by an earlier stage, or
+on disk). Every problem is reported, one line each, in one :class:`UserError`.
+
+A stage whose outputs exist with the same settings is skipped: extraction resumes
+(a complete store is a no-op), and train/evaluate/predict leave a stamp of their
+settings in their output folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+from fusion_seg.errors import UserError
+from fusion_seg.pipeline.stages import DATASET_PATH_OPTIONS, KINDS, PATH_KEYS, ROOTLESS_DATASETS
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_LEADING_VAR = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+TOP_LEVEL_KEYS = ("name", "vars", "stage")
+
+
+def load_recipe(path: str | Path, overrides: dict[str, str] | None = None, *, validate: bool = True,
+                cwd: str | Path | None = None) -> dict:
+    """Parse a recipe and resolve its ``${vars}`` and relative paths; with ``validate``, check it whole.
+
+    ``cwd`` (default: the current directory) is what relative ``--set`` paths are relative to.
+    """
+    path = Path(path)
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; pass a recipe file (.toml).") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}") from exc
+    problems = [f"unknown top-level key {k!r}; a recipe has {', '.join(TOP_LEVEL_KEYS)} ([[stage]] tables)."
+                for k in recipe if k not in TOP_LEVEL_KEYS]
+    variables = recipe.get("vars", {})
+    if not isinstance(variables, dict):
+        raise UserError(f"{path}: vars must be a table ([vars]), got {type(variables).__name__}.")
+    variables = dict(variables)
+    for key, value in (overrides or {}).items():
+        if key not in variables:
+            raise UserError(f"--set {key}: the recipe {path} has no variable {key!r} (it has {sorted(variables)}).")
+        try:
+            variables[key] = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            variables[key] = value
+    stages = recipe.get("stage", [])
+    if not stages:
+        raise UserError(f"{path} has no [[stage]] tables; nothing to run.")
+    if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+        raise UserError(f"{path}: stages must be [[stage]] tables.")
+    base = path.resolve().parent
+    here = Path(cwd).resolve() if cwd is not None else Path.cwd()
+    from_set = set(overrides or {})
+    resolved, unresolved = [], []
+    for i, stage in enumerate(stages, 1):
+        missing = sorted({m for v in _strings(stage) for m in _VAR.findall(v)} - set(variables))
+        if missing:
+            problems += [f"stage {i}: ${{{m}}} is used but not defined in [vars]; add {m} = ... there."
+                         for m in missing]
+            resolved.append(dict(stage))
+            unresolved.append(i)
+            continue
+        resolved.append(_resolve_paths(stage, _substitute(stage, variables), base, here, from_set))
+    recipe = {"name": recipe.get("name", path.stem), "vars": variables, "stages": resolved, "path": str(path),
+              "problems": problems, "raw": stages,
+              "unresolved": unresolved}
+    if validate:
+        validate_recipe(recipe)
+    return recipe
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    return []
+
+
+def _substitute(value: Any, variables: dict[str, Any]) -> Any:
+    if isinstance(value, str):
+        whole = _VAR.fullmatch(value)
+        if whole:
+            return variables[whole.group(1)]
+        return _VAR.sub(lambda m: str(variables[m.group(1)]), value)
+    if isinstance(value, list):
+        return [_substitute(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables) for k, v in value.items()}
+    return value
+
+
+def resolve_path(value: str, raw: Any, base: Path, cwd: Path, from_set: set[str]) -> str:
+    """``value`` as an absolute path: relative to ``base`` (the recipe's folder), or to ``cwd`` when the
+    recipe's text ``raw`` starts with a variable given with ``--set``. URLs are returned as they are."""
+    if "://" in value or not value:
+        return value
+    start = _LEADING_VAR.match(raw) if isinstance(raw, str) else None
+    folder = cwd if start and start.group(1) in from_set else base
+    return os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
+
+
+def _resolve_paths(raw: dict, stage: dict, base: Path, cwd: Path, from_set: set[str]) -> dict:
+    for key in PATH_KEYS:
+        if isinstance(stage.get(key), str):
+            stage[key] = resolve_path(stage[key], raw.get(key), base, cwd, from_set)
+    options, raw_options = stage.get("dataset_options"), raw.get("dataset_options")
+    if isinstance(options, dict) and isinstance(raw_options, dict):
+        for key in DATASET_PATH_OPTIONS:
+            if isinstance(options.get(key), str):
+                options[key] = resolve_path(options[key], raw_options.get(key), base, cwd, from_set)
+    return stage
+
+
+# --------------------------------------------------------------------------- checking a recipe whole
+def validate_recipe(recipe: dict) -> None:
+    """Raise one UserError listing every problem of the recipe (one line each); return when there is none."""
+    errors = recipe.get("problems", []) + check_recipe(recipe)
+    if not errors:
+        return
+    path = recipe.get("path", recipe["name"])
+    lines = [f"{path}: {e}" for e in errors]
+    if len(lines) == 1:
+        raise UserError(lines[0])
+    raise UserError(f"{path} has {len(lines)} problems (no stage was run):\n" + "\n".join(lines))
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value and not value.startswith("file://")
+
+
+def _local(value: str) -> Path:
+    return Path(value.split("://", 1)[1] if value.startswith("file://") else value)
+
+
+def check_recipe(recipe: dict) -> list[str]:
+    """Every problem of a loaded recipe's stages, as ``stage N (kind): ...`` lines; [] when none."""
+    from fusion_seg.data.datasets import DATASETS
+    from fusion_seg.pipeline.stages import check_stage, encoder_shapes, stage_schema
+
+    stages, raw = recipe["stages"], recipe.get("raw") or recipe["stages"]
+    errors: list[str] = []
+    # What each stage makes: stores (extract out) and checkpoints (train out/best.pt, out/last.pt).
+    stores, checkpoints = {}, {}
+    found: dict[str, list[tuple[int, str]]] = {}  # problem -> the stages that have it
+    for i, stage in enumerate(stages, 1):
+        out = stage.get("out")
+        if not isinstance(out, str):
+            continue
+        if stage.get("kind") == "extract":
+            stores.setdefault(out, i)
+        elif stage.get("kind") == "train":
+            for name in ("best.pt", "last.pt"):
+                checkpoints.setdefault(os.path.join(out, name), i)
+
+    def var_hint(i, key):
+        m = _LEADING_VAR.match(raw[i - 1].get(key, "")) if isinstance(raw[i - 1].get(key), str) else None
+        return f" (from ${{{m.group(1)}}}: fix it in [vars] or with --set {m.group(1)}=...)" if m else ""
+
+    def reference(i, key, made, what, maker, problems) -> bool:
+        """True when stage ``i``'s ``key`` is made by an earlier stage; when it is neither made earlier nor on
+        disk, adds to ``problems`` what to do."""
+        value = stages[i - 1].get(key)
+        if not isinstance(value, str) or _is_url(value):
+            return False
+        j = made.get(value)
+        if j is not None and j < i:
+            return True
+        exists = (_local(value) / "zarr.json").is_file() if what == "store" else _local(value).exists()
+        if exists:
+            return False
+        if j is not None:
+            problems.append(f"{key} {value} is made by stage {j}, which runs after this one; "
+                            f"move stage {j} before stage {i}.")
+        else:
+            problems.append(f"{key} {value} does not exist and no earlier stage makes it{var_hint(i, key)}; "
+                            f"fix the path, or add {maker} before this stage.")
+        return False
+
+    for i, stage in enumerate(stages, 1):
+        kind = stage.get("kind")
+        if i in recipe.get("unresolved", ()):
+            continue  # its undefined ${vars} are reported; its values are not known
+        if kind is None:
+            errors.append(f"stage {i} has no kind; add kind = one of {', '.join(repr(k) for k in KINDS)}.")
+            continue
+        if kind not in KINDS:
+            errors.append(f"stage {i} has kind {kind!r}; expected one of {', '.join(repr(k) for k in KINDS)}.")
+            continue
+        problems: list[str] = []
+        shapes, classes = None, 2
+        online = kind == "train" and stage.get("online") is True
+        if kind == "train" and not online:
+            if reference(i, "cache", stores, "store", "an extract stage with this out", problems):
+                maker = stages[stores[stage["cache"]] - 1]
+                schema = stage_schema("extract")
+                try:
+                    shapes = encoder_shapes(maker.get("encoder", schema["encoder"].default),
+                                            maker.get("strides", schema["strides"].default))
+                except (UserError, TypeError):
+                    pass  # reported with the extract stage
+            elif isinstance(stage.get("cache"), str) and not _is_url(stage["cache"]) \
+                    and (_local(stage["cache"]) / "zarr.json").is_file():
+                from fusion_seg.cache.store import FeatureStore
+
+                try:
+                    spec = FeatureStore.open(stage["cache"]).spec
+                    shapes, classes = spec.input_shapes(), max(1, len(spec.classes))
+                except UserError as exc:
+                    problems.append(f"cache: {exc}")
+        if kind == "train":
+            reference(i, "val_cache", stores, "store", "an extract stage with this out", problems)
+            reference(i, "init", checkpoints, "checkpoint", "a train stage that writes it", problems)
+        if kind in ("evaluate", "predict"):
+            reference(i, "checkpoint", checkpoints, "checkpoint", "a train stage that writes it", problems)
+        if kind == "predict" and isinstance(stage.get("input"), str) and not Path(stage["input"]).exists():
+            problems.append(f"input {stage['input']} does not exist{var_hint(i, 'input')}; "
+                            "pass an image file or a folder of images.")
+        if isinstance(stage.get("weights"), str) and not Path(stage["weights"]).is_file():
+            problems.append(f"weights {stage['weights']} is not a file{var_hint(i, 'weights')}.")
+        dataset = stage.get("dataset")
+        if kind in ("extract", "evaluate") or online:
+            if isinstance(dataset, str) and dataset in DATASETS and dataset not in ROOTLESS_DATASETS:
+                root = stage.get("root")
+                if root is None:
+                    problems.append(f"dataset {dataset!r} needs root = FOLDER (its files).")
+                elif isinstance(root, str) and not Path(root).is_dir():
+                    problems.append(f"root {root} ({dataset}) does not exist{var_hint(i, 'root')}.")
+        problems += check_stage(stage, shapes=shapes, num_classes=classes)
+        for p in problems:
+            found.setdefault(p, []).append((i, kind))
+    # The same problem in several stages (a missing dataset root, say) is one line naming them all.
+    for problem, where in found.items():
+        if len(where) == 1:
+            errors.append(f"stage {where[0][0]} ({where[0][1]}): {problem}")
+        else:
+            names = ", ".join(f"{i} ({kind})" for i, kind in where)
+            errors.append(f"stages {names}: {problem}")
+    return errors
+
+
+def stage_title(stage: dict) -> str:
+    target = stage.get("out") or stage.get("checkpoint") or ""
+    return f"{stage['kind']} -> {target}"
+
+
+def _stamp_path(stage: dict) -> Path | None:
+    if stage["kind"] == "extract":
+        return None  # the store's own completion record decides
+    if stage["kind"] == "evaluate":
+        return Path(stage["out"]) / ".stage.json" if stage.get("out") else None
+    return Path(stage["out"]) / f".stage-{stage['kind']}.json"
+
+
+def _fingerprint(stage: dict) -> str:
+    """Settings plus the content of the checkpoint a stage reads (so retraining invalidates it)."""
+    h = hashlib.sha256(json.dumps(stage, sort_keys=True).encode())
+    ckpt = stage.get("checkpoint")
+    if ckpt and Path(ckpt).is_file():
+        h.update(hashlib.sha256(Path(ckpt).read_bytes()).digest())
+    return h.hexdigest()
+
+
+def run_recipe(path: str | Path, *, overrides: dict[str, str] | None = None, dry_run: bool = False,
+               epoch_scale: float = 1.0, echo: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+    """Check a recipe whole, then run its stages; returns one summary per stage.
+
+    ``epoch_scale`` multiplies every train stage's epochs (at least 1), to run a paper-length
+    schedule shorter. ``dry_run`` checks and prints the resolved stages, and runs nothing.
+    """
+    if epoch_scale <= 0:
+        raise UserError("--epoch-scale must be positive.")
+    recipe = load_recipe(path, overrides, validate=False)
+    for stage in recipe["stages"]:
+        epochs = stage.get("epochs")
+        if stage.get("kind") == "train" and isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1:
+            stage["epochs"] = max(1, round(epochs * epoch_scale))
+    validate_recipe(recipe)  # every stage, before the first one runs
+
+    from fusion_seg.pipeline.stages import run_stage
+
+    results = []
+    for i, stage in enumerate(recipe["stages"], 1):
+        title = f"[{i}/{len(recipe['stages'])}] {stage_title(stage)}"
+        if dry_run:
+            echo(f"{title}\n" + "\n".join(f"    {k} = {json.dumps(v)}" for k, v in stage.items() if k != "kind"))
+            results.append({"stage": stage, "status": "dry-run"})
+            continue
+        stamp = _stamp_path(stage)
+        fingerprint = _fingerprint(stage)
+        if stamp and stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+            echo(f"{title}: up to date, skipped")
+            results.append({"stage": stage, "status": "skipped"})
+            continue
+        echo(title)
+        summary = run_stage(stage, progress=progress)
+        if stamp:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(json.dumps({"fingerprint": fingerprint, "stage": stage, "summary": summary}, indent=2))
+        echo(f"{title}: done {json.dumps(summary)}")
+        results.append({"stage": stage, "status": "ran", "summary": summary})
+    return results

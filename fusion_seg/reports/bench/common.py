@@ -1,0 +1,201 @@
+"""What every benchmark section shares: settings, timing, memory, test images and the training step."""
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_CAMVID = "../shared/data/camvid"
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run: every comparison inside it uses these settings."""
+
+    device: str = "cpu"
+    encoder: str = "resnet50"
+    seed: int = 0                      # the encoder is a seeded random-init one unless weights are given
+    weights: str | None = None
+    decoder: str = "reverse-hrnet"
+    decoder_config: dict = field(default_factory=lambda: {"preset": "small", "streams": 4})
+    batch_size: int = 2
+    size: tuple[int, int] = (360, 480)  # (H, W) of the images of the main comparisons (CamVid's)
+    camvid: str | None = DEFAULT_CAMVID  # real images when this folder exists, synthetic otherwise
+    views: int = 32                    # views extracted and read in the extraction/loader sections
+    repeats: int = 5                   # timed repetitions; the median is quoted
+    warmup: int = 2
+    scaling_sizes: tuple[tuple[int, int], ...] = ((360, 480), (720, 960), (1024, 2048))
+    forward_sizes: tuple[tuple[int, int], ...] = ((360, 480), (512, 1024))  # bare encoder forward sizes (H, W)
+    loader_workers: int = 2            # the DataLoader default of train-decoder
+    workdir: str | None = None         # scratch stores; a temporary folder by default
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1, sync=None, calls_per_repeat: int = 1) -> float:
+    """Median over ``repeats`` repetitions of the mean wall time of ``fn()``, after ``warmup`` untimed calls.
+
+    A repetition makes ``calls_per_repeat`` consecutive calls, so that waits which come now and
+    then (a loader falling behind) count at their average rate, as they do in training.
+    """
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls_per_repeat):
+            fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - t0) / calls_per_repeat)
+    return statistics.median(times)
+
+
+def synchronizer(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child_pids() -> list[str]:
+    """The live child processes of this one, e.g. DataLoader workers (Linux /proc)."""
+    return [pid for task in Path("/proc/self/task").glob("*/children") for pid in task.read_text().split()]
+
+
+def children_peak_rss_mib() -> list[float]:
+    """Peak RSS (VmHWM) of each live child process, e.g. DataLoader workers (pages shared with the parent count in both)."""
+    peaks = []
+    for pid in child_pids():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return peaks
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory so far, as train-decoder reports it: CUDA's max allocated on GPU, max RSS on CPU."""
+    from fusion_seg.training.train import peak_memory_mib
+
+    kind = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+    return {"kind": kind, "peak_MiB": peak_memory_mib(device)}
+
+
+def run_isolated(fn, *args):
+    """Run ``fn(*args)`` in a fresh spawned process, so its peak memory is its own; return its result."""
+    # Not a multiprocessing.Pool: its daemonic workers could not start DataLoader workers.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        info["memory_GiB"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# --------------------------------------------------------------------------- images
+def dataset_args(cfg: BenchConfig, size: tuple[int, int], count: int) -> dict:
+    """``extract()`` dataset arguments: CamVid train images resized to ``size``, or synthetic ones."""
+    if cfg.camvid and Path(cfg.camvid).is_dir():
+        return {"dataset": "camvid", "root": cfg.camvid, "split": "train", "size": tuple(size),
+                "dataset_options": {"limit": count}}
+    return {"dataset": "synthetic", "split": "train", "size": tuple(size),
+            "dataset_options": {"num_images": count, "size": list(size)}}
+
+
+def data_label(cfg: BenchConfig) -> str:
+    return "CamVid train images" if cfg.camvid and Path(cfg.camvid).is_dir() else "synthetic images"
+
+
+def images(cfg: BenchConfig, size: tuple[int, int], count: int, encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` normalised images (N, 3, H, W) and label maps (N, H, W) at ``size``."""
+    from fusion_seg.data.datasets import build_dataset
+    from fusion_seg.data.transforms import resize_pair, to_tensor
+
+    args = dataset_args(cfg, size, count)
+    ds = build_dataset(args["dataset"], root=args.get("root"), split=args["split"], **args.get("dataset_options", {}))
+    xs, ys = [], []
+    for i in range(count):
+        sample = ds[i % len(ds)]
+        image, mask = resize_pair(sample.image, sample.mask, size=tuple(size))
+        xs.append(to_tensor(image, encoder.identity.mean, encoder.identity.std))
+        ys.append(torch.from_numpy(mask.astype(np.int64)))
+    return torch.stack(xs), torch.stack(ys)
+
+
+# --------------------------------------------------------------------------- models and the step
+def build_frozen_encoder(cfg: BenchConfig):
+    from fusion_seg.encoder.build import build_encoder
+
+    if cfg.weights:
+        return build_encoder(cfg.encoder, weights_file=cfg.weights)
+    return build_encoder(cfg.encoder, random_init=True, seed=cfg.seed)
+
+
+def decoder_for_store(cfg: BenchConfig, store: str):
+    """The bench decoder, built from a store's feature shapes and classes as train-decoder builds it; and its inputs."""
+    from fusion_seg.cache.store import FeatureStore
+    from fusion_seg.decoders import build_decoder
+
+    spec = FeatureStore.open(store).spec
+    shapes = spec.input_shapes()
+    torch.manual_seed(cfg.seed)
+    decoder = build_decoder(cfg.decoder, shapes, len(spec.classes), **cfg.decoder_config)
+    return decoder, [n for n, s in shapes.items() if s.stride in decoder.required_strides]
+
+
+class DecoderStep:
+    """One optimisation step of the decoder, with train-decoder's loss (OHEM on upsampled logits) and SGD."""
+
+    def __init__(self, decoder, device: torch.device, extra_params=()):
+        from fusion_seg.training.losses import build_loss
+        from fusion_seg.device import memory_format
+
+        self.device = device
+        self.decoder = decoder.to(device).to(memory_format=memory_format(device)).train()
+        self.criterion = build_loss("ohem", 255)
+        params = list(self.decoder.parameters()) + list(extra_params)
+        self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def __call__(self, features: dict, labels: torch.Tensor) -> float:
+        from fusion_seg.training.train import decoder_loss
+
+        loss = decoder_loss(self.decoder, self.decoder, features, labels, self.criterion, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())

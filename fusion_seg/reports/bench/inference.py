@@ -1,0 +1,56 @@
+"""Section 6: ``predict`` images/s end to end (read, encoder, decoder, upsample, write PNGs).
+
+The checkpoint is a decoder trained for a few steps on the bench store (its weights do not
+change the speed); the sliding window uses a crop of two thirds of the image in each
+direction, HRNet's 2/3-crop stride, so it runs several windows per image.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from fusion_seg.reports.bench.common import BenchConfig, data_label, images
+
+
+def run(cfg: BenchConfig, store: Path, workdir: Path, count: int = 8) -> dict:
+    from fusion_seg.inference.predict import predict
+    from fusion_seg.data.io import write_rgb_png
+    from fusion_seg.training.train import TrainConfig, train_decoder
+    from fusion_seg.reports.bench.common import build_frozen_encoder
+
+    h, w = cfg.size
+    crop = [h * 2 // 3 // 32 * 32, w * 2 // 3 // 32 * 32]
+    run_dir = workdir / "predict-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train_decoder(str(store), run_dir, TrainConfig(decoder=cfg.decoder, decoder_config=cfg.decoder_config, epochs=1,
+                                                   batch_size=cfg.batch_size, crop=crop, workers=0,
+                                                   device=cfg.device), progress=False)
+    folder = workdir / "predict-images"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    encoder = build_frozen_encoder(cfg)
+    x, _ = images(cfg, cfg.size, count, encoder)
+    mean, std = np.array(encoder.identity.mean), np.array(encoder.identity.std)
+    for i in range(count):  # the test images as files, so predict reads and decodes them as a user's would
+        rgb = (x[i].permute(1, 2, 0).numpy() * std + mean).clip(0, 1) * 255
+        write_rgb_png(folder / f"{i:03d}.png", rgb.round().astype(np.uint8))
+    rows = {}
+    for mode, sliding in (("whole image", False), ("sliding window", True)):
+        best = []
+        for r in range(min(3, cfg.repeats)):
+            out = workdir / f"predict-out-{r}"
+            result = predict(run_dir / "best.pt", folder, out, sliding_window=sliding, device=cfg.device, progress=False)
+            best.append(result["images_per_second"])
+            shutil.rmtree(out, ignore_errors=True)
+        rows[mode] = float(np.median(best))
+    return {"size": list(cfg.size), "data": data_label(cfg), "images": count, "crop": crop, "images_per_s": rows}
+
+
+def to_markdown(r: dict) -> str:
+    lines = [f"{r['images']} {r['data']} at {r['size'][1]}x{r['size'][0]} as PNG files; sliding window of "
+             f"{r['crop'][1]}x{r['crop'][0]} (median of runs; model load excluded).", "",
+             "| predict | images/s |", "|---|---|"]
+    lines += [f"| {mode} | {v:.2f} |" for mode, v in r["images_per_s"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,352 @@
+"""``fusion-seg plan``: before spending GPU hours, which way of training is fastest here, and does it fit?
+
+For a training store (or a dataset still to extract, with ``--views K``) and ``--epochs E``, it
+projects the wall time and peak memory of the whole schedule for:
+
+- the cache in each tier that fits (``--cache-mode device``, ``ram``, ``stream``), extraction
+  and the one-off load included;
+- online-frozen training (``train-decoder --online``: the frozen encoder runs every step);
+- full fine-tuning (encoder and decoder trained).
+
+The rates come from a few steps it probes itself on the device (the bench's own measurements,
+:mod:`fusion_seg.reports.bench.training`), or from a ``fusion-seg bench --json`` file, scaled to the
+planned batch and view size by pixels per step. An epoch is one pass over the images, for every
+method: the cache's epoch reads one of the K views of each image. It recommends the fastest that
+fits and says why; when online-frozen training wins on this hardware, it says so.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from fusion_seg.errors import UserError
+
+METHODS = ("cache-device", "cache-ram", "cache-stream", "online", "finetune")
+LABELS = {"cache-device": "cache, --cache-mode device", "cache-ram": "cache, --cache-mode ram",
+          "cache-stream": "cache, --cache-mode stream", "online": "online-frozen (--online)",
+          "finetune": "full fine-tuning"}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured costs at one (batch, view size): seconds per training step of each way of training,
+    extraction and bare-forward views/s, the resident tiers' one-off load per view, and peak memory."""
+
+    batch: int
+    size: tuple[int, int]
+    step_s: dict                       # memory, device, ram, stream, online, finetune -> s
+    extract_views_per_s: float | None  # None: not measured (the store exists already)
+    load_s_per_view: dict              # device, ram -> s
+    step_MiB: dict                     # the step's own peak memory of each method (resident store apart)
+    memory_kind: str                   # cuda_max_allocated or process_max_rss
+    device: str
+    source: str                        # "probe" or the bench JSON file
+
+    def scaled(self, batch: int, size: tuple[int, int]) -> "Rates":
+        """These rates at another batch and view size: step time and step memory grow with pixels per step."""
+        f = (batch * size[0] * size[1]) / (self.batch * self.size[0] * self.size[1])
+        per_view = (size[0] * size[1]) / (self.size[0] * self.size[1])
+        return replace(self, batch=batch, size=tuple(size), step_s={k: v * f for k, v in self.step_s.items()},
+                       step_MiB={k: v * f for k, v in self.step_MiB.items()},
+                       load_s_per_view={k: v * per_view for k, v in self.load_s_per_view.items()},
+                       extract_views_per_s=(self.extract_views_per_s / per_view
+                                            if self.extract_views_per_s else None))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is to be trained: N images, K cached views each, E passes over the images at batch B."""
+
+    images: int
+    views: int
+    epochs: int
+    batch: int
+    size: tuple[int, int]
+    resident_bytes: int        # the K·N views the decoder reads, in memory (resident.resident_bytes)
+    extracted: bool            # the store exists already: extraction is not charged
+    free: dict                 # {"device": bytes, "ram": bytes} free where each tier would live
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.images // self.batch) * self.epochs
+
+
+@dataclass
+class Projection:
+    method: str
+    seconds: float | None
+    peak_MiB: float | None       # on the device (CUDA) or the process (CPU), resident store included
+    resident_MiB: float
+    fits: bool
+    note: str = ""
+    parts: dict = field(default_factory=dict)
+
+
+def project(w: Workload, r: Rates) -> list[Projection]:
+    """The whole schedule of each method, from the rates: pure arithmetic (tested)."""
+    from fusion_seg.cache.resident import choose_tier
+
+    device = _torch_device(r.device)
+    extract = 0.0 if w.extracted else (w.images * w.views / r.extract_views_per_s)
+    mib = w.resident_bytes / 2**20
+    out = []
+    for tier in ("device", "ram"):
+        try:
+            choose_tier(tier, w.resident_bytes, 0, device, free=w.free)
+            fits, note = True, ""
+        except UserError as exc:
+            fits, note = False, str(exc).split(". Use ")[0]
+        load = w.images * w.views * r.load_s_per_view[tier]
+        train = w.steps * r.step_s[tier]
+        # On CUDA only the device tier holds the store in device memory; on CPU every tier is RAM.
+        on_peak = mib if (tier == "device" or r.memory_kind != "cuda_max_allocated") else 0.0
+        out.append(Projection(f"cache-{tier}", extract + load + train, r.step_MiB[tier] + on_peak, mib, fits, note,
+                              {"extract_s": extract, "load_s": load, "train_s": train}))
+    train = w.steps * r.step_s["stream"]
+    out.append(Projection("cache-stream", extract + train, r.step_MiB["stream"], 0.0, True, "",
+                          {"extract_s": extract, "train_s": train}))
+    for method in ("online", "finetune"):
+        train = w.steps * r.step_s[method]
+        out.append(Projection(method, train, r.step_MiB[method], 0.0, True, "", {"train_s": train}))
+    return out
+
+
+def recommend(rows: list[Projection]) -> tuple[Projection, str]:
+    """The fastest method that fits, and the reason in one sentence."""
+    fitting = sorted((p for p in rows if p.fits), key=lambda p: p.seconds)
+    best, runner = fitting[0], fitting[1]
+    by = {p.method: p for p in rows}
+    why = f"{LABELS[best.method]} is fastest: {hms(best.seconds)}, {runner.seconds / best.seconds:.2f}x faster than " \
+          f"the next, {LABELS[runner.method]} ({hms(runner.seconds)})."
+    if best.method == "online":
+        why += (" Online-frozen training wins on this hardware: running the encoder every step costs less than "
+                "extracting and reading back its features, so the cache does not pay here.")
+    elif best.method.startswith("cache") and by["online"].seconds < by["cache-stream"].seconds:
+        why += (f" Note: streamed from the store the cache would lose to online training "
+                f"({hms(by['cache-stream'].seconds)} vs {hms(by['online'].seconds)}); it wins only held in memory.")
+    unfit = [p for p in rows if not p.fits]
+    if unfit:
+        why += " Not fitting: " + "; ".join(f"{LABELS[p.method]} ({p.note})" for p in unfit) + "."
+    return best, why
+
+
+def hms(seconds: float) -> str:
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{h}h{rem // 60:02d}m{rem % 60:02d}s" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+# --------------------------------------------------------------------------- the request and its rates
+@dataclass(frozen=True)
+class PlanRequest:
+    """``fusion-seg plan``'s inputs: a store, or a dataset to extract (``dataset`` with ``size``)."""
+
+    store: str | None = None
+    dataset: str | None = None
+    root: str | None = None
+    split: str = "train"
+    dataset_options: dict = field(default_factory=dict)
+    size: tuple[int, int] | None = None   # view size (HxW) when planning from a dataset
+    views: int | None = None              # K (default: the store's views per image, or 2)
+    epochs: int = 100
+    batch_size: int = 8
+    device: str = "auto"
+    decoder: str = "reverse-hrnet"
+    decoder_config: dict = field(default_factory=dict)
+    encoder: str = "resnet50"
+    weights: str | None = None
+    bench_json: str | None = None         # rates from `fusion-seg bench --json` instead of probing
+    repeats: int = 2                      # probe repetitions (median)
+
+
+@dataclass
+class Plan:
+    request: dict
+    workload: dict
+    rates: dict
+    rows: list[dict]
+    recommended: str
+    reason: str
+    notes: list[str]
+
+
+def plan(req: PlanRequest, echo=print) -> Plan:
+    """Measure (or read) the rates, project every method and recommend one."""
+    from fusion_seg.device import resolve_device
+
+    _check(req)
+    device = resolve_device(req.device)
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="fusion-seg-plan-") as tmp:
+        extracted = bool(req.store)
+        store, extract_rate = (req.store, None) if extracted else _sample_store(req, device, Path(tmp), echo)
+        spec, names, images, views = _store_facts(req, store)
+        if not extracted:
+            images = _dataset_size(req)
+        if req.bench_json:
+            rates = rates_from_bench(req.bench_json)
+            notes.append(f"rates from {req.bench_json} ({rates.device}, batch {rates.batch}, "
+                         f"{rates.size[1]}x{rates.size[0]}), scaled by pixels per step")
+        else:
+            echo(f"plan: probing {req.repeats} timed steps of each method on {device} (a few minutes on a CPU)")
+            rates = probe(req, store, device, extract_rate=extract_rate)
+        size = tuple(spec.label_shape)
+        rates = rates.scaled(req.batch_size, size)
+        if not extracted and rates.extract_views_per_s is None:
+            raise UserError("the bench JSON has no extraction section: run `fusion-seg bench --sections "
+                            "extraction,training --json FILE`, or plan without --bench-json to probe.")
+        from fusion_seg.cache.resident import available_memory, resident_bytes
+
+        w = Workload(images=images, views=views, epochs=req.epochs, batch=req.batch_size, size=size,
+                     resident_bytes=resident_bytes(spec, names, images * views), extracted=extracted,
+                     free=available_memory(device))
+    rows = project(w, rates)
+    if device.type != "cuda":  # the device is the CPU: the two resident tiers are one memory, one row
+        rows = [r for r in rows if r.method != "cache-ram"]
+        notes.append("on a CPU --cache-mode ram and device hold the views in the same RAM: one row")
+    best, why = recommend(rows)
+    notes.append("an epoch is one pass over the images for every method (the cache reads one of the K views of "
+                 f"each image): train-decoder --epochs {max(1, round(req.epochs / views))} with {views} views gives "
+                 f"as many steps")
+    if device.type == "cpu":
+        notes.append("measured on the CPU: on a GPU the encoder is hundreds of times faster and the balance can flip; "
+                     "run `fusion-seg plan --device cuda` on the machine you will train on")
+    return Plan(request=_jsonable(asdict(req)), workload=_jsonable(asdict(w)) | {"steps": w.steps},
+                rates=_jsonable(asdict(rates)),
+                rows=[_jsonable(asdict(p)) for p in rows], recommended=best.method, reason=why, notes=notes)
+
+
+def _check(req: PlanRequest) -> None:
+    if bool(req.store) == bool(req.dataset):
+        raise UserError("plan needs either STORE (an extracted training store) or --dataset with --size, not both.")
+    if req.dataset and not req.size:
+        raise UserError("--dataset needs --size HxW, the size of each cached view (the crop of augmented views).")
+    for name, value in (("--epochs", req.epochs), ("--batch-size", req.batch_size), ("--repeats", req.repeats)):
+        if value < 1:
+            raise UserError(f"{name} {value}: must be at least 1.")
+    if req.views is not None and req.views < 1:
+        raise UserError(f"--views {req.views}: must be at least 1.")
+    if req.bench_json and not Path(req.bench_json).is_file():
+        raise UserError(f"--bench-json {req.bench_json}: no such file; write one with `fusion-seg bench --json FILE`.")
+
+
+def _store_facts(req: PlanRequest, store: str):
+    """The store's spec, the maps the planned decoder reads, its images and K."""
+    from fusion_seg.reports.bench.common import BenchConfig, decoder_for_store
+    from fusion_seg.cache.store import FeatureStore
+
+    fs = FeatureStore.open(store)
+    _, names = decoder_for_store(BenchConfig(decoder=req.decoder, decoder_config=_decoder_config(req)), store)
+    k = req.views or (fs.spec.views_per_image if req.store else 2)
+    if req.store and k > fs.spec.views_per_image:
+        raise UserError(f"--views {k}: {store} holds {fs.spec.views_per_image} views per image.")
+    return fs.spec, names, len(fs.spec.image_ids), k
+
+
+def _decoder_config(req: PlanRequest) -> dict:
+    if req.decoder_config or req.decoder != "reverse-hrnet":
+        return dict(req.decoder_config)
+    return {"preset": "small", "streams": 4}  # train-decoder's default reverse HRNet
+
+
+def _dataset_size(req: PlanRequest) -> int:
+    from fusion_seg.data.datasets import build_dataset
+
+    return len(build_dataset(req.dataset, root=req.root, split=req.split, **req.dataset_options))
+
+
+def _sample_store(req: PlanRequest, device, tmp: Path, echo) -> tuple[str, float]:
+    """A store of a few images of the dataset at the planned view size (its shapes), and the extraction rate."""
+    from fusion_seg.extract.local import extract
+
+    echo(f"plan: extracting 8 images of {req.dataset} at {req.size[1]}x{req.size[0]} to measure extraction")
+    out = tmp / "sample.zarr"
+    r = extract(dataset=req.dataset, root=req.root, split=req.split, out=out, views=1, augment=False,
+                size=tuple(req.size), encoder=req.encoder, weights=req.weights, random_init=req.weights is None,
+                seed=0, batch_size=4, device=str(device), progress=False,
+                dataset_options={**req.dataset_options, "limit": 8} if req.dataset != "synthetic"
+                else {**req.dataset_options, "num_images": 8, "size": list(req.size)})
+    return str(out), r.views_per_second
+
+
+def probe(req: PlanRequest, store: str, device, extract_rate: float | None = None) -> Rates:
+    """A few steps of each method on ``device``, each in its own process (the bench's measure_mode)."""
+    from fusion_seg.reports.bench.common import BenchConfig
+    from fusion_seg.reports.bench.training import run_modes
+    from fusion_seg.cache.store import FeatureStore
+
+    spec = FeatureStore.open(store).spec
+    size = tuple(spec.label_shape)
+    # The store's own encoder (random-init weights: only its cost matters here).
+    cfg = BenchConfig(device=str(device), encoder=spec.encoder.get("tag", req.encoder), decoder=req.decoder,
+                      decoder_config=_decoder_config(req), batch_size=req.batch_size, size=size, camvid=None,
+                      repeats=req.repeats, warmup=1)
+    # On a CPU the device is host RAM: the two resident tiers are one, measured once.
+    tiers = ("device", "ram") if device.type == "cuda" else ("device",)
+    modes = run_modes(cfg, size, req.batch_size, store, modes=("memory", *tiers, "cache", "online", "finetune"))
+    modes.setdefault("ram", modes["device"])
+    return _rates(modes, req.batch_size, size, extract_rate, str(device), "probe")
+
+
+# The bench's measure_mode names, by this module's names (the bench calls the stream tier "cache").
+BENCH_MODES = {"memory": "memory", "device": "device", "ram": "ram", "stream": "cache", "online": "online",
+               "finetune": "finetune"}
+
+
+def _rates(modes: dict, batch: int, size, extract_rate: float | None, device: str, source: str) -> Rates:
+    """Rates from the bench's per-mode measurements (``measure_mode`` results, probed or from a JSON file)."""
+    from fusion_seg.reports.bench.training import step_memory_MiB
+
+    return Rates(batch=batch, size=tuple(size), step_s={n: modes[k]["step_s"] for n, k in BENCH_MODES.items()},
+                 extract_views_per_s=extract_rate,
+                 load_s_per_view={t: modes[t]["load_s"] / modes[t]["resident_views"] for t in ("device", "ram")},
+                 step_MiB={n: step_memory_MiB(modes[k]) for n, k in BENCH_MODES.items()},
+                 memory_kind=modes["memory"]["kind"], device=device, source=source)
+
+
+def rates_from_bench(path: str) -> Rates:
+    """The rates of a ``fusion-seg bench --json`` file (its training section; extraction if present)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        t = data["sections"]["training"]
+        modes = t["modes"]
+        missing = [k for k in BENCH_MODES.values() if k not in modes]
+        if missing:
+            raise UserError(f"--bench-json {path} lacks the training modes {', '.join(missing)}: it was written by an "
+                            "older fusion-seg bench. Re-run `fusion-seg bench --sections extraction,training --json FILE`.")
+        ext = data["sections"].get("extraction")
+        return _rates(modes, t["batch"], t["size"], ext["extract_views_per_s"] if ext else None,
+                      data["config"]["device"], str(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"--bench-json {path} is not a `fusion-seg bench --json` file ({type(exc).__name__}: {exc}).")
+
+
+def _torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=list))
+
+
+def to_text(p: Plan) -> str:
+    w, r = p.workload, p.rates
+    lines = [f"plan: {w['images']} images x {w['views']} views, {w['epochs']} epochs at batch {w['batch']} "
+             f"({w['steps']} steps), views {w['size'][1]}x{w['size'][0]}, device {r['device']} "
+             f"(rates: {r['source']})",
+             f"resident cache: {w['resident_bytes'] / 2**30:.2f} GiB; free: device {w['free']['device'] / 2**30:.1f} GiB, "
+             f"host RAM {w['free']['ram'] / 2**30:.1f} GiB",
+             "",
+             f"  {'method':<28} {'wall time':>11} {'peak memory':>13}  fits",
+             ]
+    for row in p.rows:
+        t = hms(row["seconds"]) if row["seconds"] is not None else "n/a"
+        mem = f"{row['peak_MiB'] / 1024:.2f} GiB" if row["peak_MiB"] is not None else "n/a"
+        mark = " <- recommended" if row["method"] == p.recommended else ""
+        lines.append(f"  {LABELS[row['method']]:<28} {t:>11} {mem:>13}  {'yes' if row['fits'] else 'no'}{mark}")
+    lines += ["", f"recommendation: {p.reason}"] + [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
