@@ -114,7 +114,7 @@ def test_the_clis_names_are_the_registries():
     from fusion_seg.reports.compare import DEFAULT_DECODERS
     from fusion_seg.data.datasets import DATASETS
     from fusion_seg.decoders import DECODERS
-    from fusion_seg.encoder.build import DEFAULT_ENCODER, DEFAULT_STRIDES
+    from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES
     from fusion_seg.cache.resident import CACHE_MODES
 
     assert cli.DATASET_NAMES == tuple(DATASETS)

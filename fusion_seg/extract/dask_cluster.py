@@ -31,7 +31,8 @@ from dask.system import CPU_COUNT
 
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.device import memory_format, resolve_device
-from fusion_seg.encoder.build import EncoderIdentity, build_encoder
+from fusion_seg.encoder.build import build_encoder
+from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CacheError, DataError, UserError
 from fusion_seg.extract.encode import encode_batch, handle_failed
 from fusion_seg.data.views import ViewSource

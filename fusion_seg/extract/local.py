@@ -19,7 +19,8 @@ import torch
 from fusion_seg.cache.store import FeatureStore, writer_lock
 from fusion_seg.data.datasets import build_dataset
 from fusion_seg.device import memory_format, resolve_device
-from fusion_seg.encoder.build import DEFAULT_ENCODER, DEFAULT_STRIDES, FrozenEncoder, build_encoder
+from fusion_seg.encoder.build import FrozenEncoder, build_encoder
+from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES
 from fusion_seg.errors import CacheError, UserError
 from fusion_seg.progress import Progress
 from fusion_seg.cache.codecs import DEFAULT_CODEC, DEFAULT_DTYPE, check_dtype, codec_spec

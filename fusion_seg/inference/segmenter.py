@@ -16,7 +16,8 @@ from fusion_seg.data.transforms import resize_pair, to_tensor
 from fusion_seg.decoders import decoder_from_record
 from fusion_seg.decoders.base import upsample_logits
 from fusion_seg.device import autocast, resolve_device, to_device
-from fusion_seg.encoder.build import EncoderIdentity, FrozenEncoder, rebuild_encoder
+from fusion_seg.encoder.build import FrozenEncoder, rebuild_encoder
+from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.inference.sliding_window import sliding_window_logits
 
 

@@ -43,7 +43,8 @@ from fusion_seg.checkpoint import load_checkpoint, save_checkpoint
 from fusion_seg.data.datasets import build_dataset
 from fusion_seg.training.ddp import DistEnv
 from fusion_seg.device import autocast, memory_format, resolve_device, to_device
-from fusion_seg.encoder.build import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, build_encoder, build_image_encoder
+from fusion_seg.encoder.build import build_encoder, build_image_encoder
+from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity
 from fusion_seg.errors import CheckpointError, Failed, UserError
 from fusion_seg.training.losses import build_loss
 from fusion_seg.evaluation.metrics import SegEvaluator

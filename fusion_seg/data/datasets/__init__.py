@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 
 from fusion_seg.errors import UserError
 from fusion_seg.data.datasets.base import FileSegDataset, SegDataset, SegSample
@@ -23,7 +24,7 @@ DATASETS: dict[str, type[SegDataset]] = {
     "coco": COCODataset,
 }
 
-__all__ = ["DATASETS", "SegDataset", "SegSample", "build_dataset"]
+__all__ = ["DATASETS", "DatasetRef", "SegDataset", "SegSample", "build_dataset"]
 
 
 def build_dataset(name: str, root=None, split: str = "train", **options) -> SegDataset:
@@ -50,3 +51,19 @@ def build_dataset(name: str, root=None, split: str = "train", **options) -> SegD
             raise UserError(f"dataset {name!r} takes no limit option (synthetic: use num_images).")
         dataset.keep_first(int(limit))
     return dataset
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset split by name: what extraction, online training and evaluation are asked to read.
+
+    ``options`` are the dataset's own keyword arguments (see :func:`build_dataset`).
+    """
+
+    name: str
+    split: str = "train"
+    root: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def build(self) -> SegDataset:
+        return build_dataset(self.name, root=self.root, split=self.split, **self.options)

@@ -6,7 +6,7 @@ import pytest
 
 from fusion_seg.pipeline.recipes import run_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import fusion_seg.checkpoint
 import fusion_seg.training.train
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
-from fusion_seg.encoder.build import EncoderIdentity
+from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CheckpointError, UserError
 from fusion_seg.extract.local import extract
 from fusion_seg.progress import Progress

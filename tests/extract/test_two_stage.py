@@ -123,7 +123,7 @@ def test_mapillary_to_cityscapes_recipe_runs_on_official_layouts(tmp_path):
                  "cityscapes": str(write_cityscapes(tmp_path / "cs")),
                  "encoder": ENCODER, "random_init": "true", "preset": "small",
                  "cache": str(tmp_path / "cache"), "runs": str(tmp_path / "runs")}
-    results = run_recipe(Path(__file__).parents[1] / "pipelines" / "mapillary_to_cityscapes.toml",
+    results = run_recipe(Path(__file__).parents[2] / "pipelines" / "mapillary_to_cityscapes.toml",
                          overrides=overrides, epoch_scale=0.001, echo=lambda s: None, progress=False)
     assert [r["status"] for r in results] == ["ran"] * 7
     ckpt = load_checkpoint(tmp_path / "runs" / "mapillary_to_cityscapes" / "best.pt")

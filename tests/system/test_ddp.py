@@ -32,7 +32,7 @@ from fusion_seg.decoders.base import upsample_logits
 from fusion_seg.training.train import TrainConfig, _loader, _make_decoder, train_decoder, train_online
 from pipeline_helpers import extract_synthetic, raise_after_checkpoint, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-6
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 DECODER = {"fpn_width": 32, "head_width": 32}  # GroupNorm (FPN's default norm), 32 groups

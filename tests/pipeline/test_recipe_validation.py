@@ -11,7 +11,7 @@ from fusion_seg.errors import UserError
 from fusion_seg.pipeline.recipes import load_recipe, run_recipe
 from pipeline_helpers import extract_synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 EXTRACT = """
 [[stage]]

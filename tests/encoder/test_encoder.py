@@ -2,7 +2,9 @@ import pytest
 import torch
 import timm
 
-from fusion_seg.encoder.build import EncoderIdentity, build_encoder, rebuild_encoder, state_dict_sha256
+from fusion_seg.encoder.build import build_encoder, rebuild_encoder
+
+from fusion_seg.encoder.identity import EncoderIdentity, state_dict_sha256
 from fusion_seg.errors import CheckpointError, UserError
 
 

@@ -16,7 +16,7 @@ from fusion_seg.decoders.linear import LinearProbe
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec, shapes_from_feature_info
 
-from test_decoders import FEATURE_INFO, NUM_CLASSES  # a backbone that is not ResNet-50
+from test_reverse_hrnet import FEATURE_INFO, NUM_CLASSES  # a backbone that is not ResNet-50
 
 NAMES = ["linear", "fpn", "eseg", "frm", "exfuse"]
 # A smaller input, not a multiple of 32 either (maps 18x22, 9x11, 5x6, 3x3), for the slower tests.

@@ -93,7 +93,7 @@ DATA_VARS = ("root", "coco", "voc", "sbd", "mapillary", "cityscapes", "camvid") 
 
 def test_shipped_recipes_dry_run(tmp_path):
     """Every shipped recipe passes the whole check (decoders built, keys and types right) given its data folders."""
-    recipes = sorted(Path(__file__).parents[1].glob("pipelines/*.toml"))
+    recipes = sorted(Path(__file__).parents[2].glob("pipelines/*.toml"))
     assert {r.stem for r in recipes} >= {"demo", "camvid", "cityscapes", "voc", "mapillary_to_cityscapes",
                                          "mapillary_to_camvid", "coco_to_voc"}
     for recipe in recipes:
@@ -105,7 +105,7 @@ def test_shipped_recipes_dry_run(tmp_path):
 
 
 def test_dry_run_reports_missing_data_folders(tmp_path):
-    recipe = Path(__file__).parents[1] / "pipelines" / "cityscapes.toml"
+    recipe = Path(__file__).parents[2] / "pipelines" / "cityscapes.toml"
     with pytest.raises(UserError) as err:
         run_recipe(recipe, overrides={"root": str(tmp_path / "nowhere")}, dry_run=True, echo=lambda s: None)
     assert str(err.value).count("\n") == 0  # one problem, in the three stages that read the dataset
