@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusion_seg.decoders.base import upsample_logits
+from fusion_seg.device import autocast
 from fusion_seg.errors import UserError
 
 
@@ -104,3 +106,17 @@ def build_loss(name: str, ignore_index: int = 255, **opts) -> nn.Module:
         return losses[name](ignore_index=ignore_index, **opts)
     except TypeError as e:
         raise UserError(f"bad options for loss {name!r}: {e}") from None
+
+
+def decoder_loss(model: nn.Module, decoder: nn.Module, features: dict, labels: torch.Tensor, criterion,
+                 device: torch.device) -> torch.Tensor:
+    """The training loss of one batch: logits upsampled to the labels, plus any deep supervision.
+
+    ``model`` is ``decoder`` itself, or its DistributedDataParallel wrapper.
+    """
+    with autocast(device):
+        logits = model(features)
+        loss = criterion(upsample_logits(logits, labels.shape[-2:]).float(), labels)
+        if hasattr(decoder, "aux_loss"):  # deep supervision (ExFuse)
+            loss = loss + decoder.aux_loss(labels, criterion)
+    return loss

@@ -46,7 +46,7 @@ from fusion_seg.device import autocast, memory_format, resolve_device, to_device
 from fusion_seg.encoder.build import build_encoder, build_image_encoder
 from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity
 from fusion_seg.errors import CheckpointError, Failed, UserError
-from fusion_seg.training.losses import build_loss
+from fusion_seg.training.losses import build_loss, decoder_loss
 from fusion_seg.evaluation.metrics import SegEvaluator
 from fusion_seg.decoders import decoder_from_record, decoder_record
 from fusion_seg.decoders.base import upsample_logits
@@ -440,18 +440,6 @@ def _fit(source, decoder: nn.Module, names: list[str], run_dir: Path, cfg: Train
     return TrainResult(str(run_dir), cfg.epochs, step, losses, best, val, time.perf_counter() - t0, peak, cache_info)
 
 
-def decoder_loss(model: nn.Module, decoder: nn.Module, features: dict, labels: torch.Tensor, criterion,
-                 device: torch.device) -> torch.Tensor:
-    """The training loss of one batch: logits upsampled to the labels, plus any deep supervision.
-
-    ``model`` is ``decoder`` itself, or its DistributedDataParallel wrapper.
-    """
-    with autocast(device):
-        logits = model(features)
-        loss = criterion(upsample_logits(logits, labels.shape[-2:]).float(), labels)
-        if hasattr(decoder, "aux_loss"):  # deep supervision (ExFuse)
-            loss = loss + decoder.aux_loss(labels, criterion)
-    return loss
 
 
 def _distributed(decoder: nn.Module, dist: DistEnv) -> nn.Module:

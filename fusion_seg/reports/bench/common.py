@@ -192,7 +192,7 @@ class DecoderStep:
         self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def __call__(self, features: dict, labels: torch.Tensor) -> float:
-        from fusion_seg.training.train import decoder_loss
+        from fusion_seg.training.losses import decoder_loss
 
         loss = decoder_loss(self.decoder, self.decoder, features, labels, self.criterion, self.device)
         self.optimizer.zero_grad(set_to_none=True)
