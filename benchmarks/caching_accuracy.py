@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 from fusion_seg.extract.local import extract
-from fusion_seg.training.train import TrainConfig, train_decoder, train_online
+from fusion_seg.pipeline.requests import extract_arguments, online_arguments
+from fusion_seg.training.config import TrainConfig
+from fusion_seg.training.train import train_decoder, train_online
 
 COMMON = dict(dataset="camvid", encoder="resnet50", random_init=True, seed=0, size=(180, 240), batch_size=4)
 AUG = dict(crop=(160, 224), scale_range=(0.5, 2.0), flip=True)
@@ -67,8 +69,9 @@ def main() -> None:
     if "online" in parts:
         c = TrainConfig(**cfg, epochs=args.image_epochs)
         images = {k: v for k, v in {**COMMON, **AUG}.items() if k != "batch_size"}
-        once("online", lambda: _summary(train_online(out / "online", c, root=args.root, split="train",
-                                                     val_cache=str(val), resume=True, progress=False, **images)))
+        requests = online_arguments(dict(root=args.root, split="train", **images))
+        once("online", lambda: _summary(train_online(out / "online", c, **requests, val_cache=str(val), resume=True,
+                                                     progress=False)))
     if "storage" in parts:
         k = args.storage_views
         for dtype in ("bfloat16", "uint8"):
@@ -81,7 +84,8 @@ def main() -> None:
 
 def _extract(root, split, store, views, augment=True, **extra) -> dict:
     kw = dict(COMMON, **(AUG if augment else {}), **extra)
-    r = extract(root=root, split=split, out=store, views=views, augment=augment, progress=False, **kw)
+    r = extract(**extract_arguments(dict(root=root, split=split, out=store, views=views, augment=augment, **kw)),
+                progress=False)
     return {"views": r.views_total, "views_per_second": round(r.views_per_second, 3)}
 
 

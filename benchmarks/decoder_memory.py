@@ -38,11 +38,10 @@ def measure(preset: str, streams: int, device: str, size: int = 512, batch: int 
     dec = build_decoder("reverse-hrnet", shapes, 19, streams=streams, preset=preset).to(device).train()
 
     def step(h, w):
-        feats = {f"s{s}": torch.randn(batch, c, -(-h // s), -(-w // s), device=device)
-                 for s, c in CHANNELS.items() if s in dec.required_strides}
+        feats = {name: torch.randn(batch, shapes[name].channels, -(-h // shapes[name].stride),
+                                   -(-w // shapes[name].stride), device=device) for name in dec.in_features}
         target = torch.randint(0, 19, (batch, h, w), device=device)
-        logits = F.interpolate(dec(feats), size=(h, w), mode="bilinear", align_corners=False)
-        F.cross_entropy(logits, target).backward()
+        sum(dec.losses(dec(feats), target, F.cross_entropy).values()).backward()
 
     def rss() -> int:
         with open("/proc/self/statm") as f:

@@ -1,1 +1,53 @@
-"""fusion-seg."""
+"""fusion-seg: train segmentation decoders on a frozen backbone from a cache of its features.
+
+The Python API (README, "Python API") is the library the command line calls. Importing
+``fusion_seg`` is cheap: each name below loads its module on first use (``fusion-seg --help``
+imports no torch).
+
+- requests: ``DatasetRef``, ``EncoderSpec``, ``Augment``, ``Resize``, ``StoreFormat``, ``ExtractRun``,
+  ``TrainConfig``;
+- stages: ``extract_features`` (``fusion-seg extract``), ``train_decoder``, ``train_online``
+  (``fusion-seg train-decoder [--online]``), ``evaluate``, ``predict``;
+- models: ``load_model`` (a checkpoint as a :class:`SegmentationModel`: image in, mask out),
+  ``build_decoder`` and the registries ``DECODERS`` and ``DATASETS``; ``FeatureStore`` (a cache).
+
+``extract_features`` is ``fusion_seg.extract.local.extract``: the name ``extract`` is the sub-package.
+"""
+from __future__ import annotations
+
+import importlib
+
+_API = {  # name -> (module, attribute)
+    "DatasetRef": ("fusion_seg.data.datasets", "DatasetRef"),
+    "DATASETS": ("fusion_seg.data.datasets", "DATASETS"),
+    "EncoderSpec": ("fusion_seg.encoder.build", "EncoderSpec"),
+    "Augment": ("fusion_seg.data.views", "Augment"),
+    "Resize": ("fusion_seg.data.views", "Resize"),
+    "StoreFormat": ("fusion_seg.extract.request", "StoreFormat"),
+    "ExtractRun": ("fusion_seg.extract.request", "ExtractRun"),
+    "extract_features": ("fusion_seg.extract.local", "extract"),
+    "FeatureStore": ("fusion_seg.cache.store", "FeatureStore"),
+    "TrainConfig": ("fusion_seg.training.config", "TrainConfig"),
+    "train_decoder": ("fusion_seg.training.train", "train_decoder"),
+    "train_online": ("fusion_seg.training.train", "train_online"),
+    "evaluate": ("fusion_seg.evaluation.evaluate", "evaluate"),
+    "predict": ("fusion_seg.inference.predict", "predict"),
+    "load_model": ("fusion_seg.inference.segmenter", "load_model"),
+    "SegmentationModel": ("fusion_seg.inference.segmenter", "SegmentationModel"),
+    "build_decoder": ("fusion_seg.decoders", "build_decoder"),
+    "DECODERS": ("fusion_seg.decoders", "DECODERS"),
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'fusion_seg' has no attribute {name!r}")
+    module, attribute = _API[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -1,19 +1,20 @@
 """Decoder checkpoints: written atomically, read safely.
 
 A checkpoint is a plain dict of tensors and JSON-like values, saved with
-``torch.save`` to a temporary file in the same directory, fsync'ed, then renamed
-over the target, so a crash leaves either the old or the new file, never half of
-one. It is read with ``torch.load(weights_only=True)``: no code in a checkpoint runs.
+``torch.save`` through :func:`fusion_seg.files.atomic_write` (a temporary file in the
+same directory, fsync'ed, then renamed over the target), so a crash leaves either the
+old or the new file, never half of one. It is read with ``torch.load(weights_only=True)``:
+no code in a checkpoint runs.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from fusion_seg.errors import CheckpointError
+from fusion_seg.files import atomic_write
 
 FORMAT = "fusion-seg/decoder-checkpoint"
 VERSION = 1
@@ -28,26 +29,13 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically. A failed write (a full disk) leaves the previous file
     as it was, removes the temporary one, and raises a :class:`CheckpointError` that says why."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    record = {"format": FORMAT, "version": VERSION, **payload}
     try:
-        with _open_temp(tmp) as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(record, f), opener=_open_temp)
     # torch.save reports a failed write (ENOSPC, EIO) as a RuntimeError ("unexpected pos ..."), or as
-    # the OSError itself; close/fsync/replace raise OSError.
+    # the OSError itself; mkdir/close/fsync/replace raise OSError.
     except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(_write_failed(path, exc)) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def _write_failed(path: Path, exc: BaseException) -> str:

@@ -10,6 +10,8 @@ Torch-free: ``fusion-seg --help`` imports it.
 """
 from __future__ import annotations
 
+import math
+
 import numbers
 
 from fusion_seg.errors import UserError
@@ -106,3 +108,16 @@ def require(option: str, value, problem: str | None, sep: str = ",") -> None:
     """Raise ``problem`` (from a ``*_problem`` function) as a UserError naming ``option``."""
     if problem:
         raise UserError(f"{option} {show(value, sep)}: {problem}.")
+
+
+MAX_SCALE = 4.0  # a test-time scale beyond this is a typo (40 for 0.4), not an evaluation setting
+
+
+def scales_problem(scales) -> str | None:
+    """Why ``scales`` is not a usable list of test-time scale factors (None when it is)."""
+    if not scales:
+        return "give one or more scale factors, e.g. 0.75,1.0,1.25"
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 < s <= MAX_SCALE:
+            return f"each scale must be a number in (0, {MAX_SCALE:g}], got {s!r}"
+    return None

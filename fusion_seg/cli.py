@@ -89,6 +89,27 @@ class IntList(click.ParamType):
         return out
 
 
+class Scales(click.ParamType):
+    """``0.75,1.0,1.25`` -> (0.75, 1.0, 1.25): test-time scale factors, each > 0 and at most 4."""
+
+    name = "S,S,..."
+
+    def convert(self, value, param, ctx):
+        from fusion_seg.checks import scales_problem
+
+        if isinstance(value, (list, tuple)):
+            out = tuple(value)
+        else:
+            try:
+                out = tuple(float(v) for v in str(value).split(",") if v.strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a comma-separated list of numbers, e.g. 0.75,1.0,1.25", param, ctx)
+        problem = scales_problem(out)
+        if problem:
+            self.fail(f"{value!r}: {problem}", param, ctx)
+        return out
+
+
 class Strides(IntList):
     """Feature strides, ``4,8,16,32``: powers of 2 from 2 to 32, ascending, each once."""
 
@@ -145,6 +166,23 @@ def parse_key_values(pairs) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def option_values(params: dict) -> dict:
+    """A command's parsed options under the names a recipe stage gives them, from which the library's
+    requests are built (pipeline/requests.py): ``--no-augment``/``--no-flip`` as ``augment``/``flip``,
+    the ``--dataset-opt``/``--decoder-opt`` pairs as ``dataset_options``/``decoder_options``, and extract's
+    ``--dask-workers`` as ``workers``."""
+    values = dict(params)
+    for flag in ("augment", "flip"):
+        if f"no_{flag}" in values:
+            values[flag] = not values.pop(f"no_{flag}")
+    for kind in ("dataset", "decoder"):
+        if f"{kind}_opt" in values:
+            values[f"{kind}_options"] = parse_key_values(values.pop(f"{kind}_opt"))
+    if "dask_workers" in values:
+        values["workers"] = values.pop("dask_workers")
+    return values
 
 
 def user_errors(fn):
@@ -257,17 +295,12 @@ def main():
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (`fusion-seg info` lists them) instead of stopping.")
 @click.option("--out", required=True, type=click.Path(), help="Feature store (a .zarr folder).")
 @user_errors
-def extract(dataset, root, split, dataset_opt, views, no_augment, crop, scale_range, no_flip, short_side, size, encoder, weights,
-            random_init, seed, strides, device, dtype, codec, batch_size, loader_workers, dask_workers, scheduler, repair,
-            skip_bad, out):
+def extract(**params):
     """Run the frozen encoder once per view and store multi-scale features (resumable)."""
     from fusion_seg.extract.local import extract as run
+    from fusion_seg.pipeline.requests import extract_arguments
 
-    r = run(dataset=dataset, root=root, split=split, out=out, views=views, augment=not no_augment, crop=crop,
-            scale_range=scale_range, flip=not no_flip, short_side=short_side, size=size, encoder=encoder,
-            weights=weights, random_init=random_init, seed=seed, strides=strides, dtype=dtype, codec=codec,
-            batch_size=batch_size, loader_workers=loader_workers, workers=dask_workers, scheduler=scheduler,
-            device=device, dataset_options=parse_key_values(dataset_opt), repair=repair, skip_bad=skip_bad)
+    r = run(**extract_arguments(option_values(params)))
     click.echo(f"{r.store}: {r.views_written} views written ({r.views_total} in store), "
                f"{r.views_per_second:.2f} views/s")
     for bad in r.skipped:
@@ -348,7 +381,8 @@ def info(store, as_json):
 @click.option("--decoder", type=click.Choice(DECODER_NAMES), default="reverse-hrnet", show_default=True,
               help="Decoder to train (hrnet: the end-to-end HRNet baseline, with --online only).")
 @click.option("--streams", type=click.IntRange(4, 5), default=None, help="[reverse-hrnet] 4 (default) or 5 streams.")
-@click.option("--preset", default=None, help="Decoder size preset (reverse-hrnet: small (default), w18, w48).")
+@click.option("--preset", default=None, help="Decoder size preset, small by default (reverse-hrnet: small, w18, "
+              "w48; fpn: small, paper; eseg: small, d0, d3; frm: small, base; exfuse: small, large).")
 @click.option("--modules", type=IntList(minimum=1), default=None,
               help="[reverse-hrnet] HR modules per stage, e.g. 3,4,1.")
 @click.option("--blocks", type=click.IntRange(min=1), default=None, help="[reverse-hrnet] BasicBlocks per branch.")
@@ -364,6 +398,9 @@ def info(store, as_json):
               help="[ohem] Pixels whose true class has a lower predicted probability are kept as hard.")
 @click.option("--ohem-min-kept", type=click.IntRange(min=1), default=131072, show_default=True,
               help="[ohem] Keep at least this many hardest pixels per batch.")
+@click.option("--class-weights", default="none", show_default=True, metavar="none|median-freq|inverse-log|FILE",
+              help="Per-class loss weights: SegNet's median frequency balancing, ENet's 1/ln(1.02 + p), or a JSON "
+                   "file (a list in class order, or {class: weight}); counted from the training store's labels.")
 @click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Validate every N epochs.")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
@@ -380,10 +417,7 @@ def info(store, as_json):
 @click.option("--out", required=True, type=click.Path(), help="Run directory, e.g. runs/NAME.")
 @click.pass_context
 @user_errors
-def train_decoder(ctx, cache, val_cache, allow_val_on_train, online, dataset, root, split, dataset_opt, no_augment, crop, scale_range, no_flip,
-                  short_side, size, encoder, weights, random_init, seed, strides, device, workers, cache_mode, decoder, streams,
-                  preset, modules, blocks, decoder_opt, views, epochs, batch_size, lr, loss, ohem_thresh, ohem_min_kept,
-                  val_every, log_every, init, resume, tensorboard, sync_bn, out):
+def train_decoder(ctx, **params):
     """Train only the decoder, from a feature cache (or --online from images).
 
     Under torchrun (`torchrun --nproc_per_node N -m fusion_seg train-decoder ...`) the cache path
@@ -391,30 +425,24 @@ def train_decoder(ctx, cache, val_cache, allow_val_on_train, online, dataset, ro
     """
     from fusion_seg.training.ddp import is_main_process
     from fusion_seg.progress import require_tensorboard
+    from fusion_seg.pipeline.requests import online_arguments, split_train_options
     from fusion_seg.pipeline.stages import train_config
-    from fusion_seg.training.train import resumed_lr, train_decoder as from_cache, train_online
+    from fusion_seg.training.run_dir import resumed_lr
+    from fusion_seg.training.train import train_decoder as from_cache, train_online
 
-    # --online: --crop is the augmentation crop, as in extract (train_online's default when not given). From a
-    # cache: a random crop in feature space when given (a multiple of 32, checked by TrainConfig), else whole views.
-    feature_crop = crop if crop and not online else None
+    options = option_values(params)
+    cache, val_cache, allow_val_on_train, online, resume, out = (
+        options.pop(k) for k in ("cache", "val_cache", "allow_val_on_train", "online", "resume", "out"))
     if resume and ctx.get_parameter_source("lr").name == "DEFAULT":
-        lr = resumed_lr(out, lr)  # --resume keeps the run's lr; only an explicit --lr changes it
-    cfg = train_config(dict(decoder=decoder, streams=streams, preset=preset, modules=modules, blocks=blocks,
-                            decoder_options=parse_key_values(decoder_opt), views=views,
-                            epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, ohem_thresh=ohem_thresh,
-                            ohem_min_kept=ohem_min_kept, crop=list(feature_crop) if feature_crop else None,
-                            seed=seed, workers=workers, val_every=val_every, log_every=log_every, device=device,
-                            init=init, sync_bn=sync_bn, cache_mode=cache_mode, tensorboard=tensorboard))
-    if tensorboard:
+        options["lr"] = resumed_lr(out, options["lr"])  # --resume keeps the run's lr; only an explicit --lr changes it
+    options, images = split_train_options(options, online=online)  # which --crop is meant: see there
+    cfg = train_config(options)
+    if cfg.tensorboard:
         require_tensorboard()  # refuse before any cache is loaded
     if online:
-        if not dataset:
+        if not images["dataset"]:
             raise UserError("--online needs --dataset (and --root, --split) to read images from.")
-        r = train_online(out, cfg, dataset=dataset, split=split, root=root, augment=not no_augment,
-                         **({"crop": crop} if crop else {}), scale_range=scale_range, flip=not no_flip,
-                         short_side=short_side, size=size,
-                         encoder=encoder, weights=weights, random_init=random_init, seed=seed, strides=strides,
-                         val_cache=val_cache, resume=resume, dataset_options=parse_key_values(dataset_opt),
+        r = train_online(out, cfg, **online_arguments(images), val_cache=val_cache, resume=resume,
                          allow_val_on_train=allow_val_on_train)
     else:
         if not cache:
@@ -430,15 +458,19 @@ def train_decoder(ctx, cache, val_cache, allow_val_on_train, online, dataset, ro
 @dataset_options
 @click.option("--out", type=click.Path(), default=None, help="Output folder (default: next to the checkpoint).")
 @click.option("--sliding-window", is_flag=True, help="Sliding-window inference with the training crop.")
+@click.option("--flip", is_flag=True, help="Test-time augmentation: also predict the mirrored image and average "
+              "the logits (as HRNet's and mmsegmentation's evaluations).")
+@click.option("--scales", type=Scales(), default="1.0", show_default=True,
+              help="Test-time scales, e.g. 0.75,1.0,1.25: the image is resized by each and the logits averaged.")
 @click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
 @click.option("--device", default="auto", show_default=True)
 @user_errors
-def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window, weights, device):
+def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window, flip, scales, weights, device):
     """Pixel accuracy, mIoU, per-class IoU and confusion matrix, end to end on images."""
     from fusion_seg.evaluation.evaluate import evaluate as run
 
     r = run(checkpoint, dataset=dataset, root=root, split=split, out=out, sliding_window=sliding_window,
-            weights=weights, device=device, dataset_options=parse_key_values(dataset_opt))
+            flip=flip, scales=scales, weights=weights, device=device, dataset_options=parse_key_values(dataset_opt))
     click.echo(f"pixel acc {r['pixel_acc']:.4f}  mIoU {r['miou']:.4f}  mean acc {r['mean_acc']:.4f}")
     if "iiou_class" in r:  # Cityscapes with instance maps
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -491,7 +523,7 @@ def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed
             out):
     """Train several decoders from one cache with one schedule and tabulate them."""
     from fusion_seg.reports.compare import compare as run
-    from fusion_seg.training.train import TrainConfig
+    from fusion_seg.training.config import TrainConfig
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, crop=list(crop) if crop else None,
                       seed=seed, workers=workers, device=device, cache_mode=cache_mode)
@@ -560,7 +592,9 @@ def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_si
     if json_path:
         from dataclasses import asdict
 
-        Path(json_path).write_text(json.dumps(asdict(result), indent=2))
+        from fusion_seg.files import write_json_atomic
+
+        write_json_atomic(json_path, asdict(result))
 
 
 @main.command()
@@ -626,7 +660,9 @@ def bench(device, sections, camvid, encoder, weights, decoder, batch_size, size,
     if json_path:
         save_json(results, Path(json_path))
     if markdown_path:
-        Path(markdown_path).write_text(markdown)
+        from fusion_seg.files import write_text_atomic
+
+        write_text_atomic(markdown_path, markdown)
     if update_path:
         update_benchmarks(Path(update_path), markdown, heading=device)
         click.echo(f"updated {update_path}")

@@ -6,32 +6,39 @@ runs without it. Figures are built on a bare :class:`matplotlib.figure.Figure`
 rendered by the Agg canvas -- pyplot is never imported, so no global backend
 is switched and no figure is left open in a user's interactive session.
 
-Every PNG is written atomically (temporary file in the same folder, then
-``os.replace``): a reader never sees half a figure.
+Every PNG is written atomically (:func:`fusion_seg.files.atomic_write`: a temporary
+file in the same folder, then ``os.replace``): a reader never sees half a figure.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from fusion_seg.errors import UserError
+from fusion_seg.files import atomic_write
 
 _INSTALL = "pip install 'fusion-seg[plots]'"
+
+
+def _import_matplotlib():
+    """Import the optional dependency: ``matplotlib``, with its Agg canvas (fails early if Agg is broken).
+
+    The one place it is imported first: a test replaces this function to play a missing matplotlib.
+    """
+    import matplotlib.backends.backend_agg  # matplotlib, and its Agg canvas: fails early if that is broken
+
+    return matplotlib
 
 
 def require_matplotlib(what: str = "plotting"):
     """The ``matplotlib`` module, or a :class:`UserError` that says how to install it."""
     try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401  (fails early if Agg is broken)
+        return _import_matplotlib()
     except ImportError as exc:
         raise UserError(f"{what} needs matplotlib: {_INSTALL}") from exc
-    return matplotlib
 
 
 def new_figure(width: float, height: float, what: str = "plotting"):
@@ -46,18 +53,8 @@ def new_figure(width: float, height: float, what: str = "plotting"):
 
 
 def save_figure(fig, out_png: str | Path, *, dpi: float = 100) -> Path:
-    """Write ``fig`` as PNG through a temporary file in the same folder, then ``os.replace``."""
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.replace(tmp, out_png)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_png
+    """Write ``fig`` as PNG, atomically (:func:`fusion_seg.files.atomic_write`)."""
+    return atomic_write(out_png, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
 
 
 # --------------------------------------------------------------------------- training curves

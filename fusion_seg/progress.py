@@ -37,16 +37,20 @@ def interval_seconds() -> float:
     return seconds
 
 
-def format_duration(seconds: float) -> str:
-    """``42s``, ``4m08s``, ``2h05m``."""
-    if not seconds == seconds or seconds == float("inf"):
+def format_duration(seconds: float, *, exact: bool = False) -> str:
+    """``42s``, ``4m08s``, ``2h05m``; ``exact`` keeps the seconds past an hour: ``2h05m08s``.
+
+    The one duration format of fusion-seg: progress lines and training summaries, ``plan``'s
+    table (``exact``) and the bench's tables. ``?`` for NaN or infinity (an unknown ETA).
+    """
+    if not seconds == seconds or seconds in (float("inf"), float("-inf")):
         return "?"
     s = int(round(seconds))
     if s < 60:
         return f"{s}s"
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" + (f"{s % 60:02d}s" if exact else "")
 
 
 class Progress:
@@ -149,14 +153,23 @@ class Progress:
 TENSORBOARD_INSTALL = "pip install 'fusion-seg[tensorboard]'"
 
 
+def _import_summary_writer():
+    """Import the optional dependency: ``torch.utils.tensorboard.SummaryWriter`` (needs tensorboard).
+
+    The one place it is imported: a test may replace this function to play a missing tensorboard.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
+
+
 def require_tensorboard():
     """``torch.utils.tensorboard.SummaryWriter``, or a one-line :class:`UserError` saying how to install it."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        return _import_summary_writer()
     except ImportError as exc:
         raise UserError(f"--tensorboard needs the tensorboard package, which is not installed: "
                         f"{TENSORBOARD_INSTALL} (or leave out --tensorboard; metrics.jsonl has the same numbers).") from exc
-    return SummaryWriter
 
 
 class TensorBoardLog:

@@ -5,9 +5,12 @@ resnet18 has the same five-stride feature contract as ResNet-50 with other width
 """
 from __future__ import annotations
 
+import errno
+import io
 from pathlib import Path
 
 from fusion_seg.extract.local import extract
+from fusion_seg.pipeline.requests import extract_arguments
 
 ENCODER = "resnet18"
 SYNTH = {"num_images": 6, "size": (64, 96)}
@@ -15,13 +18,16 @@ SYNTH = {"num_images": 6, "size": (64, 96)}
 
 def extract_synthetic(out: Path, *, split="train", views=2, augment=True, crop=(64, 64), seed=0,
                       strides=(4, 8, 16, 32), num_images=6, **kw):
-    return extract(dataset="synthetic", split=split, out=out, views=views, augment=augment, crop=crop,
-                   encoder=ENCODER, random_init=True, seed=seed, strides=strides, loader_workers=0, progress=False,
+    """``num_images`` synthetic images extracted into ``out``; ``kw``: any other extract option, by its
+    recipe name (``batch_size``, ``dtype``, ``scheduler``, ...), built into extract()'s requests as a recipe's are."""
+    options = dict(dataset="synthetic", split=split, out=out, views=views, augment=augment, crop=crop,
+                   encoder=ENCODER, random_init=True, seed=seed, strides=strides, loader_workers=0,
                    dataset_options={"num_images": num_images, "size": SYNTH["size"]}, **kw)
+    return extract(**extract_arguments(options), progress=False)
 
 
 def tiny_config(**kw):
-    from fusion_seg.training.train import TrainConfig
+    from fusion_seg.training.config import TrainConfig
 
     base = dict(decoder_config={"streams": 4, "preset": "small"}, epochs=2, batch_size=2, workers=0,
                 log_every=1, loss="ce", device="cpu")
@@ -31,13 +37,37 @@ def tiny_config(**kw):
 
 def raise_after_checkpoint(monkeypatch, epoch: int, exc: type[Exception]) -> None:
     """Make training raise ``exc`` right after it has written ``last.pt`` for ``epoch`` (an interruption)."""
-    import fusion_seg.training.train
+    import fusion_seg.training.run_dir
 
-    real_save = fusion_seg.training.train.save_checkpoint
+    real_save = fusion_seg.training.run_dir.save_checkpoint
 
     def save_then_raise(path, payload):
         real_save(path, payload)
         if path.name == "last.pt" and payload["epoch"] == epoch:
             raise exc
 
-    monkeypatch.setattr(fusion_seg.training.train, "save_checkpoint", save_then_raise)
+    monkeypatch.setattr(fusion_seg.training.run_dir, "save_checkpoint", save_then_raise)
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with ``room`` bytes left: writes past it fail with ENOSPC."""
+
+    def __init__(self, path, room):
+        super().__init__(path, "wb")
+        self.room = room
+
+    def write(self, data):
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= size
+        return super().write(data)
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """best.pt of a one-epoch tiny decoder on a 2-image synthetic store made in ``folder``."""
+    from fusion_seg.training.train import train_decoder
+
+    extract_synthetic(folder / "s.zarr", views=1, num_images=2)
+    train_decoder(str(folder / "s.zarr"), folder / "run", tiny_config(epochs=1), progress=False)
+    return folder / "run" / "best.pt"

@@ -1,7 +1,7 @@
-"""End to end through the command line (click's CliRunner), on generated data."""
+"""End to end through the command line (click's CliRunner), on generated data.
+
+The program in a child process of its own: tests/system/test_cli_startup.py."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 from click.testing import CliRunner
@@ -98,12 +98,6 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert result.exit_code == 2 and "--cache" in result.output
 
 
-def test_python_dash_m_is_the_same_program():
-    out = subprocess.run([sys.executable, "-m", "fusion_seg", "--help"], capture_output=True, text=True, check=True)
-    for command in ("extract", "info", "train-decoder", "evaluate", "predict", "run"):
-        assert command in out.stdout
-
-
 # --- issue 12: help that is true, and a fast start --------------------------------------------------------------------
 
 def test_the_clis_names_are_the_registries():
@@ -150,25 +144,3 @@ def test_workers_means_dataloader_processes_in_every_command():
                 assert "DataLoader" in param.help, (name, param.help)
     dask = [p for p in main.commands["extract"].params if "--dask-workers" in p.opts]
     assert dask and dask[0].name == "dask_workers"
-
-
-DRIVER = """
-import sys
-from fusion_seg.cli import main
-try:
-    main(sys.argv[1:], prog_name="fusion-seg", standalone_mode=False)
-except SystemExit as exc:
-    assert exc.code in (0, None), exc.code
-heavy = sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)
-print("HEAVY:" + ",".join(heavy))
-"""
-
-
-def test_help_info_and_verify_do_not_import_torch(tmp_path):
-    store = tmp_path / "s.zarr"
-    invoke("extract", *DATA, "--split", "train", "--views", "1", "--crop", "64x64", *EXTRACT_ENC, "--out", store)
-    for args in (["--help"], ["train-decoder", "--help"], ["extract", "--help"], ["info", store],
-                 ["info", "--json", store], ["verify", store]):
-        out = subprocess.run([sys.executable, "-c", DRIVER, *map(str, args)], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.strip().splitlines()[-1] == "HEAVY:", (args, out.stdout[-300:])

@@ -7,7 +7,7 @@ traceback, and (extract, train-decoder, compare) leave no store, lock or run dir
 The library entry points that recipes call without the CLI (``extract()``, ``TrainConfig``)
 refuse the same values.
 
-evaluate, predict, visualize, info and verify take no numeric option.
+predict, visualize, info and verify take no numeric option; evaluate takes --scales.
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ TRAIN = [
     ("--workers", "-1"), ("--streams", "3"), ("--modules", "0,1"), ("--blocks", "0"), ("--views", "0"),
     ("--epochs", "0"), ("--batch-size", "0"), ("--lr", "0"), ("--lr", "-0.1"),
     ("--ohem-thresh", "0"), ("--ohem-thresh", "1.5"), ("--ohem-min-kept", "0"),
-    ("--val-every", "0"), ("--log-every", "0"), ("--decoder", "nope"),
+    ("--val-every", "0"), ("--log-every", "0"), ("--decoder", "nope"), ("--class-weights", "median"),
 ]
+EVALUATE = [("--scales", "0"), ("--scales", "0.5,-1"), ("--scales", "a,b"), ("--scales", "40"), ("--scales", ",")]
 COMPARE = [
     ("--epochs", "0"), ("--batch-size", "0"), ("--lr", "0"), ("--crop", "48x48"), ("--crop", "0x32"),
     ("--seed", "-1"), ("--workers", "-1"), ("--repeats", "0"), ("--decoders", "linear,nope"), ("--decoders", ","),
@@ -60,7 +61,7 @@ BENCH = [("--batch-size", "0"), ("--size", "0x480"), ("--scaling-sizes", "360x48
 
 CASES = ([("extract", *c) for c in EXTRACT] + [("train-decoder", *c) for c in TRAIN]
          + [("compare", *c) for c in COMPARE] + [("plan", *c) for c in PLAN] + [("run", *c) for c in RUN]
-         + [("bench", *c) for c in BENCH])
+         + [("bench", *c) for c in BENCH] + [("evaluate", *c) for c in EVALUATE])
 
 
 def command_line(command: str, option: str, values: tuple[str, ...], tmp_path, cache) -> list[str]:
@@ -80,6 +81,9 @@ def command_line(command: str, option: str, values: tuple[str, ...], tmp_path, c
         recipe = tmp_path / "recipe.toml"
         recipe.write_text('[[stage]]\nkind = "extract"\n')
         return ["run", str(recipe), "--dry-run", *bad]
+    if command == "evaluate":
+        return ["evaluate", "--checkpoint", str(tmp_path / "runs" / "missing.pt"), "--dataset", "synthetic",
+                "--split", "val", "--device", "cpu", *bad, "--out", str(tmp_path / "out" / "e")]
     if command == "bench":
         return ["bench", "--device", "cpu", "--sections", "format", "--workdir", str(tmp_path / "runs" / "b"), *bad]
     raise AssertionError(command)
@@ -106,7 +110,7 @@ def test_an_online_crop_need_not_be_a_multiple_of_32():
 # --- the library entry points refuse the same values, before any work ----------------------------------------------
 
 EXTRACT_KW = dict(dataset="synthetic", split="train", encoder="resnet18", random_init=True, strides=(4, 8, 16, 32),
-                  device="cpu", loader_workers=0, dataset_options={"num_images": 2, "size": [64, 64]}, progress=False)
+                  device="cpu", loader_workers=0, dataset_options={"num_images": 2, "size": [64, 64]})
 
 
 @pytest.mark.parametrize("bad, option", [
@@ -118,11 +122,13 @@ EXTRACT_KW = dict(dataset="synthetic", split="train", encoder="resnet18", random
     (dict(writers=0), "writers"), (dict(workers=0), "--dask-workers"),
 ])
 def test_extract_refuses_bad_values_before_creating_the_store(bad, option, tmp_path):
+    """A recipe's values (built into extract()'s requests as a recipe stage's are) are refused by extract() itself."""
     from fusion_seg.extract.local import extract
+    from fusion_seg.pipeline.requests import extract_arguments
 
     out = tmp_path / "out" / "x.zarr"
     with pytest.raises(UserError, match=option):
-        extract(out=out, **{**EXTRACT_KW, **bad})
+        extract(**extract_arguments({"out": out, **EXTRACT_KW, **bad}), progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -145,14 +151,14 @@ def test_extract_with_a_corrected_scale_range_after_a_bad_one(tmp_path):
     (dict(val_every=0), "val-every"), (dict(log_every=0), "log-every"), (dict(cache_mode="disk"), "cache-mode"),
 ])
 def test_train_config_refuses_bad_values(bad, name):
-    from fusion_seg.training.train import TrainConfig
+    from fusion_seg.training.config import TrainConfig
 
     with pytest.raises(UserError, match=name):
         TrainConfig(**bad)
 
 
 def test_train_config_accepts_its_defaults_and_edge_values():
-    from fusion_seg.training.train import TrainConfig
+    from fusion_seg.training.config import TrainConfig
 
     TrainConfig()
     TrainConfig(lr=0.0)  # a script may train with lr 0 (tests carry weights over unchanged); the CLI refuses --lr 0

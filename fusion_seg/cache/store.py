@@ -49,6 +49,7 @@ from zarr.storage import WrapperStore
 from fusion_seg.cache import codecs as storage
 
 from fusion_seg.cache import locations as store_url
+from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CacheError
 from fusion_seg.shapes import ShapeSpec
 
@@ -63,10 +64,20 @@ class MissingChunkError(Exception):
     """A chunk of a data array is absent from the store (Zarr would have read it as the fill value)."""
 
 
+async def _store_set(store, key: str, value) -> None:
+    """Write one object of an open FeatureStore (a chunk, or its attributes): ``store.set(key, value)``.
+
+    Every write of an open FeatureStore passes here (see :class:`_ChunksRequired`): the one place a
+    test replaces to make the store fail as a full disk does, with zarr and the files still real.
+    """
+    await store.set(key, value)
+
+
 class _ChunksRequired(WrapperStore):
     """The store, except that reading an absent chunk of a data array raises :class:`MissingChunkError`.
 
-    Costs nothing: the absence is the answer of the read that fetches the chunk anyway.
+    Costs nothing: the absence is the answer of the read that fetches the chunk anyway. Writes go
+    through :func:`_store_set`.
     """
 
     async def get(self, key, prototype=None, byte_range=None):
@@ -74,6 +85,9 @@ class _ChunksRequired(WrapperStore):
         if value is None and "/c/" in key and key.split("/", 1)[0] not in OPTIONAL_CHUNKS:
             raise MissingChunkError(f"chunk {key} is missing")
         return value
+
+    async def set(self, key, value) -> None:
+        await _store_set(self._store, key, value)
 
 
 def _chunks_required(group: zarr.Group) -> zarr.Group:
@@ -88,7 +102,7 @@ def _chunks_required(group: zarr.Group) -> zarr.Group:
 class CacheSpec:
     """Everything that determines a store's contents. Two runs with equal specs write identical stores."""
 
-    encoder: dict                     # EncoderIdentity.to_dict()
+    encoder: dict                     # EncoderIdentity.to_dict(); typed: encoder_identity
     dataset: dict                     # SegDataset.describe()
     classes: tuple[str, ...]
     ignore_index: int
@@ -117,8 +131,13 @@ class CacheSpec:
         d["label_shape"] = tuple(d["label_shape"])
         return cls(**d)
 
+    @property
+    def encoder_identity(self) -> EncoderIdentity:
+        """The encoder the features were made with, typed (``encoder`` is its JSON, as stored)."""
+        return EncoderIdentity.from_dict(self.encoder)
+
     def input_shapes(self) -> dict[str, ShapeSpec]:
-        return {f["name"]: ShapeSpec(f["channels"], f["stride"]) for f in self.encoder["features"]}
+        return self.encoder_identity.output_shape()
 
     def differences(self, other: "CacheSpec") -> list[str]:
         """``key: stored A, requested B`` for each setting that differs; for a dict setting (augment,

@@ -11,20 +11,22 @@ without EXIF (the usual case) is unaffected.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from fusion_seg.errors import DataError
+from fusion_seg.files import atomic_write
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 _FIX_IMAGE = "re-export it as PNG or JPEG, or remove it from the dataset"
+
+# The image files fusion-seg reads (datasets and ``predict``'s --input alike), by lower-case suffix.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _open_decoded(path, kind: str) -> Image.Image:
@@ -147,22 +149,13 @@ def image_size(path) -> tuple[int, int]:
 
 
 def _save_atomic(path, img: Image.Image) -> None:
-    """Save ``img`` as PNG through a temporary file in the same folder, then ``os.replace``.
+    """Save ``img`` as PNG with :func:`fusion_seg.files.atomic_write`.
 
     A reader never sees a half-written file, and an interrupted run leaves the
-    previous file (if any) intact.
+    previous file (if any) intact. Not fsync'ed (``durable=False``): ``predict``
+    writes two of these per image, and a rerun rewrites any a power cut lost.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its 0600 mode would survive the rename.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"), durable=False)
 
 
 def write_mask_png(path, mask: np.ndarray, palette: np.ndarray | None = None) -> None:
@@ -222,3 +215,12 @@ def default_palette(num_classes: int) -> np.ndarray:
             bit = (ids >> (3 * shift + channel)) & 1
             palette[:, channel] |= bit << (7 - shift)
     return palette.astype(np.uint8)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name; hidden files (``.*``) are skipped."""
+    return sorted(
+        (p for p in folder.iterdir()
+         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: p.name,
+    )

@@ -28,6 +28,14 @@ class Augment:
     flip: bool = True
     seed: int = 0
 
+    def __post_init__(self):
+        # One form per augmentation, whoever builds it: a store records to_json(), and equal requests must
+        # record equal specs. Without augmentation there is no crop and no flip.
+        if not self.enabled:
+            object.__setattr__(self, "crop", None)
+            object.__setattr__(self, "flip", False)
+        _tuples(self, "crop", "scale_range")
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["crop"] = list(self.crop) if self.crop else None
@@ -42,8 +50,19 @@ class Resize:
     short_side: int | None = None
     size: tuple[int, int] | None = None
 
+    def __post_init__(self):
+        _tuples(self, "size")
+
     def to_json(self) -> dict:
         return {"short_side": self.short_side, "size": list(self.size) if self.size else None}
+
+
+def _tuples(request, *names: str) -> None:
+    """Sizes and ranges given as lists (a recipe's TOML arrays) held as tuples, as the library gives them."""
+    for name in names:
+        value = getattr(request, name)
+        if isinstance(value, list):
+            object.__setattr__(request, name, tuple(value))
 
 
 class ViewSource(torch.utils.data.Dataset):

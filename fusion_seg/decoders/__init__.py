@@ -2,40 +2,32 @@
 
 As in detectron2, a decoder is built from ``input_shapes: dict[str, ShapeSpec]``
 (never hard-coded widths) and consumes ``dict[str, Tensor]`` keyed the same
-way. Every decoder exposes ``config`` (JSON-able; ``build_decoder(name,
-input_shapes, num_classes, **decoder.config)`` rebuilds the same
-architecture, which is what checkpoints store), ``output_stride`` (stride of
-its logits) and ``required_strides``.
+way. Every decoder is a :class:`~fusion_seg.decoders.base.Decoder` and exposes
+``config`` (JSON-able; ``build_decoder(name, input_shapes, num_classes,
+**decoder.config)`` rebuilds the same architecture, which is what checkpoints
+store), ``in_features`` (the maps it reads), ``output_stride`` (stride of its
+logits), ``required_strides`` and ``losses``. Each registers itself in
+``DECODERS`` with ``@register_decoder(name)`` where it is defined.
 """
 from __future__ import annotations
 
 import inspect
 
-from torch import nn
-
-from fusion_seg.decoders.eseg import ESeg
-from fusion_seg.decoders.exfuse import ExFuse
-from fusion_seg.decoders.fpn import SemanticFPN
-from fusion_seg.decoders.hrnet_baseline import HRNetBaseline
-from fusion_seg.decoders.frm import FRM
-from fusion_seg.decoders.linear import LinearProbe
+# Importing the decoder modules registers them; DECODERS lists them in this order (what the CLI shows).
+from fusion_seg.decoders.base import DECODERS, Decoder, register_decoder
 from fusion_seg.decoders.reverse_hrnet import ReverseHRNet
+from fusion_seg.decoders.linear import LinearProbe
+from fusion_seg.decoders.fpn import SemanticFPN
+from fusion_seg.decoders.eseg import ESeg
+from fusion_seg.decoders.frm import FRM
+from fusion_seg.decoders.exfuse import ExFuse
+from fusion_seg.decoders.hrnet_baseline import HRNetBaseline
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 
-DECODERS: dict[str, type[nn.Module]] = {
-    "reverse-hrnet": ReverseHRNet,
-    "linear": LinearProbe,
-    "fpn": SemanticFPN,
-    "eseg": ESeg,
-    "frm": FRM,
-    "exfuse": ExFuse,
-    "hrnet": HRNetBaseline,  # end to end from images (train-decoder --online), the paper's baseline
-}
-
 
 def build_decoder(name: str, input_shapes: dict[str, ShapeSpec], num_classes: int,
-                  **config) -> nn.Module:
+                  **config) -> Decoder:
     """Instantiate the decoder registered as ``name``."""
     if name not in DECODERS:
         raise UserError(f"unknown decoder {name!r}; known decoders: {', '.join(sorted(DECODERS))}")
@@ -49,17 +41,16 @@ def build_decoder(name: str, input_shapes: dict[str, ShapeSpec], num_classes: in
     return cls(input_shapes, num_classes, **config)
 
 
-__all__ = ["DECODERS", "ESeg", "ExFuse", "FRM", "HRNetBaseline", "LinearProbe", "ReverseHRNet", "SemanticFPN",
-           "build_decoder"]
+__all__ = ["DECODERS", "Decoder", "ESeg", "ExFuse", "FRM", "HRNetBaseline", "LinearProbe", "ReverseHRNet",
+           "SemanticFPN", "build_decoder", "decoder_from_record", "decoder_record", "register_decoder"]
 
 
-def decoder_from_record(record: dict) -> nn.Module:
+def decoder_from_record(record: dict) -> Decoder:
     """Rebuild a decoder from the ``{"name", "num_classes", "config", "input_shapes"}`` record a checkpoint holds."""
     shapes = {k: ShapeSpec(int(c), int(s)) for k, (c, s) in record["input_shapes"].items()}
     return build_decoder(record["name"], shapes, int(record["num_classes"]), **record["config"])
 
 
-
-def decoder_record(name: str, decoder: nn.Module, input_shapes: dict[str, ShapeSpec], num_classes: int) -> dict:
+def decoder_record(name: str, decoder: Decoder, input_shapes: dict[str, ShapeSpec], num_classes: int) -> dict:
     return {"name": name, "num_classes": num_classes, "config": decoder.config,
             "input_shapes": {k: [v.channels, v.stride] for k, v in input_shapes.items()}}

@@ -1,23 +1,49 @@
-"""Helpers shared by the decoders (``reverse-hrnet``, ``linear``, ``fpn``, ``eseg``, ``frm``, ``exfuse``).
+"""The decoders' base class :class:`Decoder`, their registry, and the helpers they share.
 
-They follow the conventions of the reverse HRNet decoder: feature maps are
-selected by ``ShapeSpec.stride`` (never by name or width), a missing stride
-is a :class:`UserError` that lists what the cache holds and says to
-re-extract with ``--strides``, and weights are initialised as there
-(Kaiming fan-out convs, unit norms, a normal(std=0.001) classifier).
+Every decoder (``reverse-hrnet``, ``linear``, ``fpn``, ``eseg``, ``frm``,
+``exfuse``, ``hrnet``) is a :class:`Decoder` registered under its name with
+:func:`register_decoder` in its own module. They follow the conventions of the
+reverse HRNet decoder: feature maps are selected by ``ShapeSpec.stride``
+(never by name or width), a missing stride is a :class:`UserError` that lists
+what the cache holds and says to re-extract with ``--strides``, and weights
+are initialised as there (Kaiming fan-out convs, unit norms, a
+normal(std=0.001) classifier).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusion_seg.errors import UserError
+from fusion_seg.registry import Registry
 from fusion_seg.shapes import ShapeSpec
 
+Criterion = Callable[[Tensor, Tensor], Tensor]
 
+
+# --------------------------------------------------------------------------- resizing
+def resize_to(x: Tensor, size: Sequence[int], mode: str = "bilinear") -> Tensor:
+    """``x`` resized to spatial ``size``, or ``x`` itself when it already has that size.
+
+    ``mode``: an ``F.interpolate`` mode: ``"bilinear"`` (with ``align_corners=False``; the
+    decoders' fusion and the logits) or ``"nearest"`` (FPN's top-down pathway).
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    corners = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(x, size=tuple(size), mode=mode, **corners)
+
+
+def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Decoder logits bilinearly upsampled to the label (or image) size: :func:`resize_to` for logits."""
+    return resize_to(logits, size, "bilinear")
+
+
+# --------------------------------------------------------------------------- option checks
 def select_features(input_shapes: dict[str, ShapeSpec], strides: Sequence[int],
                     decoder: str, hint: str = "") -> list[str]:
     """Names of the feature maps at ``strides`` (matched on ``ShapeSpec.stride``), in that order."""
@@ -44,26 +70,6 @@ def check_positive(**values: int) -> None:
             raise UserError(f"{name} must be >= 1, got {value}")
 
 
-def init_weights(module: nn.Module, classifiers: Iterable[nn.Conv2d]) -> None:
-    """Kaiming fan-out convs and unit norms (as ``ReverseHRNet``); tiny normal classifiers.
-
-    Only ``nn.Conv2d`` and 2-D norms are touched: ``nn.Linear`` layers inside
-    timm transformer blocks keep timm's own initialisation.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    for classifier in classifiers:
-        nn.init.normal_(classifier.weight, std=0.001)
-        if classifier.bias is not None:
-            nn.init.zeros_(classifier.bias)
-
-
 def norm_layer(norm: str) -> str:
     """timm norm-layer name for ``norm``: ``"bn"`` (BatchNorm) or ``"gn"`` (GroupNorm, 32 groups)."""
     names = {"bn": "batchnorm", "gn": "groupnorm"}
@@ -82,15 +88,121 @@ def check_group_norm(norm: str, **widths: int) -> None:
                             f"(GroupNorm, 32 groups) needs; pick another width or norm='bn'")
 
 
-def upsample_nearest(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Nearest-neighbour resize of ``x`` to ``size`` (FPN's top-down upsampling, size-matched)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="nearest")
+# --------------------------------------------------------------------------- the base class
+class FeatureTaps(NamedTuple):
+    """What ``fusion-seg visualize`` hooks to show a decoder's multi-scale feature maps.
+
+    ``modules``: the submodules whose outputs (tensors, or the tensors of a list, tuple or
+    dict they return) are candidates; per stride the last one computed at that stride's size
+    is shown. ``rule`` names the choice; ``"size-match"`` (every submodule) also makes
+    visualize skip logits: the decoder's output, tensors sharing its memory, and maps with
+    as many channels as the classifier.
+    """
+
+    rule: str
+    modules: list[nn.Module]
 
 
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of decoder logits to the label size."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+class Decoder(nn.Module):
+    """Base of every decoder: logits from a ``dict[str, Tensor]`` of feature maps.
+
+    As in detectron2, a decoder is built from ``input_shapes: dict[str, ShapeSpec]``
+    (never hard-coded widths) and consumes ``dict[str, Tensor]`` keyed the same way.
+    A subclass's ``__init__(input_shapes, num_classes, *, options...)`` takes its
+    options as keyword-only arguments (:func:`~fusion_seg.decoders.build_decoder`
+    checks them against the signature), validates them, calls :meth:`select_inputs`,
+    stores its resolved options in ``self._config``, builds its layers and its 1x1
+    ``classifier``, and ends with :meth:`init_weights`. Its ``forward(features)``
+    returns the logits at stride ``output_stride``, not upsampled: :meth:`losses`
+    and the callers upsample them.
+
+    Attributes:
+        in_features: the ``input_shapes`` keys this decoder reads, in the order it
+            reads them (ascending stride): the maps a cache must hold for it.
+        required_strides: the strides of those maps.
+        output_stride: the stride of the logits.
+        classifier: the 1x1 conv that predicts the classes.
+        config: the JSON-able options that rebuild this architecture, what
+            checkpoints store: ``build_decoder(name, input_shapes, num_classes,
+            **decoder.config)`` gives the same layers and state-dict keys.
+    """
+
+    #: Trained from images with its own stem, not from a frozen encoder's cached
+    #: maps (``train-decoder --online`` only).
+    end_to_end: ClassVar[bool] = False
+
+    in_features: list[str]
+    required_strides: tuple[int, ...]
+    output_stride: int
+    classifier: nn.Conv2d
+    _config: dict
+
+    def select_inputs(self, input_shapes: dict[str, ShapeSpec], strides: Sequence[int], decoder: str, *,
+                      hint: str = "", output_stride: int | None = None) -> list[str]:
+        """Read the maps at ``strides`` (matched on ``ShapeSpec.stride``); logits at ``output_stride``.
+
+        Sets ``required_strides``, ``in_features`` (the maps' names, in ``strides`` order) and
+        ``output_stride`` (default: the finest of ``strides``), and returns ``in_features``.
+        A missing stride is a :class:`UserError` naming ``decoder``, the maps there are, and
+        ``--strides`` (then ``hint``).
+        """
+        self.required_strides = tuple(strides)
+        self.in_features = select_features(input_shapes, self.required_strides, decoder, hint=hint)
+        self.output_stride = min(self.required_strides) if output_stride is None else output_stride
+        return self.in_features
+
+    @property
+    def config(self) -> dict:
+        """JSON-able settings that rebuild this architecture via ``build_decoder`` (a copy)."""
+        return copy.deepcopy(self._config)
+
+    def classifiers(self) -> list[nn.Conv2d]:
+        """The convs that predict classes (``classifier``, plus any auxiliary heads)."""
+        return [self.classifier]
+
+    def init_weights(self, scope: nn.Module | None = None) -> None:
+        """Kaiming fan-out convs and unit norms (as ``ReverseHRNet``); tiny normal :meth:`classifiers`.
+
+        Convs and norms are initialised within ``scope`` (default: the whole decoder; a
+        pretrained body is left out by passing the part that is the decoder's own), then
+        each classifier gets normal(std=0.001) weights and zero bias (HRNet's init).
+        Only ``nn.Conv2d`` and 2-D norms are touched: ``nn.Linear`` layers inside timm
+        transformer blocks keep timm's own initialisation.
+        """
+        for m in (self if scope is None else scope).modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for classifier in self.classifiers():
+            nn.init.normal_(classifier.weight, std=0.001)
+            if classifier.bias is not None:
+                nn.init.zeros_(classifier.bias)
+
+    def losses(self, logits: Tensor, labels: Tensor, criterion: Criterion) -> dict[str, Tensor]:
+        """The training losses of the last forward, whose output was ``logits``; their sum is the loss.
+
+        ``{"loss_seg": criterion(logits upsampled to labels, labels)}``: ``logits`` are
+        bilinearly upsampled to ``labels``' size (:func:`upsample_logits`) and cast to
+        float32. ``criterion(logits, labels)`` is e.g. the training loss. Decoders with
+        deep supervision add their terms (ExFuse: ``"loss_aux"``).
+        """
+        return {"loss_seg": criterion(upsample_logits(logits, labels.shape[-2:]).float(), labels)}
+
+    def feature_taps(self) -> FeatureTaps:
+        """The submodules whose outputs show this decoder's feature maps (``fusion-seg visualize``).
+
+        The default, rule ``"size-match"``, is every submodule (see :class:`FeatureTaps`):
+        per stride the deepest map at that resolution that is not logits. Decoders with a
+        better place to look override this.
+        """
+        return FeatureTaps("size-match", [m for name, m in self.named_modules() if name])
+
+
+# --------------------------------------------------------------------------- the registry
+#: Decoders by name, in registration order (the order of the imports in ``fusion_seg.decoders``).
+DECODERS = Registry("decoder", Decoder)
+register_decoder = DECODERS.register  # @register_decoder("reverse-hrnet") on the class

@@ -58,9 +58,8 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, SeparableConvNormAct
 from torch import nn
 
-from fusion_seg.decoders.base import (check_group_norm, check_positive, check_preset,
-                                        init_weights, norm_layer, select_features)
-from fusion_seg.decoders.hrnet_blocks import resize_to
+from fusion_seg.decoders.base import (Decoder, check_group_norm, check_positive, check_preset, norm_layer,
+                                      register_decoder, resize_to)
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 
@@ -151,7 +150,8 @@ class BiFPNLayer(nn.Module):
         return out
 
 
-class ESeg(nn.Module):
+@register_decoder("eseg")
+class ESeg(Decoder):
     """P2..P5 from the cache, P6..P``max_level`` by max pooling, BiFPN fusion, light head at stride 4.
 
     Args:
@@ -179,9 +179,7 @@ class ESeg(nn.Module):
                             f"got {max_level}")
         layer = norm_layer(norm)
         check_group_norm(norm, width=width)
-        self.required_strides = INPUT_STRIDES
-        self.output_stride = INPUT_STRIDES[0]
-        self.in_features = select_features(input_shapes, INPUT_STRIDES, "eseg")
+        self.select_inputs(input_shapes, INPUT_STRIDES, "eseg")
         self._config = {"preset": preset, "width": width, "repeats": repeats,
                         "max_level": max_level, "norm": norm}
         self.num_extra_levels = max_level - 5
@@ -194,12 +192,7 @@ class ESeg(nn.Module):
         self.bifpn = nn.Sequential(*(BiFPNLayer(num_levels, width, layer) for _ in range(repeats)))
         self.head = SeparableConvNormAct(width, width, 3, norm_layer=layer, act_layer=nn.SiLU)
         self.classifier = nn.Conv2d(width, num_classes, 1)
-        init_weights(self, [self.classifier])
-
-    @property
-    def config(self) -> dict:
-        """JSON-able settings that rebuild this architecture via ``build_decoder``."""
-        return dict(self._config)
+        self.init_weights()
 
     def pyramid(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The BiFPN input levels P2..P``max_level``, finest first."""

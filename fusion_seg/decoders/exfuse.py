@@ -34,7 +34,9 @@ Implemented
   ``forward`` still returns only the main logits and leaves the auxiliary
   logits, finest last, on ``self.aux_logits``; :meth:`ExFuse.aux_loss`
   turns them into a loss (``aux_weight`` times their mean loss, each
-  upsampled to the labels). In eval mode ``aux_logits`` is empty.
+  upsampled to the labels), which :meth:`ExFuse.losses` returns as
+  ``"loss_aux"`` beside the main ``"loss_seg"``. In eval mode
+  ``aux_logits`` is empty.
 
 Not applicable to a frozen, cached encoder
 ------------------------------------------
@@ -66,7 +68,7 @@ Presets (width, GCN kernel): ``small`` (64, 7) for tests and CPU runs;
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -75,8 +77,8 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from torch import nn
 
-from fusion_seg.decoders.base import check_positive, check_preset, init_weights, select_features
-from fusion_seg.decoders.hrnet_blocks import resize_to
+from fusion_seg.decoders.base import (Criterion, Decoder, check_positive, check_preset, register_decoder,
+                                      resize_to)
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 
@@ -179,7 +181,8 @@ class SubPixelUpsample(nn.Module):
         return match_size(self.shuffle(self.conv(x)), size)
 
 
-class ExFuse(nn.Module):
+@register_decoder("exfuse")
+class ExFuse(Decoder):
     """GCN-style U-shaped decoder with ExFuse's SEB, ECRE, DAP and decoder deep supervision.
 
     Args:
@@ -191,7 +194,7 @@ class ExFuse(nn.Module):
         dap_kernel: DAP neighbourhood size ``k`` (odd; 1 disables DAP).
 
     ``forward`` returns the main logits at stride 4 in both modes; in train
-    mode it also sets ``aux_logits`` (see :meth:`aux_loss`).
+    mode it also sets ``aux_logits`` (see :meth:`aux_loss` and :meth:`losses`).
     """
 
     #: Weight of the auxiliary (deep supervision) loss relative to the main
@@ -212,9 +215,7 @@ class ExFuse(nn.Module):
         for name, k in (("gcn_kernel", gcn_kernel), ("dap_kernel", dap_kernel)):
             if k < 1 or k % 2 == 0:
                 raise UserError(f"exfuse {name} must be a positive odd number, got {k}")
-        self.required_strides = STRIDES
-        self.output_stride = STRIDES[0]
-        self.in_features = select_features(input_shapes, STRIDES, "exfuse")
+        self.select_inputs(input_shapes, STRIDES, "exfuse")
         self.num_classes = num_classes
         self.dap_kernel = dap_kernel
         self._config = {"preset": preset, "width": width, "gcn_kernel": gcn_kernel,
@@ -234,13 +235,12 @@ class ExFuse(nn.Module):
         self.aux_classifiers = nn.ModuleList(nn.Conv2d(width, num_classes, 1)
                                              for _ in range(levels - 1))
         self.classifier = nn.Conv2d(width, dap_kernel * dap_kernel * num_classes, 1)
-        init_weights(self, [self.classifier, *self.aux_classifiers])
+        self.init_weights()
         self.aux_logits: list[torch.Tensor] = []
 
-    @property
-    def config(self) -> dict:
-        """JSON-able settings that rebuild this architecture via ``build_decoder``."""
-        return dict(self._config)
+    def classifiers(self) -> list[nn.Conv2d]:
+        """The main classifier and the auxiliary (deep supervision) ones."""
+        return [self.classifier, *self.aux_classifiers]
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         xs = [proj(features[name]) for proj, name in zip(self.project, self.in_features)]
@@ -256,8 +256,15 @@ class ExFuse(nn.Module):
         self.aux_logits = aux
         return densely_adjacent_prediction(self.classifier(y), self.dap_kernel)
 
-    def aux_loss(self, labels: torch.Tensor,
-                 criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def losses(self, logits: torch.Tensor, labels: torch.Tensor, criterion: Criterion) -> dict[str, torch.Tensor]:
+        """``"loss_seg"`` (see :meth:`Decoder.losses`) and, after a forward in train mode, ``"loss_aux"``
+        (:meth:`aux_loss`)."""
+        losses = super().losses(logits, labels, criterion)
+        if self.training or self.aux_logits:
+            losses["loss_aux"] = self.aux_loss(labels, criterion)
+        return losses
+
+    def aux_loss(self, labels: torch.Tensor, criterion: Criterion) -> torch.Tensor:
         """``aux_weight`` times the mean of ``criterion`` over the auxiliary heads of the last forward.
 
         Each auxiliary logit map is bilinearly upsampled to ``labels``'

@@ -38,10 +38,8 @@ import torch
 from timm.layers import ConvNormAct
 from torch import nn
 
-from fusion_seg.decoders.base import (check_group_norm, check_positive, check_preset,
-                                        init_weights, norm_layer, select_features,
-                                        upsample_nearest)
-from fusion_seg.decoders.hrnet_blocks import resize_to
+from fusion_seg.decoders.base import (Decoder, FeatureTaps, check_group_norm, check_positive, check_preset,
+                                      norm_layer, register_decoder, resize_to)
 from fusion_seg.shapes import ShapeSpec
 
 STRIDES = (4, 8, 16, 32)
@@ -77,7 +75,8 @@ class ScaleHead(nn.Module):
         return x
 
 
-class SemanticFPN(nn.Module):
+@register_decoder("fpn")
+class SemanticFPN(Decoder):
     """FPN over strides 4..32 plus Panoptic FPN's semantic head; logits at stride 4.
 
     Args:
@@ -100,9 +99,7 @@ class SemanticFPN(nn.Module):
         check_positive(fpn_width=fpn_width, head_width=head_width)
         layer = norm_layer(norm)
         check_group_norm(norm, fpn_width=fpn_width, head_width=head_width)
-        self.required_strides = STRIDES
-        self.output_stride = STRIDES[0]
-        self.in_features = select_features(input_shapes, STRIDES, "fpn")
+        self.select_inputs(input_shapes, STRIDES, "fpn")
         self._config = {"preset": preset, "fpn_width": fpn_width, "head_width": head_width,
                         "norm": norm}
 
@@ -120,19 +117,14 @@ class SemanticFPN(nn.Module):
             for s in STRIDES
         )
         self.classifier = nn.Conv2d(head_width, num_classes, 1)
-        init_weights(self, [self.classifier])
-
-    @property
-    def config(self) -> dict:
-        """JSON-able settings that rebuild this architecture via ``build_decoder``."""
-        return dict(self._config)
+        self.init_weights()
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         laterals = [lat(features[name]) for lat, name in zip(self.lateral, self.in_features)]
         # Top-down: each coarser level, upsampled to the finer lateral's size, is added to it.
         merged = [laterals[-1]]
         for lat in reversed(laterals[:-1]):
-            merged.insert(0, lat + upsample_nearest(merged[0], lat.shape[-2:]))
+            merged.insert(0, lat + resize_to(merged[0], lat.shape[-2:], "nearest"))
         pyramid = [conv(x) for conv, x in zip(self.output, merged)]
         sizes = [x.shape[-2:] for x in pyramid]
         out = None
@@ -141,3 +133,7 @@ class SemanticFPN(nn.Module):
             y = head(x, sizes[:level][::-1])
             out = y if out is None else out + y
         return self.classifier(out)
+
+    def feature_taps(self) -> FeatureTaps:
+        """The FPN levels P2..P5 (outputs of the 3x3 output convs), the pyramid its semantic head reads."""
+        return FeatureTaps("fpn-levels", list(self.output))

@@ -56,8 +56,7 @@ from timm.models.twins import PosConv
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from fusion_seg.decoders.base import check_positive, check_preset, init_weights, select_features
-from fusion_seg.decoders.hrnet_blocks import resize_to
+from fusion_seg.decoders.base import Decoder, check_positive, check_preset, register_decoder, resize_to
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 
@@ -88,7 +87,8 @@ class SemanticInjection(nn.Module):
         return x * torch.sigmoid(self.gate(context)) + self.embed(context)
 
 
-class FRM(nn.Module):
+@register_decoder("frm")
+class FRM(Decoder):
     """Multi-stage semantics, transformer context at stride 32, refinement of strides 4 and 8.
 
     Args:
@@ -116,9 +116,7 @@ class FRM(nn.Module):
             raise UserError(f"frm heads ({heads}) must divide width ({width})")
         if mlp_ratio <= 0:
             raise UserError(f"frm mlp_ratio must be > 0, got {mlp_ratio}")
-        self.required_strides = STRIDES
-        self.output_stride = STRIDES[0]
-        self.in_features = select_features(input_shapes, STRIDES, "frm")
+        self.select_inputs(input_shapes, STRIDES, "frm")
         self._config = {"preset": preset, "width": width, "depth": depth, "heads": heads,
                         "mlp_ratio": mlp_ratio}
 
@@ -134,12 +132,7 @@ class FRM(nn.Module):
         self.inject = nn.ModuleList(SemanticInjection(width) for _ in range(REFINED))
         self.head = ConvNormAct(width, width, 3)
         self.classifier = nn.Conv2d(width, num_classes, 1)
-        init_weights(self, [self.classifier])
-
-    @property
-    def config(self) -> dict:
-        """JSON-able settings that rebuild this architecture via ``build_decoder``."""
-        return dict(self._config)
+        self.init_weights()
 
     def context(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """Gather the projected maps at the stride-32 size and run the transformer over them."""

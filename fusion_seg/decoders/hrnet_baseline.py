@@ -24,14 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_seg.decoders.base import init_weights
+from fusion_seg.decoders.base import Decoder, FeatureTaps, register_decoder, resize_to
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 
 VARIANTS = ("hrnet_w18_small", "hrnet_w18_small_v2", "hrnet_w18", "hrnet_w32", "hrnet_w48")
 
 
-class HRNetBaseline(nn.Module):
+@register_decoder("hrnet")  # end to end from images (train-decoder --online), the paper's baseline
+class HRNetBaseline(Decoder):
     """End-to-end HRNetV2 for segmentation: image in, logits at stride 4 out."""
 
     end_to_end = True  # trained from images with its own stem; there is no frozen encoder
@@ -45,6 +46,7 @@ class HRNetBaseline(nn.Module):
         if not image:
             raise UserError("the hrnet baseline trains end to end from images, not from cached features: "
                             "use `train-decoder --online --decoder hrnet --dataset ...`.")
+        # The image is picked by stride and channels, not by Decoder.select_inputs (stride only).
         self.in_features = image
         self.required_strides = (1,)
         self.output_stride = 4
@@ -61,11 +63,7 @@ class HRNetBaseline(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
                                   nn.ReLU(inplace=True))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
-        init_weights(self.head, [self.classifier])
-
-    @property
-    def config(self) -> dict:
-        return dict(self._config)
+        self.init_weights(scope=self.head)  # the body keeps timm's (or ImageNet) weights
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         x = features[self.in_features[0]]
@@ -73,7 +71,11 @@ class HRNetBaseline(nn.Module):
         x = F.pad(x, (0, -w % 32, 0, -h % 32))
         streams = self.body(x)
         size = streams[0].shape[-2:]
-        fused = torch.cat([streams[0]] + [F.interpolate(s, size=size, mode="bilinear", align_corners=False)
-                                          for s in streams[1:]], dim=1)
+        fused = torch.cat([streams[0]] + [resize_to(s, size) for s in streams[1:]], dim=1)
         logits = self.classifier(self.head(fused))
         return logits[..., : -(-h // 4), : -(-w // 4)]
+
+    def feature_taps(self) -> FeatureTaps:
+        """The four streams its body returns: the outputs of HRNet's last stage, which has just fused
+        all resolutions (the counterpart of the reverse HRNet's first stage), matched by size."""
+        return FeatureTaps("body-streams", [self.body])

@@ -20,16 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-
-def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinearly resize ``x`` to spatial ``size`` (a no-op when it already matches)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+from fusion_seg.decoders.base import resize_to
 
 
 def make_branch(in_channels: int, channels: int, num_blocks: int) -> nn.Sequential:

@@ -37,15 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_seg.decoders.base import init_weights, select_features
-from fusion_seg.decoders.hrnet_blocks import resize_to
+from fusion_seg.decoders.base import Decoder, register_decoder, resize_to
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 
 DEFAULT_STRIDES = (4, 8, 16, 32)
 
 
-class LinearProbe(nn.Module):
+@register_decoder("linear")
+class LinearProbe(Decoder):
     """BN on each map, upsample to the finest, concatenate, 1x1 conv to classes.
 
     Args:
@@ -62,20 +62,13 @@ class LinearProbe(nn.Module):
         strides = tuple(sorted({int(s) for s in strides}))
         if not strides or min(strides) < 1:
             raise UserError(f"strides must list at least one positive stride, got {list(strides)}")
-        self.required_strides = strides
-        self.output_stride = strides[0]
-        self.in_features = select_features(input_shapes, strides, "linear")
+        self.select_inputs(input_shapes, strides, "linear")
         channels = [input_shapes[name].channels for name in self.in_features]
         self._config = {"strides": list(strides)}
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in channels)
         self.classifier = nn.Conv2d(sum(channels), num_classes, 1)
         self._splits = channels
-        init_weights(self, [self.classifier])
-
-    @property
-    def config(self) -> dict:
-        """JSON-able settings that rebuild this architecture via ``build_decoder``."""
-        return {"strides": list(self._config["strides"])}
+        self.init_weights()
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         xs = [norm(features[name]) for norm, name in zip(self.norms, self.in_features)]

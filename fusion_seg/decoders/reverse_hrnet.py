@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusion_seg.decoders.base import init_weights, select_features
+from fusion_seg.decoders.base import Decoder, FeatureTaps, register_decoder
 from fusion_seg.decoders.hrnet_blocks import HighResolutionModule
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
@@ -100,7 +100,8 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
-class ReverseHRNet(nn.Module):
+@register_decoder("reverse-hrnet")
+class ReverseHRNet(Decoder):
     """Reverse HRNet decoder over backbone feature maps selected by stride.
 
     Args:
@@ -128,10 +129,8 @@ class ReverseHRNet(nn.Module):
             raise UserError(f"unknown reverse-hrnet preset {preset!r}; "
                             f"choose one of {', '.join(PRESETS)}")
         p = PRESETS[preset]
-        self.required_strides = STREAM_STRIDES[streams]
-        self.output_stride = self.required_strides[0]
-        self.in_features = select_features(input_shapes, self.required_strides, f"{streams}-stream reverse-hrnet",
-                                           hint=" or use streams=4" if streams == 5 else "")
+        self.select_inputs(input_shapes, STREAM_STRIDES[streams], f"{streams}-stream reverse-hrnet",
+                           hint=" or use streams=4" if streams == 5 else "")
         widths = _resolve_widths(p, streams, widths)
         depth = p.depths[streams]
         modules = depth.modules if modules is None else tuple(int(m) for m in modules)
@@ -158,19 +157,30 @@ class ReverseHRNet(nn.Module):
             )))
         self.head = _conv_bn_relu(widths[0], widths[0])
         self.classifier = nn.Conv2d(widths[0], num_classes, 1)
-        init_weights(self, [self.classifier])  # Kaiming convs; HRNet's tiny normal init for the classifier
-
-    @property
-    def config(self) -> dict:
-        """JSON-able settings that rebuild this architecture via ``build_decoder``."""
-        c = self._config
-        return {**c, "widths": list(c["widths"]), "modules": list(c["modules"])}
+        self.init_weights()  # Kaiming convs; HRNet's tiny normal init for the classifier
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         xs = [align(features[name]) for align, name in zip(self.align, self.in_features)]
         for stage in self.stages:
             xs = stage(xs)
         return self.classifier(self.head(xs[0]))
+
+    def feature_taps(self) -> FeatureTaps:
+        """The **first stage**, the one place where all the streams exist together inside the decoder.
+
+        The ``align`` outputs also hold all of them, but they are only 1x1 projections of
+        the frozen backbone's maps, i.e. they show the encoder, not what the decoder made of
+        it; every later stage has dropped the coarsest stream. Its modules and their
+        branches are tapped: each stream's *last* state wins, the fused output of the stage
+        for strides 4..16, and for stride 32 (which the stage's last module folds into the
+        finer streams instead of returning it) the output of its branch in that module, its
+        deepest state before it is dropped.
+        """
+        modules: list[nn.Module] = []
+        for module in self.stages[0]:
+            if isinstance(module, HighResolutionModule):
+                modules += list(module.branches) + [module]  # branches run before the module returns
+        return FeatureTaps("first-stage", modules)
 
 
 def _resolve_widths(p: Preset, streams: int, widths: Sequence[int] | None) -> tuple[int, ...]:

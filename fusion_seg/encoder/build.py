@@ -48,6 +48,14 @@ def _out_indices(model_name: str, strides: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(by_stride[s] for s in strides)
 
 
+def _create_pretrained(tag: str, out_indices: tuple[int, ...]) -> nn.Module:
+    """timm's ``features_only`` model of ``tag`` with its pretrained weights (downloaded unless cached).
+
+    The one call that may need the internet: a test replaces this function to play an offline machine.
+    """
+    return timm.create_model(tag, pretrained=True, features_only=True, out_indices=out_indices)
+
+
 class FrozenEncoder(nn.Module):
     """A frozen timm ``features_only`` backbone returning ``{"s4": tensor, ...}``."""
 
@@ -84,10 +92,14 @@ class EncoderSpec:
     """
 
     tag: str = DEFAULT_ENCODER
-    weights_file: str | None = None
+    weights_file: str | Path | None = None
     random_init: bool = False
     seed: int = 0
     strides: tuple[int, ...] = DEFAULT_STRIDES
+
+    def __post_init__(self):
+        if isinstance(self.strides, list):  # as a recipe (TOML) gives them; the order is checked, not changed
+            object.__setattr__(self, "strides", tuple(self.strides))
 
     def build(self) -> "FrozenEncoder":
         return build_encoder(self.tag, weights_file=self.weights_file, random_init=self.random_init,
@@ -127,7 +139,7 @@ def build_encoder(
         source = f"file:{path.name}"
     else:
         try:
-            model = timm.create_model(tag, pretrained=True, features_only=True, out_indices=indices)
+            model = _create_pretrained(tag, indices)
         except Exception as exc:  # offline, hub unreachable, unknown tag
             raise UserError(
                 f"could not load pretrained weights for {tag!r} ({type(exc).__name__}: {exc}). "

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from fusion_seg.shapes import ShapeSpec
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ENCODER = "resnet50.fb_ssl_yfcc100m_ft_in1k"
 
@@ -55,6 +57,11 @@ class EncoderIdentity:
             features=tuple(dict(f) for f in d["features"]),
             init=dict(d.get("init", {})),
         )
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "EncoderIdentity":
+        """The identity of the encoder a decoder checkpoint was trained on (stored as ``to_dict()``)."""
+        return cls.from_dict(ckpt["encoder"])
 
     def output_shape(self) -> dict[str, ShapeSpec]:
         return {f["name"]: ShapeSpec(f["channels"], f["stride"]) for f in self.features}
@@ -94,6 +101,8 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
     BN's ``num_batches_tracked`` counters are skipped: they do not change the features.
     """
+    import torch  # here: the identity itself is torch-free, so a store's spec reads it without torch
+
     h = hashlib.sha256()
     for key in sorted(k for k in state_dict if not k.endswith("num_batches_tracked")):
         t = state_dict[key].detach().cpu().contiguous().reshape(-1)

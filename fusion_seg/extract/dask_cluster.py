@@ -19,6 +19,7 @@ a shared filesystem mounted at the same place, or a remote store URL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import threading
@@ -31,11 +32,12 @@ from dask.system import CPU_COUNT
 
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.device import memory_format, resolve_device
-from fusion_seg.encoder.build import build_encoder
+from fusion_seg.encoder.build import EncoderSpec
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CacheError, DataError, UserError
 from fusion_seg.extract.encode import encode_batch, handle_failed
 from fusion_seg.data.views import ViewSource
+from fusion_seg.extract.request import ExtractRun
 
 try:
     from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
@@ -52,10 +54,10 @@ TRIM_THRESHOLD = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 class ExtractPlugin(WorkerPlugin):
     """One extraction's state on a worker: the encoder (built once, on first use), the views and the store."""
 
-    def __init__(self, built_with: dict, identity: dict, device: str, source: ViewSource, store_path: str,
-                 batch_size: int):
-        self.built_with = built_with    # build_encoder() keyword arguments, as the client used them
-        self.identity = identity        # the store's EncoderIdentity.to_dict()
+    def __init__(self, encoder: EncoderSpec, identity: EncoderIdentity, device: str, source: ViewSource,
+                 store_path: str, batch_size: int):
+        self.encoder = encoder          # the encoder to build, as the client asked for it
+        self.identity = identity        # the store's: what the encoder must turn out to be
         self.device = device
         self.source = source            # picklable: the dataset (file lists), augmentation and normalisation
         self.store_path = store_path
@@ -78,8 +80,8 @@ class ExtractPlugin(WorkerPlugin):
                                     f"directory {os.getcwd()}). Give every worker the same data at the same "
                                     "absolute path (e.g. a shared filesystem) and pass that path to --root.")
                 device = resolve_device(self.device)
-                encoder = build_encoder(**self.built_with)
-                diffs = EncoderIdentity.from_dict(self.identity).differences(encoder.identity)
+                encoder = self.encoder.build()
+                diffs = self.identity.differences(encoder.identity)
                 if diffs:
                     raise CacheError(
                         f"dask worker {self.address} built a different encoder from the one the store "
@@ -157,17 +159,18 @@ def local_cluster(workers: int):
         os.environ.update(environ)
 
 
-def extract_on_cluster(store: FeatureStore, source: ViewSource, todo: list[int], built_with: dict, *,
-                       scheduler: str | None, workers: int | None, batch_size: int, device: str, skip_bad: bool,
-                       skipped: list[dict], bar) -> None:
-    """Extract the views ``todo`` into ``store`` on a dask cluster; the client marks skipped samples."""
-    with cluster_client(scheduler, workers) as client:
+def extract_on_cluster(store: FeatureStore, source: ViewSource, todo: list[int], encoder: EncoderSpec,
+                       run: ExtractRun, *, skip_bad: bool, skipped: list[dict], bar) -> None:
+    """Extract the views ``todo`` into ``store`` on the dask cluster ``run`` names (``scheduler`` or
+    ``dask_workers``), ``run.batch_size`` views per task; the client marks skipped samples."""
+    batch_size = run.batch_size
+    with cluster_client(run.scheduler, run.dask_workers) as client:
         _warn_trim_threshold(client)
         name = f"fusion-seg-extract-{uuid.uuid4().hex[:12]}"
-        if built_with.get("weights_file"):  # workers may run elsewhere: absolute local paths
-            built_with = {**built_with, "weights_file": os.path.abspath(built_with["weights_file"])}
+        if encoder.weights_file:  # workers may run elsewhere: absolute local paths
+            encoder = dataclasses.replace(encoder, weights_file=os.path.abspath(encoder.weights_file))
         path = store.path if "://" in store.path else os.path.abspath(store.path)
-        plugin = ExtractPlugin(built_with, store.spec.encoder, device, source, path, batch_size)
+        plugin = ExtractPlugin(encoder, store.spec.encoder_identity, run.device, source, path, batch_size)
         client.register_plugin(plugin, name=name)
         try:
             batches = {f"{name}-{views[0]}": views

@@ -3,8 +3,15 @@
 In-process, the loop overlaps its three costs: a DataLoader with workers decodes and
 augments the next views while the encoder runs, and a pool of writer threads compresses
 and writes finished views (Blosc releases the GIL) while the encoder runs the next batch.
-With ``scheduler`` or ``workers`` the same per-batch work (:func:`encode_batch`) runs on
-a dask.distributed cluster instead (dask_extract.py).
+With ``ExtractRun.scheduler`` or ``dask_workers`` the same per-batch work (:func:`encode_batch`)
+runs on a dask.distributed cluster instead (dask_cluster.py).
+
+:func:`extract` takes typed requests: what to read (:class:`~fusion_seg.data.datasets.DatasetRef`),
+which encoder (:class:`~fusion_seg.encoder.build.EncoderSpec`), how views are made
+(:class:`~fusion_seg.data.views.Augment`, :class:`~fusion_seg.data.views.Resize`), how the store
+encodes them (:class:`~fusion_seg.extract.request.StoreFormat`) and how the work runs
+(:class:`~fusion_seg.extract.request.ExtractRun`). The command line and
+recipes build them from their option values in one place (fusion_seg/pipeline/requests.py).
 """
 from __future__ import annotations
 
@@ -16,16 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion_seg import faults
+from fusion_seg.cache.codecs import check_dtype, codec_spec
 from fusion_seg.cache.store import FeatureStore, writer_lock
-from fusion_seg.data.datasets import build_dataset
-from fusion_seg.device import memory_format, resolve_device
-from fusion_seg.encoder.build import FrozenEncoder, build_encoder
-from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES
-from fusion_seg.errors import CacheError, UserError
-from fusion_seg.progress import Progress
-from fusion_seg.cache.codecs import DEFAULT_CODEC, DEFAULT_DTYPE, check_dtype, codec_spec
+from fusion_seg.data.datasets import DatasetRef
 from fusion_seg.data.views import Augment, Resize, ViewSource, collate_list
+from fusion_seg.device import memory_format, resolve_device
+from fusion_seg.encoder.build import EncoderSpec, FrozenEncoder
+from fusion_seg.errors import CacheError, UserError
 from fusion_seg.extract.encode import build_spec, encode_batch, handle_failed
+from fusion_seg.extract.request import ExtractRun, StoreFormat
+from fusion_seg.progress import Progress
 
 
 
@@ -43,88 +51,64 @@ class ExtractResult:
         return self.views_written / self.seconds if self.seconds > 0 else 0.0
 
 
-
-
-
-
-
-
-
-
-
-
 def check_extract_arguments(**arguments) -> None:
     """Refuse out-of-range or conflicting :func:`extract` arguments (UserError naming the option), before any work.
 
-    Takes ``extract``'s keyword arguments (those left out take its defaults); recipes check a stage with it.
+    Takes ``extract``'s arguments by name (those left out take its defaults); recipes check a stage with it.
     """
     import inspect
 
     from fusion_seg.checks import int_problem, require, scale_range_problem, size_problem, strides_problem
 
-    defaults = {k: p.default for k, p in inspect.signature(extract).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    a = {**defaults, **arguments}
-    require("--views", a["views"], int_problem(a["views"], 1))
-    if not a["augment"] and a["views"] != 1:
+    bound = inspect.signature(extract).bind_partial(**arguments)
+    bound.apply_defaults()
+    a = bound.arguments
+    views, augment, resize, encoder = a["views"], a["augment"], a["resize"], a["encoder"]
+    storage, run = a["storage"], a["run"]
+    require("--views", views, int_problem(views, 1))
+    if not augment.enabled and views != 1:
         raise UserError("--no-augment stores the whole image once; use it with --views 1.")
-    if a["augment"]:
-        require("--crop", a["crop"], size_problem(a["crop"]), sep="x")
-    require("--scale-range", a["scale_range"], scale_range_problem(a["scale_range"]), sep=" ")
-    if a["short_side"] is not None and a["size"] is not None:
+    if augment.enabled:
+        require("--crop", augment.crop, size_problem(augment.crop), sep="x")
+    require("--scale-range", augment.scale_range, scale_range_problem(augment.scale_range), sep=" ")
+    if resize.short_side is not None and resize.size is not None:
         raise UserError("--short-side and --size are mutually exclusive.")
-    if a["short_side"] is not None:
-        require("--short-side", a["short_side"], int_problem(a["short_side"], 1))
-    if a["size"] is not None:
-        require("--size", a["size"], size_problem(a["size"]), sep="x")
-    require("--seed", a["seed"], int_problem(a["seed"], 0))
-    require("--strides", a["strides"], strides_problem(a["strides"]))
-    require("--batch-size", a["batch_size"], int_problem(a["batch_size"], 1))
-    require("--loader-workers", a["loader_workers"], int_problem(a["loader_workers"], 0))
-    require("writers", a["writers"], int_problem(a["writers"], 1))
-    if a["scheduler"] is not None and a["workers"] is not None:
+    if resize.short_side is not None:
+        require("--short-side", resize.short_side, int_problem(resize.short_side, 1))
+    if resize.size is not None:
+        require("--size", resize.size, size_problem(resize.size), sep="x")
+    for seed in (encoder.seed, augment.seed):  # one --seed on the command line; two fields here
+        require("--seed", seed, int_problem(seed, 0))
+    require("--strides", encoder.strides, strides_problem(encoder.strides))
+    require("--batch-size", run.batch_size, int_problem(run.batch_size, 1))
+    require("--loader-workers", run.loader_workers, int_problem(run.loader_workers, 0))
+    require("writers", run.writers, int_problem(run.writers, 1))
+    if run.scheduler is not None and run.dask_workers is not None:
         raise UserError("--scheduler and --dask-workers are mutually exclusive: --dask-workers N starts a local "
                         "dask cluster, --scheduler uses a running one.")
-    if a["workers"] is not None and int_problem(a["workers"], 1):
-        raise UserError(f"--dask-workers {a['workers']} (workers={a['workers']!r}): it starts N local dask worker "
-                        "processes (N >= 1); leave it out to extract in this process. DataLoader processes are set "
-                        "with --loader-workers.")
-    check_dtype(a["dtype"])
-    codec_spec(a["codec"])
+    if run.dask_workers is not None and int_problem(run.dask_workers, 1):
+        raise UserError(f"--dask-workers {run.dask_workers} (workers={run.dask_workers!r}): it starts N local dask "
+                        "worker processes (N >= 1); leave it out to extract in this process. DataLoader processes "
+                        "are set with --loader-workers.")
+    check_dtype(storage.dtype)
+    codec_spec(storage.codec)
 
 
 def extract(
-    *,
-    dataset: str,
-    split: str,
     out: str | Path,
-    root: str | Path | None = None,
+    dataset: DatasetRef,
+    encoder: EncoderSpec = EncoderSpec(),
+    *,
     views: int = 1,
-    augment: bool = True,
-    crop: tuple[int, int] = (512, 512),
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    flip: bool = True,
-    short_side: int | None = None,
-    size: tuple[int, int] | None = None,
-    encoder: str = DEFAULT_ENCODER,
-    weights: str | Path | None = None,
-    random_init: bool = False,
-    seed: int = 0,
-    strides: tuple[int, ...] = DEFAULT_STRIDES,
-    dtype: str = DEFAULT_DTYPE,
-    codec: str | dict = DEFAULT_CODEC,
-    batch_size: int = 4,
-    loader_workers: int = 2,
-    writers: int = 2,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    device: str = "auto",
-    dataset_options: dict | None = None,
+    augment: Augment = Augment(),
+    resize: Resize = Resize(),
+    storage: StoreFormat = StoreFormat(),
+    run: ExtractRun = ExtractRun(),
     repair: bool = False,
     skip_bad: bool = False,
     progress: bool = True,
 ) -> ExtractResult:
-    """Extract features of ``views`` views per image of ``dataset``/``split`` into the store ``out``.
+    """Extract the features of ``views`` views per image of ``dataset`` by ``encoder`` into the store ``out``.
 
     Re-running the same call resumes: only views without a completion record are made.
     A store made with other settings is refused, never mixed; a store being written by
@@ -132,11 +116,9 @@ def extract(
     views that are corrupt (or were skipped). ``skip_bad`` records unreadable samples as
     skipped, lists them (with the reason) in the store's attributes, and goes on.
 
-    ``loader_workers`` DataLoader processes decode views and ``writers`` threads write them,
-    in this process. Instead, ``scheduler`` (``tcp://HOST:PORT``) runs the extraction on an
-    existing dask.distributed cluster, and ``workers`` on a new local one of that many worker
-    processes: the same store, bit for bit when the encoder runs with the same torch thread
-    count in every process (see dask_extract.py).
+    ``run`` says where the work runs (:class:`~fusion_seg.extract.request.ExtractRun`): in this process,
+    or on a dask.distributed cluster, which makes the same store, bit for bit when the encoder runs with
+    the same torch thread count in every process (see dask_cluster.py).
     """
     arguments = dict(locals())
     check_extract_arguments(**arguments)  # before the store (or its lock) is made
@@ -144,19 +126,15 @@ def extract(
         return _extract_locked(**arguments)
 
 
-def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_range, flip, short_side, size,
-                    encoder, weights, random_init, seed, strides, dtype, codec, batch_size, loader_workers, writers,
-                    scheduler, workers, device, dataset_options, repair, skip_bad, progress) -> ExtractResult:
-    ds = build_dataset(dataset, root=root, split=split, **(dataset_options or {}))
+def _extract_locked(out, dataset: DatasetRef, encoder: EncoderSpec, *, views: int, augment: Augment, resize: Resize,
+                    storage: StoreFormat, run: ExtractRun, repair: bool, skip_bad: bool,
+                    progress: bool) -> ExtractResult:
+    ds = dataset.build()
     if len(ds) == 0:
-        raise UserError(f"dataset {dataset!r} split {split!r} has no images; nothing to extract.")
-    on_cluster = scheduler is not None or workers is not None
-    dev = None if on_cluster else resolve_device(device)  # dask workers resolve their own
-    enc = build_encoder(encoder, weights_file=weights, random_init=random_init, seed=seed, strides=strides)
-    aug = Augment(enabled=augment, crop=tuple(crop) if augment else None, scale_range=tuple(scale_range),
-                  flip=flip if augment else False, seed=seed)
-    rsz = Resize(short_side=short_side, size=tuple(size) if size else None)
-    spec = build_spec(ds, enc, views, aug, rsz, skip_bad, dtype=dtype, codec=codec)
+        raise UserError(f"dataset {dataset.name!r} split {dataset.split!r} has no images; nothing to extract.")
+    dev = None if run.on_cluster else resolve_device(run.device)  # dask workers resolve their own
+    enc = encoder.build()
+    spec = build_spec(ds, enc, views, augment, resize, skip_bad, dtype=storage.dtype, codec=storage.codec)
     store = FeatureStore.create_or_resume(out, spec)
     if repair:
         report = store.verify(progress=progress)
@@ -165,21 +143,19 @@ def _extract_locked(*, dataset, split, out, root, views, augment, crop, scale_ra
     result = ExtractResult(str(out), spec.num_views, 0, 0.0)
     if not todo:
         return result
-    source = ViewSource(ds, views, aug, rsz, enc.identity.mean, enc.identity.std)
+    source = ViewSource(ds, views, augment, resize, enc.identity.mean, enc.identity.std)
     skipped: list[dict] = []
     start = time.perf_counter()
     try:
         with Progress(len(todo), f"extract {Path(str(out)).name}", "view", enabled=progress) as bar:
-            if on_cluster:
+            if run.on_cluster:
                 from fusion_seg.extract.dask_cluster import extract_on_cluster
 
-                built_with = dict(tag=encoder, weights_file=weights, random_init=random_init, seed=seed,
-                                  strides=strides)
-                extract_on_cluster(store, source, todo, built_with, scheduler=scheduler, workers=workers,
-                                   batch_size=batch_size, device=device, skip_bad=skip_bad, skipped=skipped, bar=bar)
+                extract_on_cluster(store, source, todo, encoder, run, skip_bad=skip_bad, skipped=skipped, bar=bar)
             else:
-                _extract_here(store, source, todo, enc, dev, batch_size=batch_size, loader_workers=loader_workers,
-                              writers=writers, skip_bad=skip_bad, skipped=skipped, bar=bar)
+                _extract_here(store, source, todo, enc, dev, batch_size=run.batch_size,
+                              loader_workers=run.loader_workers, writers=run.writers, skip_bad=skip_bad,
+                              skipped=skipped, bar=bar)
     finally:
         if skipped:  # also when stopped half-way: these views are marked done, so say why
             store.record_skipped(skipped)
@@ -223,3 +199,4 @@ def _finish(future: Future, out) -> None:
             f"writing to {out} failed: {exc}. Free space or fix permissions, then re-run the same command: "
             "the views already written are kept and only the missing ones are extracted."
         ) from exc
+    faults.checkpoint_reached("view")  # a test's pause point (faults.py); nothing when no test set one

@@ -5,25 +5,12 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
-from fusion_seg.data.io import overlay, read_image, write_mask_png, write_rgb_png
+from fusion_seg.data.io import IMAGE_EXTENSIONS, list_images as list_image_files, overlay, read_image, write_mask_png, write_rgb_png
 from fusion_seg.errors import UserError
-from fusion_seg.inference.segmenter import checkpoint_palette, load_segmenter, predict_logits
+from fusion_seg.inference.segmenter import load_model
 from fusion_seg.plots import plot_if_available
 from fusion_seg.progress import Progress
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-
-
-
-
-
-
-
-
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -32,9 +19,9 @@ def list_images(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise UserError(f"--input {path} does not exist; pass an image file or a folder of images.")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = list_image_files(path)
     if not files:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}.")
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {path}.")
     return files
 
 
@@ -115,16 +102,15 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
     files = list_images(inputs)
     targets = prediction_paths(files, out)
     check_out_folder(out, {path: f"the {what} of {src}" for path, (src, what) in targets.items()})
-    model, ckpt = load_segmenter(checkpoint, weights=weights, device=device)
-    palette = checkpoint_palette(ckpt)
+    model = load_model(checkpoint, weights=weights, device=device)
+    palette = model.palette
     out.mkdir(parents=True, exist_ok=True)
-    plot_if_available("plot_legend", list(ckpt["classes"]), palette, out / LEGEND)  # colour -> class name
+    plot_if_available("plot_legend", model.classes, palette, out / LEGEND)  # colour -> class name
     t0 = time.perf_counter()
     bar = Progress(len(files), "predict", "image", enabled=progress)
     for path in files:
         image = read_image(path)
-        pred = predict_logits(model, image, ckpt, sliding_window=sliding_window).argmax(1)[0]
-        mask = pred.cpu().numpy().astype(np.uint8)
+        mask = model.predict(image, sliding_window=sliding_window)
         write_mask_png(out / f"{path.stem}.png", mask, palette)
         write_rgb_png(out / f"{path.stem}_overlay.png", overlay(image, mask, palette))
         bar.update(1)

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fusion_seg.errors import UserError
-from fusion_seg.pipeline.stages import DATASET_PATH_OPTIONS, KINDS, PATH_KEYS, ROOTLESS_DATASETS
+from fusion_seg.files import write_json_atomic
+from fusion_seg.pipeline.stages import DATASET_PATH_OPTIONS, KINDS, PATH_KEYS
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _LEADING_VAR = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -175,7 +176,7 @@ def _local(value: str) -> Path:
 
 def check_recipe(recipe: dict) -> list[str]:
     """Every problem of a loaded recipe's stages, as ``stage N (kind): ...`` lines; [] when none."""
-    from fusion_seg.data.datasets import DATASETS
+    from fusion_seg.data.datasets import DATASETS, FileSegDataset, SegDataset
     from fusion_seg.pipeline.stages import check_stage, encoder_shapes, stage_schema
 
     stages, raw = recipe["stages"], recipe.get("raw") or recipe["stages"]
@@ -260,7 +261,7 @@ def check_recipe(recipe: dict) -> list[str]:
             problems.append(f"weights {stage['weights']} is not a file{var_hint(i, 'weights')}.")
         dataset = stage.get("dataset")
         if kind in ("extract", "evaluate") or online:
-            if isinstance(dataset, str) and dataset in DATASETS and dataset not in ROOTLESS_DATASETS:
+            if isinstance(dataset, str) and issubclass(DATASETS.get(dataset, SegDataset), FileSegDataset):  # reads files
                 root = stage.get("root")
                 if root is None:
                     problems.append(f"dataset {dataset!r} needs root = FOLDER (its files).")
@@ -335,8 +336,7 @@ def run_recipe(path: str | Path, *, overrides: dict[str, str] | None = None, dry
         echo(title)
         summary = run_stage(stage, progress=progress)
         if stamp:
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(json.dumps({"fingerprint": fingerprint, "stage": stage, "summary": summary}, indent=2))
+            write_json_atomic(stamp, {"fingerprint": fingerprint, "stage": stage, "summary": summary})
         echo(f"{title}: done {json.dumps(summary)}")
         results.append({"stage": stage, "status": "ran", "summary": summary})
     return results

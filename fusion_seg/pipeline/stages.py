@@ -1,10 +1,12 @@
 """One function per pipeline stage, taking plain keyword data (from a recipe or the CLI).
 
-A stage's keys are the keyword arguments of the library function it calls, so what a stage
-accepts is read from those functions (:func:`stage_schema`): the signatures of ``extract``,
-``evaluate``, ``predict`` and ``train_online``, and the fields of ``TrainConfig``. A recipe is
-checked against them, and its decoders are built (on the ``meta`` device: no memory, no
-weights) before any stage runs; see :func:`check_stage` and :mod:`fusion_seg.pipeline.recipes`.
+A stage's keys are the keyword arguments of the library function it calls, or of the builders of
+the typed requests that function takes (requests.py), so what a stage accepts is read from those
+functions (:func:`stage_schema`): the signatures of ``evaluate``, ``predict``, ``extract``'s plain
+arguments and its requests' builders, ``train_online``'s requests' builders, and the fields of
+``TrainConfig``. A recipe is checked against them, and its decoders are built (on the ``meta``
+device: no memory, no weights) before any stage runs; see :func:`check_stage` and
+:mod:`fusion_seg.pipeline.recipes`.
 """
 from __future__ import annotations
 
@@ -18,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from fusion_seg.errors import UserError
+from fusion_seg.pipeline import requests
 
 KINDS = ("extract", "train", "evaluate", "predict")
 DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")  # reverse-hrnet's; others via decoder_options
 # A train stage's keys besides TrainConfig's that the runner passes itself (the rest of the training
-# function's keyword arguments are the stage's: see trainer_keys).
-_RUNNER_ARGS = ("cache", "out", "cfg", "seed", "val_cache", "resume", "progress")
+# function's keyword arguments are the stage's, or built from them: see trainer_keys).
+_RUNNER_ARGS = ("cache", "out", "cfg", "val_cache", "resume", "progress")
 # Keys whose values are files or folders; a relative one is resolved against the recipe's folder (recipes.py).
 PATH_KEYS = ("root", "out", "weights", "cache", "val_cache", "init", "checkpoint", "input")
 DATASET_PATH_OPTIONS = ("sbd",)  # dataset options that are paths (voc's SBD folder)
-ROOTLESS_DATASETS = ("synthetic",)  # datasets that read no files: no root needed
 # Sizes are (H, W): exactly two integers, wherever a signature says only "a list".
 _SIZE_KEYS = ("crop", "size")
 _EMPTY = inspect.Parameter.empty
@@ -35,7 +37,7 @@ _EMPTY = inspect.Parameter.empty
 
 def train_config(options: dict):
     """A TrainConfig from flat options; decoder architecture keys go into ``decoder_config``."""
-    from fusion_seg.training.train import TrainConfig
+    from fusion_seg.training.config import TrainConfig
 
     options = dict(options)
     names = {f.name for f in fields(TrainConfig)}
@@ -45,24 +47,21 @@ def train_config(options: dict):
     if unknown:
         raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     kwargs = {k: v for k, v in options.items() if k in names and v is not None}
+    if isinstance(kwargs.get("crop"), tuple):  # the command line's HxW; a recipe's and a checkpoint's: a list
+        kwargs["crop"] = list(kwargs["crop"])
     kwargs["decoder_config"] = {**kwargs.get("decoder_config", {}), **decoder_config}
     return TrainConfig(**kwargs)  # which checks its ranges (UserError)
 
 
 def trainer_keys(*, online: bool) -> tuple[str, ...]:
-    """The keyword arguments of ``train_online`` (images, encoder, ...) or ``train_decoder`` that a train
-    stage sets itself, besides TrainConfig's fields: read from their signatures."""
+    """The plain keyword arguments of ``train_online`` or ``train_decoder`` that a train stage sets itself,
+    besides TrainConfig's fields and online training's requests (requests.py): read from their signatures."""
     from fusion_seg.training.train import train_decoder, train_online
 
     fn = train_online if online else train_decoder
+    built = requests.ONLINE_REQUESTS if online else {}
     return tuple(name for name, p in inspect.signature(fn).parameters.items()
-                 if p.kind is p.KEYWORD_ONLY and name not in _RUNNER_ARGS)
-
-
-def _tuples(options: dict) -> dict:
-    """TOML arrays -> the tuples the library functions take for sizes and ranges."""
-    return {k: tuple(v) if k in ("crop", "size", "scale_range", "strides") and v is not None else v
-            for k, v in options.items()}
+                 if p.kind is p.KEYWORD_ONLY and name not in _RUNNER_ARGS and name not in built)
 
 
 def run_stage(stage: dict, *, progress: bool = True) -> dict:
@@ -71,7 +70,7 @@ def run_stage(stage: dict, *, progress: bool = True) -> dict:
     if kind == "extract":
         from fusion_seg.extract.local import extract
 
-        r = extract(**_tuples(stage), progress=progress)
+        r = extract(**requests.extract_arguments(stage), progress=progress)
         return {"store": r.store, "views": r.views_total, "written": r.views_written,
                 "views_per_second": round(r.views_per_second, 3)}
     if kind == "train":
@@ -81,9 +80,10 @@ def run_stage(stage: dict, *, progress: bool = True) -> dict:
         resume = (Path(out) / "last.pt").exists()
         if stage.pop("online", False):
             # As on the command line: `crop` is the augmentation crop and `seed` seeds everything.
-            images = _tuples({k: stage.pop(k) for k in trainer_keys(online=True) if k in stage})
-            cfg = train_config(stage)
-            r = train_online(out, cfg, seed=cfg.seed, val_cache=val_cache, resume=resume, progress=progress, **images)
+            options, images = requests.split_train_options(stage, online=True)
+            extra = {k: options.pop(k) for k in trainer_keys(online=True) if k in options}
+            r = train_online(out, train_config(options), **requests.online_arguments(images), val_cache=val_cache,
+                             resume=resume, progress=progress, **extra)
         else:
             cache = stage.pop("cache")
             extra = {k: stage.pop(k) for k in trainer_keys(online=False) if k in stage}
@@ -126,12 +126,13 @@ def _hints(obj) -> dict:
         return {}
 
 
-def _parameters(fn, skip=(), rename=None) -> dict[str, Option]:
-    """The keyword parameters of ``fn`` as options (types from its annotations, else from its defaults)."""
+def _parameters(fn, skip=(), rename=None, only=None) -> dict[str, Option]:
+    """The keyword parameters of ``fn`` (``only``: those of them) as options (types from its annotations,
+    else from its defaults)."""
     hints = _hints(fn)
     out = {}
     for name, p in inspect.signature(fn).parameters.items():
-        if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (only is not None and name not in only):
             continue
         hint = hints.get(name)
         if hint is None and p.default is not _EMPTY and p.default is not None:
@@ -159,7 +160,7 @@ def _size_hint(key: str, hint):
 
 
 def _train_config_options(exclude=()) -> dict[str, Option]:
-    from fusion_seg.training.train import TrainConfig
+    from fusion_seg.training.config import TrainConfig
 
     hints = _hints(TrainConfig)
     out = {}
@@ -172,12 +173,22 @@ def _train_config_options(exclude=()) -> dict[str, Option]:
     return out
 
 
+def _request_options(builders, skip=()) -> dict[str, Option]:
+    """The options of the requests' ``builders`` (requests.py): each builder's keyword parameters."""
+    out: dict[str, Option] = {}
+    for builder in builders:
+        out.update({k: o for k, o in _parameters(builder).items() if k not in skip and k not in out})
+    return out
+
+
 def stage_schema(kind: str, *, online: bool = False) -> dict[str, Option]:
     """Every key a stage of ``kind`` accepts (besides ``kind``), read from the functions it calls."""
     if kind == "extract":
         from fusion_seg.extract.local import extract
 
-        return _parameters(extract, skip=("progress",))
+        dataset, *others = requests.EXTRACT_REQUESTS.values()
+        return {**_request_options([dataset]), **_parameters(extract, only=requests.EXTRACT_PLAIN),
+                **_request_options(others)}
     if kind == "evaluate":
         from fusion_seg.evaluation.evaluate import evaluate
 
@@ -200,8 +211,10 @@ def stage_schema(kind: str, *, online: bool = False) -> dict[str, Option]:
         # The training function's own keyword arguments, less those the recipe runner fills in.
         passed = {k: v for k, v in _parameters(fn).items() if k in trainer_keys(online=online)}
         if online:
-            # `crop` is the augmentation crop; cached views (`views`) do not exist online.
-            return {**_train_config_options(exclude=("crop", "views")), **passed, **own}
+            # Online training's requests' options: `crop` is the augmentation crop (not TrainConfig's), `seed`
+            # TrainConfig's, which seeds the requests too; cached views (`views`) do not exist online.
+            built = _request_options(requests.ONLINE_REQUESTS.values(), skip=requests.SHARED_WITH_TRAINING)
+            return {**_train_config_options(exclude=("crop", "views")), **built, **passed, **own}
         own["cache"] = Option("cache", str, _EMPTY)
         return {**_train_config_options(), **passed, **own}
     raise UserError(f"unknown stage kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -358,7 +371,7 @@ def build_check(decoder: str, config: dict, input_shapes: dict, num_classes: int
     """Build the decoder on the ``meta`` device, as training will; None when it builds, else why not."""
     import torch
 
-    from fusion_seg.decoders import DECODERS, build_decoder
+    from fusion_seg.decoders import build_decoder
 
     if config.get("pretrained"):
         return None  # would download weights; its options were checked by name and type
@@ -372,10 +385,6 @@ def build_check(decoder: str, config: dict, input_shapes: dict, num_classes: int
     except Exception as exc:  # a value of the right type the decoder still cannot use
         return f"decoder {decoder!r} cannot be built with {_show(config)}: {type(exc).__name__}: {exc}"
     return None
-
-
-def _defaults(schema: dict[str, Option], stage: dict) -> dict:
-    return {k: (stage[k] if k in stage else o.default) for k, o in schema.items() if not o.required or k in stage}
 
 
 def check_stage(stage: dict, *, shapes=None, num_classes: int = 2) -> list[str]:
@@ -397,7 +406,7 @@ def check_stage(stage: dict, *, shapes=None, num_classes: int = 2) -> list[str]:
     if "dataset" in body:
         errors += dataset_errors(body["dataset"], body.get("dataset_options") or {})
     if kind == "extract" and typed:
-        errors += _extract_range_errors(_tuples(_defaults(schema, body)))
+        errors += _extract_range_errors(body)
         try:
             encoder_shapes(body.get("encoder", schema["encoder"].default), body.get("strides",
                                                                                     schema["strides"].default))
@@ -414,8 +423,9 @@ def check_stage(stage: dict, *, shapes=None, num_classes: int = 2) -> list[str]:
         errors += option_errors
         if typed:
             leave = {"out", "online", "val_cache", "cache", *trainer_keys(online=online)}
+            options, _ = requests.split_train_options(body, online=online)
             try:
-                train_config({k: v for k, v in body.items() if k not in leave})
+                train_config({k: v for k, v in options.items() if k not in leave})
             except UserError as exc:
                 errors.append(str(exc))
             except (TypeError, ValueError) as exc:
@@ -442,12 +452,13 @@ def check_stage(stage: dict, *, shapes=None, num_classes: int = 2) -> list[str]:
     return errors
 
 
-def _extract_range_errors(arguments: dict) -> list[str]:
-    """extract()'s own range checks (``check_extract_arguments``), run without extracting anything."""
+def _extract_range_errors(options: dict) -> list[str]:
+    """extract()'s own range checks (``check_extract_arguments``) of a stage's requests, run without
+    extracting anything."""
     from fusion_seg.extract.local import check_extract_arguments
 
     try:
-        check_extract_arguments(**arguments)
+        check_extract_arguments(**requests.extract_arguments(options))
     except UserError as exc:
         return [str(exc)]
     return []

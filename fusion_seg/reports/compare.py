@@ -17,10 +17,8 @@ Results go to ``OUT/compare.json``, ``OUT/compare.md`` and, with matplotlib,
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -32,12 +30,13 @@ from fusion_seg.cache.reader import CachedViews, collate_views
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import Failed, UserError
 from fusion_seg.training.losses import build_loss
-from fusion_seg.decoders import decoder_from_record
-from fusion_seg.decoders.base import upsample_logits
+from fusion_seg.decoders import DECODERS, decoder_from_record
+from fusion_seg.files import write_json_atomic, write_text_atomic
 from fusion_seg.plots import plot_if_available
-from fusion_seg.training.train import TrainConfig
+from fusion_seg.reports.timing import median_seconds
+from fusion_seg.training.config import TrainConfig
 
-DEFAULT_DECODERS = ("reverse-hrnet", "linear", "fpn", "eseg", "frm", "exfuse")
+DEFAULT_DECODERS = tuple(name for name, cls in DECODERS.items() if not cls.end_to_end)  # those a cache can train
 
 
 def _train_in_subprocess(cache: str, val_cache: str | None, run_dir: Path, cfg: TrainConfig) -> None:
@@ -85,16 +84,6 @@ def check_decoders(decoders, input_shapes: dict, num_classes: int, *, cache: str
                         + "\n".join(f"compare --decoders: {e}" for e in errors))
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure_decoder(record: dict, features: dict, labels: torch.Tensor, *, loss: str, ignore_index: int,
                     repeats: int = 5) -> dict:
     """Parameters, GFLOPs per view, train step time and inference images/s of a decoder on one batch."""
@@ -104,20 +93,17 @@ def measure_decoder(record: dict, features: dict, labels: torch.Tensor, *, loss:
     batch = labels.shape[0]
 
     def train_step():
-        logits = decoder(features)
-        value = criterion(upsample_logits(logits, labels.shape[-2:]).float(), labels)
-        if hasattr(decoder, "aux_loss"):
-            value = value + decoder.aux_loss(labels, criterion)
+        value = sum(decoder.losses(decoder(features), labels, criterion).values())
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
 
     decoder.train()
-    step = _median_seconds(train_step, repeats)
+    step = median_seconds(train_step, repeats)
     decoder.eval()
     one = {k: v[:1] for k, v in features.items()}
     with torch.inference_mode():
-        infer = _median_seconds(lambda: decoder(one), repeats)
+        infer = median_seconds(lambda: decoder(one), repeats)
         with FlopCounterMode(display=False) as counter:
             decoder(one)
     return {"params_M": sum(p.numel() for p in decoder.parameters()) / 1e6,
@@ -146,8 +132,7 @@ def compare(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | N
         best = load_checkpoint(run_dir / "best.pt")
         summary = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                    if '"summary"' in line][-1]
-        names = [n for n, (c, s) in best["decoder"]["input_shapes"].items()
-                 if s in decoder_from_record(best["decoder"]).required_strides]
+        names = decoder_from_record(best["decoder"]).in_features
         views = CachedViews(cache, names, crop=tuple(cfg.crop) if cfg.crop else None, seed=cfg.seed)
         features, labels = Failed.check(collate_views([views[i] for i in range(min(cfg.batch_size, len(views)))]))
         features = {k: v.float() for k, v in features.items()}
@@ -158,9 +143,9 @@ def compare(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | N
         row.update(measure_decoder(best["decoder"], features, labels, loss=cfg.loss,
                                    ignore_index=store.spec.ignore_index, repeats=repeats))
         rows.append(row)
-    (out / "compare.json").write_text(json.dumps({"cache": str(cache), "val_cache": val_cache,
-                                                  "schedule": asdict(cfg), "rows": rows}, indent=2))
-    (out / "compare.md").write_text(markdown_table(rows))
+    write_json_atomic(out / "compare.json", {"cache": str(cache), "val_cache": val_cache, "schedule": asdict(cfg),
+                                             "rows": rows})
+    write_text_atomic(out / "compare.md", markdown_table(rows))
     plot_if_available("plot_compare", rows, out / "compare.png")
     return rows
 

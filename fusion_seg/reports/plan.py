@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fusion_seg.errors import UserError
+from fusion_seg.progress import format_duration
 
 METHODS = ("cache-device", "cache-ram", "cache-stream", "online", "finetune")
 LABELS = {"cache-device": "cache, --cache-mode device", "cache-ram": "cache, --cache-mode ram",
@@ -133,8 +134,9 @@ def recommend(rows: list[Projection]) -> tuple[Projection, str]:
 
 
 def hms(seconds: float) -> str:
-    h, rem = divmod(int(round(seconds)), 3600)
-    return f"{h}h{rem // 60:02d}m{rem % 60:02d}s" if h else f"{rem // 60}m{rem % 60:02d}s"
+    """A projected wall time as plan shows it: :func:`~fusion_seg.progress.format_duration` with the
+    seconds past an hour kept (``42s``, ``55m43s``, ``1h15m46s``)."""
+    return format_duration(seconds, exact=True)
 
 
 # --------------------------------------------------------------------------- the request and its rates
@@ -258,15 +260,20 @@ def _dataset_size(req: PlanRequest) -> int:
 
 def _sample_store(req: PlanRequest, device, tmp: Path, echo) -> tuple[str, float]:
     """A store of a few images of the dataset at the planned view size (its shapes), and the extraction rate."""
+    from fusion_seg.data.datasets import DatasetRef
+    from fusion_seg.data.views import Augment, Resize
+    from fusion_seg.encoder.build import EncoderSpec
     from fusion_seg.extract.local import extract
+    from fusion_seg.extract.request import ExtractRun
 
     echo(f"plan: extracting 8 images of {req.dataset} at {req.size[1]}x{req.size[0]} to measure extraction")
     out = tmp / "sample.zarr"
-    r = extract(dataset=req.dataset, root=req.root, split=req.split, out=out, views=1, augment=False,
-                size=tuple(req.size), encoder=req.encoder, weights=req.weights, random_init=req.weights is None,
-                seed=0, batch_size=4, device=str(device), progress=False,
-                dataset_options={**req.dataset_options, "limit": 8} if req.dataset != "synthetic"
-                else {**req.dataset_options, "num_images": 8, "size": list(req.size)})
+    options = ({**req.dataset_options, "limit": 8} if req.dataset != "synthetic"
+               else {**req.dataset_options, "num_images": 8, "size": list(req.size)})
+    r = extract(out, DatasetRef(req.dataset, req.split, req.root, options),
+                EncoderSpec(req.encoder, weights_file=req.weights, random_init=req.weights is None, seed=0),
+                views=1, augment=Augment(enabled=False), resize=Resize(size=tuple(req.size)),
+                run=ExtractRun(device=str(device), batch_size=4), progress=False)
     return str(out), r.views_per_second
 
 

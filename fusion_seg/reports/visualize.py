@@ -1,7 +1,9 @@
 """What a decoder sees: its feature maps at strides 4..32 as PCA colour images (the paper's Figure 2).
 
 :func:`decoder_feature_maps` captures a decoder's internal maps with forward
-hooks, without any change to the decoders. Which maps are taken:
+hooks, without any change to the decoders. Which modules are hooked is the
+decoder's own choice, its ``feature_taps()``
+(:class:`~fusion_seg.decoders.base.FeatureTaps`); the maps taken are:
 
 * ``reverse-hrnet``: the **first stage**, the one place where all the
   streams (strides 4, 8, 16, 32; and 2 with ``streams=5``, which is not
@@ -55,8 +57,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusion_seg.decoders.base import Decoder
 from fusion_seg.errors import UserError
-from fusion_seg.inference.segmenter import load_segmenter, predict_logits
+from fusion_seg.inference.segmenter import load_model
 from fusion_seg.data.io import default_palette, overlay, read_image, read_mask
 from fusion_seg.inference.segmenter import Segmenter
 from fusion_seg.data.transforms import resize_pair, to_tensor
@@ -101,26 +104,6 @@ def _accepted_sizes(image_size: tuple[int, int], natural: dict[int, tuple[int, i
     return accepted
 
 
-def _taps(decoder: nn.Module) -> tuple[str, list[nn.Module]]:
-    """(rule, modules to hook) for a decoder; see the module docstring."""
-    from fusion_seg.decoders.fpn import SemanticFPN
-    from fusion_seg.decoders.hrnet_blocks import HighResolutionModule
-    from fusion_seg.decoders.reverse_hrnet import ReverseHRNet
-
-    if isinstance(decoder, ReverseHRNet):
-        modules: list[nn.Module] = []
-        for module in decoder.stages[0]:
-            if isinstance(module, HighResolutionModule):
-                modules += list(module.branches) + [module]  # branches run before the module returns
-        return "first-stage", modules
-    if isinstance(decoder, SemanticFPN):
-        return "fpn-levels", list(decoder.output)
-    body = getattr(decoder, "body", None)
-    if getattr(decoder, "end_to_end", False) and isinstance(body, nn.Module):
-        return "body-streams", [body]  # the HRNet baseline: its body's final streams, matched by size
-    return "size-match", [m for name, m in decoder.named_modules() if name]
-
-
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     try:
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
@@ -148,10 +131,8 @@ def decoder_feature_maps(model: Segmenter, image_tensor: torch.Tensor, *, stride
     if x.dim() != 4 or x.shape[0] != 1:
         raise UserError(f"decoder_feature_maps takes one image (3, H, W), got shape {tuple(image_tensor.shape)}")
     decoder = model.decoder
-    if rule == "auto":
-        rule, modules = _taps(decoder)
-    else:
-        modules = [m for name, m in decoder.named_modules() if name]
+    # The decoder's own taps, or the base class's default (every submodule, matched by size).
+    rule, modules = decoder.feature_taps() if rule == "auto" else Decoder.feature_taps(decoder)
     generic = rule == "size-match"
     classifier = getattr(decoder, "classifier", None)
     logit_channels = classifier.out_channels if generic and isinstance(classifier, nn.Conv2d) else None
@@ -315,9 +296,9 @@ def figure2(checkpoints: list[str | Path], image_path: str | Path, *, mask_path:
 
     rows, ckpts = [], []
     for path in checkpoints:
-        model, ckpt = load_segmenter(path, weights=weights, device=device)
-        palette = default_palette(len(ckpt["classes"]))
-        pred = predict_logits(model, image, ckpt).argmax(1)[0].cpu().numpy().astype(np.uint8)
+        loaded = load_model(path, weights=weights, device=device)
+        model, ckpt, palette = loaded.segmenter, loaded.checkpoint, loaded.palette
+        pred = loaded.predict(image)
         fmaps = decoder_feature_maps(model, model_input(model, image, ckpt))
         gt = None
         if mask is not None:
@@ -325,7 +306,7 @@ def figure2(checkpoints: list[str | Path], image_path: str | Path, *, mask_path:
         rows.append({"pred": overlay(image, pred, palette), "gt": gt,
                      "maps": {s: (pca_rgb(m), tuple(m.shape)) for s, m in fmaps.items()}})
         ckpts.append({k: ckpt.get(k) for k in ("decoder", "val")} | {"classes": tuple(map(str, ckpt["classes"]))})
-        del model
+        del model, loaded
 
     columns = (["input", "prediction"] + (["ground truth"] if mask is not None else [])
                + [f"stride {s}" for s in STRIDES])

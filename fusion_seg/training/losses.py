@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_seg.decoders.base import upsample_logits
+from fusion_seg.decoders.base import Decoder
 from fusion_seg.device import autocast
 from fusion_seg.errors import UserError
 
@@ -108,15 +108,14 @@ def build_loss(name: str, ignore_index: int = 255, **opts) -> nn.Module:
         raise UserError(f"bad options for loss {name!r}: {e}") from None
 
 
-def decoder_loss(model: nn.Module, decoder: nn.Module, features: dict, labels: torch.Tensor, criterion,
+def decoder_loss(model: nn.Module, decoder: Decoder, features: dict, labels: torch.Tensor, criterion,
                  device: torch.device) -> torch.Tensor:
-    """The training loss of one batch: logits upsampled to the labels, plus any deep supervision.
+    """The training loss of one batch: the sum of ``decoder.losses`` (logits upsampled to the labels,
+    plus any deep supervision), under autocast.
 
     ``model`` is ``decoder`` itself, or its DistributedDataParallel wrapper.
     """
     with autocast(device):
         logits = model(features)
-        loss = criterion(upsample_logits(logits, labels.shape[-2:]).float(), labels)
-        if hasattr(decoder, "aux_loss"):  # deep supervision (ExFuse)
-            loss = loss + decoder.aux_loss(labels, criterion)
+        loss = sum(decoder.losses(logits, labels, criterion).values())
     return loss

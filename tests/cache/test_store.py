@@ -5,10 +5,14 @@ import pytest
 import zarr
 
 from fusion_seg.cache.store import SCHEMA_VERSION, FeatureStore
+from fusion_seg.data.datasets import DatasetRef
+from fusion_seg.data.views import Augment
+from fusion_seg.encoder.build import EncoderSpec
 from fusion_seg.errors import CacheError, UserError
 from PIL import Image
 
 from fusion_seg.extract.local import extract
+from fusion_seg.extract.request import ExtractRun
 from pipeline_helpers import ENCODER, extract_synthetic
 
 
@@ -60,8 +64,8 @@ def test_whole_images_of_different_sizes_are_padded(tmp_path):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
         Image.fromarray((rng.random((h, w)) > 0.5).astype(np.uint8)).save(root / "masks" / f"{name}.png")
     out = tmp_path / "f.zarr"
-    extract(dataset="folder", root=root, split="all", out=out, augment=False, encoder=ENCODER, random_init=True,
-            strides=(4, 32), loader_workers=0, progress=False)
+    extract(out, DatasetRef("folder", "all", root=root), EncoderSpec(ENCODER, random_init=True, strides=(4, 32)),
+            augment=Augment(enabled=False), run=ExtractRun(loader_workers=0), progress=False)
     store = FeatureStore.open(out)
     assert store.spec.label_shape == (66, 70)
     _, labels_a, meta_a = store.read_view(0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -18,8 +17,12 @@ from click.testing import CliRunner
 from fusion_seg.cache import store as cache_module
 from fusion_seg.cache.store import FeatureStore, writer_lock
 from fusion_seg.cli import main
+from fusion_seg.data.datasets import DatasetRef
+from fusion_seg.encoder.build import EncoderSpec
 from fusion_seg.errors import CacheError, DataError, UserError
 from fusion_seg.extract.local import extract
+from fusion_seg.extract.request import ExtractRun
+from fusion_seg.data.views import Augment
 from fusion_seg.training.train import train_decoder, train_online
 from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, tiny_config
 
@@ -170,8 +173,9 @@ def test_val_on_train_from_the_cli(reference, tmp_path):
 
 
 def test_online_training_validating_on_its_own_split_is_refused(reference, tmp_path):
-    kw = dict(dataset="synthetic", split="train", crop=(64, 64), encoder=ENCODER, random_init=True,
-              strides=(4, 8, 16, 32), dataset_options={"num_images": 4, "size": SYNTH["size"]}, progress=False)
+    kw = dict(dataset=DatasetRef("synthetic", "train", options={"num_images": 4, "size": SYNTH["size"]}),
+              encoder=EncoderSpec(ENCODER, random_init=True, strides=(4, 8, 16, 32)), augment=Augment(crop=(64, 64)),
+              progress=False)
     with pytest.raises(UserError, match="--allow-val-on-train"):
         train_online(tmp_path / "run", tiny_config(epochs=1), val_cache=str(reference), **kw)
     r = train_online(tmp_path / "run", tiny_config(epochs=1), val_cache=str(reference), allow_val_on_train=True, **kw)
@@ -191,8 +195,8 @@ def test_no_lock_file_after_a_successful_or_failed_extract(tmp_path, monkeypatch
     # fails after the lock is taken: a dataset root that does not exist
     bad = tmp_path / "bad.zarr"
     with pytest.raises(DataError):
-        extract(dataset="camvid", root=tmp_path / "missing", split="train", out=bad, encoder=ENCODER,
-                random_init=True, loader_workers=0, progress=False)
+        extract(bad, DatasetRef("camvid", "train", root=tmp_path / "missing"), EncoderSpec(ENCODER, random_init=True),
+                run=ExtractRun(loader_workers=0), progress=False)
     assert not lock_file(bad).exists() and not bad.exists()
 
     # fails half-way through writing

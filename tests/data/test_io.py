@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from fusion_seg.errors import DataError
-from fusion_seg.data.io import (default_palette, image_size, overlay, read_image, read_mask, write_mask_png,
-                           write_rgb_png)
+from fusion_seg.data.io import (IMAGE_EXTENSIONS, default_palette, image_size, overlay, read_image, read_mask,
+                                write_mask_png, write_rgb_png)
 
 
 def _rgb(h=12, w=16, seed=0):
@@ -59,6 +59,40 @@ def test_rgb_png_round_trip_with_unicode_path(tmp_path):
     np.testing.assert_array_equal(read_image(path), image)
     assert image_size(path) == (12, 16)
     assert [p.name for p in path.parent.iterdir()] == ["straße 1.png"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("suffix", IMAGE_EXTENSIONS)
+def test_every_listed_image_extension_is_readable(tmp_path, suffix):
+    """Datasets and predict list files by IMAGE_EXTENSIONS: each one must be a format read_image decodes."""
+    image = _rgb()
+    path = tmp_path / f"img{suffix}"
+    lossless = {".jpg": {"quality": 100}, ".jpeg": {"quality": 100}, ".webp": {"lossless": True}}
+    Image.fromarray(image).save(path, **lossless.get(suffix, {}))
+    got = read_image(path)
+    assert got.shape == image.shape and got.dtype == np.uint8
+    assert image_size(path) == (12, 16)
+    if suffix not in (".jpg", ".jpeg"):
+        np.testing.assert_array_equal(got, image)
+
+
+def test_image_extensions_are_lower_case_suffixes():
+    assert all(s.startswith(".") and s == s.lower() for s in IMAGE_EXTENSIONS)
+    assert ".webp" in IMAGE_EXTENSIONS and len(set(IMAGE_EXTENSIONS)) == len(IMAGE_EXTENSIONS)
+
+
+def test_a_failed_png_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "mask.png"
+    write_mask_png(path, np.zeros((4, 5), np.uint8))
+    before = path.read_bytes()
+
+    def broken_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError):
+        write_mask_png(path, np.ones((4, 5), np.uint8))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["mask.png"]
 
 
 def test_grayscale_becomes_three_equal_channels(tmp_path):

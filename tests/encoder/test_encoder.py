@@ -78,11 +78,21 @@ def test_weights_file_errors(tmp_path):
 
 
 def test_pretrained_tag_offline_gives_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(timm.models._builder, "load_pretrained",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("no network")), raising=False)
-    with pytest.raises(UserError, match="--weights FILE"):
-        build_encoder("resnet18.a1_in1k")
+    """The pretrained download fails (no network): a one-line UserError naming the offline ways out."""
+    from fusion_seg.encoder import build
+
+    calls = []
+
+    def offline(tag, out_indices):
+        calls.append((tag, out_indices))
+        raise OSError("no network")
+
+    monkeypatch.setattr(build, "_create_pretrained", offline)  # the project's own injection point
+    with pytest.raises(UserError, match="--weights FILE") as err:
+        build_encoder("resnet18.a1_in1k", strides=(8, 32))
+    assert calls == [("resnet18.a1_in1k", (2, 4))]  # the tag as given, the features_only indices of s8 and s32
+    message = str(err.value)
+    assert "OSError: no network" in message and "--random-init" in message and "\n" not in message
 
 
 def test_identity_round_trip_and_differences():

@@ -1,5 +1,6 @@
 """Issue 3: every official layout through the whole pipeline, and two-stage schedules with --init."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +10,18 @@ from click.testing import CliRunner
 
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
+from fusion_seg.data.datasets import DatasetRef
+from fusion_seg.data.views import Augment
+from fusion_seg.encoder.build import EncoderSpec
 from fusion_seg.errors import CheckpointError
 from fusion_seg.extract.local import extract
+from fusion_seg.extract.request import ExtractRun
 from fusion_seg.training.train import train_decoder
 from fake_layouts import write_camvid, write_cityscapes, write_coco, write_mapillary, write_voc
 from pipeline_helpers import ENCODER, tiny_config
 
-ENC = dict(encoder=ENCODER, random_init=True, strides=(4, 8, 16, 32), loader_workers=0, progress=False)
+ENC = dict(encoder=EncoderSpec(ENCODER, random_init=True, strides=(4, 8, 16, 32)), augment=Augment(enabled=False),
+           run=ExtractRun(loader_workers=0), progress=False)
 CLI_ENC = ["--encoder", ENCODER, "--random-init", "--strides", "4,8,16,32", "--loader-workers", "0"]
 
 LAYOUTS = {  # name: (writer, train split, val split, extra CLI options)
@@ -71,8 +77,7 @@ def _folder(root: Path, classes, seed=0):
 @pytest.fixture(scope="module")
 def first_stage(tmp_path_factory):
     d = tmp_path_factory.mktemp("stage1")
-    extract(dataset="folder", root=_folder(d / "a", ["bg", "road", "car"]), split="all", out=d / "a.zarr",
-            augment=False, **ENC)
+    extract(d / "a.zarr", DatasetRef("folder", "all", root=_folder(d / "a", ["bg", "road", "car"])), **ENC)
     train_decoder(str(d / "a.zarr"), d / "run", tiny_config(epochs=1), progress=False)
     return d
 
@@ -82,8 +87,8 @@ def _conv(state):
 
 
 def test_init_across_different_class_sets_reinitialises_only_the_classifier(first_stage, tmp_path):
-    extract(dataset="folder", root=_folder(tmp_path / "b", ["bg", "person"], seed=1), split="all",
-            out=tmp_path / "b.zarr", augment=False, **ENC)
+    extract(tmp_path / "b.zarr", DatasetRef("folder", "all", root=_folder(tmp_path / "b", ["bg", "person"], seed=1)),
+            **ENC)
     source = load_checkpoint(first_stage / "run" / "best.pt")
     train_decoder(str(tmp_path / "b.zarr"), tmp_path / "run", tiny_config(epochs=1, lr=0.0,
                   init=str(first_stage / "run" / "best.pt")), progress=False)
@@ -104,8 +109,8 @@ def test_init_with_the_same_classes_carries_everything(first_stage, tmp_path):
 
 
 def test_init_from_another_encoder_or_decoder_is_refused(first_stage, tmp_path):
-    extract(dataset="folder", root=_folder(tmp_path / "c", ["bg", "road", "car"]), split="all",
-            out=tmp_path / "c.zarr", augment=False, **{**ENC, "seed": 3})
+    extract(tmp_path / "c.zarr", DatasetRef("folder", "all", root=_folder(tmp_path / "c", ["bg", "road", "car"])),
+            **{**ENC, "encoder": replace(ENC["encoder"], seed=3)})
     with pytest.raises(CheckpointError, match="another encoder"):
         train_decoder(str(tmp_path / "c.zarr"), tmp_path / "run", tiny_config(init=str(first_stage / "run" / "best.pt")),
                       progress=False)

@@ -10,18 +10,14 @@ from fusion_seg.evaluation import evaluate as scoring
 from fusion_seg.inference import predict as infer
 from fusion_seg.cli import main
 from fusion_seg.errors import UserError
-from fusion_seg.training.train import train_decoder
-from pipeline_helpers import SYNTH, extract_synthetic, tiny_config
+from pipeline_helpers import SYNTH, tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("predict")
-    extract_synthetic(d / "s.zarr", views=1, num_images=2)
-    train_decoder(str(d / "s.zarr"), d / "run", tiny_config(epochs=1), progress=False)
-    return d / "run" / "best.pt"
+    return tiny_checkpoint(tmp_path_factory.mktemp("predict"))
 
 
 def image(path, seed=0):
@@ -36,8 +32,8 @@ def no_model(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(infer, "load_segmenter", fail)
-    monkeypatch.setattr(scoring, "load_segmenter", fail)
+    monkeypatch.setattr(infer, "load_model", fail)
+    monkeypatch.setattr(scoring, "load_model", fail)
 
 
 def snapshot(folder):

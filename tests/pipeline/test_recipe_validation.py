@@ -163,10 +163,16 @@ def test_every_key_a_stage_accepts_is_one_its_function_takes():
     from fusion_seg.extract.local import extract
     from fusion_seg.evaluation.evaluate import evaluate
     from fusion_seg.inference.predict import predict
+    from fusion_seg.pipeline import requests
     from fusion_seg.pipeline.stages import DECODER_KEYS, stage_schema, trainer_keys
-    from fusion_seg.training.train import TrainConfig
+    from fusion_seg.training.config import TrainConfig
+    from fusion_seg.training.train import train_online
 
-    assert set(stage_schema("extract")) == set(inspect.signature(extract).parameters) - {"progress"}
+    # extract()'s plain arguments, and the options of the builders of its typed requests (pipeline/requests.py).
+    arguments = set(inspect.signature(extract).parameters) - {"progress"}
+    assert set(requests.EXTRACT_REQUESTS) | set(requests.EXTRACT_PLAIN) == arguments
+    assert set(stage_schema("extract")) == (set(requests.EXTRACT_PLAIN)
+                                            | set(requests.option_names(requests.EXTRACT_REQUESTS.values())))
     assert set(stage_schema("evaluate")) == set(inspect.signature(evaluate).parameters) - {"progress"}
     assert set(stage_schema("predict")) == (set(inspect.signature(predict).parameters) - {"progress", "inputs"}
                                             | {"input"})
@@ -174,8 +180,10 @@ def test_every_key_a_stage_accepts_is_one_its_function_takes():
     own = {"out", "online", "val_cache", "decoder_options", *DECODER_KEYS}
     assert set(stage_schema("train")) == config | own | {"cache"} | set(trainer_keys(online=False))
     online = set(stage_schema("train", online=True))
-    assert online == (config - {"crop", "views"}) | own | set(trainer_keys(online=True))
-    assert {"dataset", "root", "crop", "strides", "encoder"} <= set(trainer_keys(online=True))
+    assert online == ((config - {"crop", "views"}) | own | set(trainer_keys(online=True))
+                      | set(requests.online_request_keys()))
+    assert {"dataset", "root", "crop", "strides", "encoder"} <= set(requests.online_request_keys())
+    assert set(requests.ONLINE_REQUESTS) <= set(inspect.signature(train_online).parameters)  # built, then passed
 
 
 # --------------------------------------------------------------------------- relative paths

@@ -5,8 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from fusion_seg.cli import main
-from fusion_seg.errors import UserError
-from fusion_seg.reports.plan import PlanRequest, Rates, Workload, plan, project, recommend
+from fusion_seg.progress import format_duration
+from fusion_seg.reports.plan import Rates, Workload, hms, project, recommend
 from pipeline_helpers import extract_synthetic
 
 GiB = 2**30
@@ -70,6 +70,19 @@ def test_tiers_that_do_not_fit_are_marked_and_never_recommended():
     assert best.method == "cache-ram" and "Not fitting: cache, --cache-mode device" in why
 
 
+@pytest.mark.parametrize("seconds, shown", [(42.4, "42s"), (59.6, "1m00s"), (248, "4m08s"), (3343, "55m43s"),
+                                             (4546, "1h15m46s"), (28070, "7h47m50s")])
+def test_plan_shows_durations_to_the_second(seconds, shown):
+    """plan's wall times: progress.format_duration, keeping the seconds past an hour (README's plan example)."""
+    assert hms(seconds) == format_duration(seconds, exact=True) == shown
+
+
+def test_the_recommendation_quotes_wall_times_as_the_table_does():
+    best, why = recommend(project(workload(), rates()))
+    assert best.method == "cache-device" and best.seconds == pytest.approx(183.5 + 14.68 + 450)
+    assert "is fastest: 10m48s," in why and "the next, cache, --cache-mode ram (11m26s)" in why
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     d = tmp_path_factory.mktemp("plan")
@@ -101,17 +114,6 @@ def test_plan_command_from_a_bench_json(store, tmp_path):
     assert data["workload"]["images"] == 4 and data["workload"]["views"] == 2 and data["workload"]["extracted"]
     rows = {row["method"]: row for row in data["rows"]}
     assert rows["online"]["seconds"] == pytest.approx(10 * (4 // 2) * 2.0)  # same size and batch: unscaled
-
-
-@pytest.mark.slow  # 40 s of probing; the probe's measurements are the bench's, which tests/test_bench.py runs
-def test_plan_probes_the_device_itself(store):
-    p = plan(PlanRequest(store=str(store), epochs=5, batch_size=2, device="cpu", repeats=1), echo=lambda m: None)
-    rows = {row["method"]: row for row in p.rows}
-    # On a CPU the ram tier is the device tier (one memory): one row for both.
-    assert p.rates["source"] == "probe" and set(rows) == {"cache-device", "cache-stream", "online", "finetune"}
-    assert all(row["seconds"] > 0 for row in rows.values())
-    assert p.rates["step_s"]["ram"] == p.rates["step_s"]["device"]
-    assert p.recommended in rows and "measured on the CPU" in " ".join(p.notes)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,7 +1,6 @@
 """Figures: training curves, confusion matrix, speed/accuracy scatter, and the decoder feature-map figure."""
 from __future__ import annotations
 
-import builtins
 import math
 
 import numpy as np
@@ -102,14 +101,10 @@ def test_compare(tmp_path):
 
 
 def test_missing_matplotlib_is_a_user_error(tmp_path, monkeypatch):
-    real_import = builtins.__import__
+    def no_matplotlib():
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
 
-    def no_matplotlib(name, *args, **kwargs):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(plots, "_import_matplotlib", no_matplotlib)  # the one place plots imports it first
     with pytest.raises(UserError, match=r"pip install 'fusion-seg\[plots\]'"):
         plots.plot_compare([{"decoder": "x", "miou": 0.5, "step_ms": 1.0}], tmp_path / "x.png")
     with pytest.raises(UserError, match="needs matplotlib"):

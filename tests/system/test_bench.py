@@ -141,3 +141,43 @@ def test_cli_refuses_unknown_sections_and_missing_cuda(tmp_path):
 
 def test_results_are_plain_json(results):
     json.loads(json.dumps(results))
+
+
+# --------------------------------------------------------------------------- shared pieces, without running the bench
+def test_median_seconds_warms_up_then_times_each_repetition(monkeypatch):
+    from fusion_seg.reports import timing
+
+    clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 26.0])  # repetitions of 3 s, 1 s and 6 s (of 3 calls each)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls, syncs = [], []
+    seconds = timing.median_seconds(lambda: calls.append(1), repeats=3, warmup=2, sync=lambda: syncs.append(1),
+                                    calls_per_repeat=3)
+    assert seconds == pytest.approx(1.0)  # the median repetition, 3 s, over its 3 calls
+    assert len(calls) == 2 + 3 * 3 and len(syncs) == 1 + 3
+
+
+def test_compare_and_the_bench_time_with_the_one_median_timer():
+    from fusion_seg.reports import compare, timing
+    from fusion_seg.reports.bench import extraction, training
+
+    assert compare.median_seconds is extraction.median_seconds is training.median_seconds is timing.median_seconds
+
+
+@pytest.mark.parametrize("seconds, shown", [(7.2, "7s"), (54, "54s"), (157, "2m37s"), (3599.4, "59m59s"),
+                                            (4980, "1h23m"), (81420, "22h37m"), (float("nan"), "?")])
+def test_bench_tables_show_durations_in_the_progress_format(seconds, shown):
+    from fusion_seg.progress import format_duration
+
+    assert format_duration(seconds) == shown
+
+
+def test_updating_benchmarks_and_saving_json_leave_no_temporary_file(tmp_path):
+    from fusion_seg.reports.bench import save_json
+
+    path = tmp_path / "BENCHMARKS.md"
+    update_benchmarks(path, "first · run\n", heading="cpu")  # a missing file is started
+    update_benchmarks(path, "second · run\n", heading="cpu")
+    assert "second · run" in path.read_text(encoding="utf-8") and "first" not in path.read_text(encoding="utf-8")
+    save_json({"a": [1, 2]}, tmp_path / "new" / "bench.json")  # a missing folder is made
+    assert json.loads((tmp_path / "new" / "bench.json").read_text()) == {"a": [1, 2]}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["BENCHMARKS.md", "bench.json", "new"]

@@ -27,6 +27,7 @@ from fusion_seg.cli import main
 from fusion_seg.extract.dask_cluster import local_cluster
 from fusion_seg.errors import CacheError, DataError, UserError
 from fusion_seg.extract.local import extract
+from fusion_seg.pipeline.requests import extract_arguments
 from pipeline_helpers import ENCODER, extract_synthetic
 
 distributed = pytest.importorskip("distributed")
@@ -79,41 +80,43 @@ def cluster():
 # --- worker plugins that inject faults inside the worker processes ------------------------------------------------
 
 class CountBuilds(distributed.WorkerPlugin):
-    """Appends the worker's pid to ``log`` whenever it builds an encoder."""
+    """Appends the worker's pid to ``log`` whenever it builds an encoder (from the client's EncoderSpec)."""
 
     def __init__(self, log):
         self.log = str(log)
 
     def setup(self, worker):
-        from fusion_seg.extract import dask_cluster as dask_extract
+        from fusion_seg.encoder.build import EncoderSpec
 
-        self.original = build = dask_extract.build_encoder
+        self.original = build = EncoderSpec.build
 
-        def counted(**kw):
+        def counted(spec):
             with open(self.log, "a") as f:
                 f.write(f"{os.getpid()}\n")
-            return build(**kw)
-        dask_extract.build_encoder = counted
+            return build(spec)
+        EncoderSpec.build = counted
 
     def teardown(self, worker):
-        from fusion_seg.extract import dask_cluster as dask_extract
+        from fusion_seg.encoder.build import EncoderSpec
 
-        dask_extract.build_encoder = self.original
+        EncoderSpec.build = self.original
 
 
 class OtherWeights(distributed.WorkerPlugin):
     """The worker builds its random-init encoder with another seed: other weights than the client's."""
 
     def setup(self, worker):
-        from fusion_seg.extract import dask_cluster as dask_extract
+        from dataclasses import replace
 
-        self.original = build = dask_extract.build_encoder
-        dask_extract.build_encoder = lambda **kw: build(**{**kw, "seed": kw["seed"] + 1})
+        from fusion_seg.encoder.build import EncoderSpec
+
+        self.original = build = EncoderSpec.build
+        EncoderSpec.build = lambda spec: build(replace(spec, seed=spec.seed + 1))
 
     def teardown(self, worker):
-        from fusion_seg.extract import dask_cluster as dask_extract
+        from fusion_seg.encoder.build import EncoderSpec
 
-        dask_extract.build_encoder = self.original
+        EncoderSpec.build = self.original
 
 
 class DieWhileWriting(distributed.WorkerPlugin):
@@ -206,13 +209,17 @@ def folder_with_a_bad_image(root: Path) -> Path:
 def test_skip_bad_and_repair_on_the_cluster_match_in_process(cluster, tmp_path):
     root = folder_with_a_bad_image(tmp_path / "data")
     kw = dict(dataset="folder", root=root, split="all", views=1, augment=False, encoder=ENCODER, random_init=True,
-              strides=(4, 8, 16, 32), batch_size=2, progress=False)
+              strides=(4, 8, 16, 32), batch_size=2)
+
+    def run(**options):  # extract() with these options as the command line gives them
+        return extract(**extract_arguments({**kw, **options}), progress=False)
+
     with pytest.raises(DataError, match=r"im1\.png.*--skip-bad"):
-        extract(out=tmp_path / "c.zarr", scheduler=cluster.scheduler.address, **kw)
+        run(out=tmp_path / "c.zarr", scheduler=cluster.scheduler.address)
     assert (tmp_path / "c.zarr" / "zarr.json").exists()  # the error came from a worker, not the client's checks
     with worker_threads():
-        here = extract(out=tmp_path / "h.zarr", skip_bad=True, loader_workers=0, **kw)
-    there = extract(out=tmp_path / "c.zarr", skip_bad=True, scheduler=cluster.scheduler.address, **kw)
+        here = run(out=tmp_path / "h.zarr", skip_bad=True, loader_workers=0)
+    there = run(out=tmp_path / "c.zarr", skip_bad=True, scheduler=cluster.scheduler.address)
     assert [s["image_id"] for s in there.skipped] == [s["image_id"] for s in here.skipped] == ["im1"]
     assert FeatureStore.open(tmp_path / "c.zarr").skipped_report() == FeatureStore.open(tmp_path / "h.zarr").skipped_report()
     assert_bit_identical(tmp_path / "h.zarr", tmp_path / "c.zarr")
@@ -222,7 +229,7 @@ def test_skip_bad_and_repair_on_the_cluster_match_in_process(cluster, tmp_path):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    r = extract(out=tmp_path / "c.zarr", skip_bad=True, repair=True, scheduler=cluster.scheduler.address, **kw)
+    r = run(out=tmp_path / "c.zarr", skip_bad=True, repair=True, scheduler=cluster.scheduler.address)
     assert r.views_written == 2  # the corrupt view and the skipped one, tried again
     assert_bit_identical(tmp_path / "h.zarr", tmp_path / "c.zarr")
 

@@ -29,7 +29,10 @@ from fusion_seg.errors import UserError
 from fusion_seg.training.losses import build_loss
 from fusion_seg.cache.resident import resident_bytes
 from fusion_seg.decoders.base import upsample_logits
-from fusion_seg.training.train import TrainConfig, _loader, _make_decoder, train_decoder, train_online
+from fusion_seg.data.datasets import DatasetRef
+from fusion_seg.training.config import TrainConfig
+from fusion_seg.training.sources import _loader
+from fusion_seg.training.train import _make_decoder, train_decoder, train_online
 from pipeline_helpers import extract_synthetic, raise_after_checkpoint, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,17 +47,17 @@ ARGS = ["--decoder", "fpn", "--decoder-opt", "fpn_width=32", "--decoder-opt", "h
 # torchrun runs this instead of `-m fusion_seg` to stop rank 0 dead right after it wrote last.pt of epoch 1.
 DIE_AFTER_EPOCH_1 = """
 import os
-import fusion_seg.training.train as train
+import fusion_seg.training.run_dir as run_dir
 from fusion_seg.cli import main
 
-real_save = train.save_checkpoint
+real_save = run_dir.save_checkpoint
 
 def save_then_die(path, payload):
     real_save(path, payload)
     if path.name == "last.pt" and payload["epoch"] == 1:
         os._exit(3)
 
-train.save_checkpoint = save_then_die
+run_dir.save_checkpoint = save_then_die
 main(prog_name="fusion-seg")
 """
 
@@ -251,4 +254,4 @@ def test_online_under_torchrun_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="single process"):
-        train_online(tmp_path / "r", tiny_config(), dataset="synthetic", split="train")
+        train_online(tmp_path / "r", tiny_config(), dataset=DatasetRef("synthetic", "train"))

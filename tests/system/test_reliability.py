@@ -4,8 +4,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import math
 import pickle
-import random
 import signal
 import subprocess
 import sys
@@ -19,8 +19,10 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
+from fusion_seg import faults
+from fusion_seg.cache import store as store_module
 from fusion_seg.cache.store import FeatureStore, writer_lock
-from fusion_seg.checkpoint import load_checkpoint, save_checkpoint
+from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
 from fusion_seg.errors import CacheError, CheckpointError, UserError
 from fusion_seg.training.train import train_decoder
@@ -47,18 +49,31 @@ def assert_same_store(a, b) -> None:
         np.testing.assert_array_equal(left[name], right[name], err_msg=name)
 
 
-def kill_after(proc: subprocess.Popen, ready, delay: float) -> bool:
-    """SIGKILL ``proc`` ``delay`` seconds after ``ready()`` turns true; False if it finished first."""
-    while not ready():
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    time.sleep(delay)
-    if proc.poll() is not None:
-        return False
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return True
+def kill_when_paused(args, kind: str, n: int, workdir: Path, timeout: float = 300.0) -> None:
+    """Run the tool with ``args``, SIGKILL it where it pauses, after its ``n``-th ``kind`` (fusion_seg/faults.py).
+
+    The child blocks at that point after writing a marker file; the kill is sent once the marker
+    is there, so it lands mid-run on any machine. Fails if the child ends before it gets there.
+    """
+    marker, log = workdir / "paused", workdir / "child-stderr.txt"
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, faults.PAUSE_AFTER: f"{kind}:{n}", faults.PAUSE_MARKER: str(marker)}
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cli(*args), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, (f"the run ended (exit {proc.returncode}) before its pause at {kind} {n}: "
+                                         f"the kill would not land. Its stderr:\n{log.read_text()[-3000:]}")
+            assert time.monotonic() < deadline, f"no pause at {kind} {n} within {timeout} s"
+            time.sleep(0.01)
+        assert marker.read_text().split() == [str(proc.pid), kind, str(n)]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed while paused: it had not finished
 
 
 @pytest.fixture(scope="module")
@@ -69,22 +84,33 @@ def reference(tmp_path_factory):
 
 
 def test_extraction_survives_sigkill_bit_identical(reference, tmp_path):
+    """Each run is killed right after its n-th view is written, while later views are still being written.
+
+    A run pauses at its n-th finished write with at most 4 * writers (8) more views submitted to its
+    writer threads, so it completes at most n + 8 views: these pause points leave views to do in every
+    run (32 views), and the first kill leaves the store incomplete.
+    """
     out = tmp_path / "killed.zarr"
-    rng = random.Random(0)
     ref = arrays(reference)
     kills = 0
-    for trial in range(4):
-        proc = subprocess.Popen(cli(*EXTRACT, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        killed = kill_after(proc, lambda: (out / "zarr.json").exists(), rng.uniform(0.0, 2.5))
-        kills += killed
+    for trial, pause_after in enumerate((1, 3, 2, 1)):
+        done_before = int(FeatureStore.open(out).completed().sum()) if (out / "zarr.json").exists() else 0
+        left = 32 - done_before
+        assert left >= 2, f"trial {trial}: only {left} view(s) left to extract"
+        n = min(pause_after, left - 1)
+        kill_when_paused([*EXTRACT, "--out", out], "view", n, tmp_path)
+        kills += 1
+        store = FeatureStore.open(out)
+        done = int(store.completed().sum())
+        assert done >= done_before + n  # the n views finished before the pause are recorded
+        if trial == 0:
+            assert done < 32, "the first kill should leave views to resume"
         # Every view marked complete is really complete and equal to the uninterrupted run's.
-        if (out / "zarr.json").exists():
-            store = FeatureStore.open(out)
-            for v in np.flatnonzero(store.completed()):
-                feats, labels, _ = store.read_view(int(v))
-                np.testing.assert_array_equal(labels, ref["labels"][v])
-                np.testing.assert_array_equal(feats["s8"], ref["s8"][v])
-    assert kills >= 2, "the kills should land inside the extraction"
+        for v in np.flatnonzero(store.completed()):
+            feats, labels, _ = store.read_view(int(v))
+            np.testing.assert_array_equal(labels, ref["labels"][v])
+            np.testing.assert_array_equal(feats["s8"], ref["s8"][v])
+    assert kills == 4, "every kill lands inside the extraction"
     subprocess.run(cli(*EXTRACT, "--out", out), check=True, capture_output=True)
     assert_same_store(reference, out)
     print(f"\nfault-injection: extraction SIGKILL trials 4, kills landed {kills}, views lost 0 (bit-identical)")
@@ -117,23 +143,25 @@ def test_interrupted_between_chunks_resumes(reference, tmp_path, monkeypatch):
 
 
 def test_disk_full_is_a_clear_error_and_resumes(reference, tmp_path, monkeypatch):
+    """The disk fills up part-way: the store's writes (real zarr, real files) fail with ENOSPC from then on."""
     out = tmp_path / "full.zarr"
     budget = {"left": 2_000_000}
-    real_set = zarr.storage.LocalStore.set
+    real_set = store_module._store_set
 
-    async def set_until_full(self, key, value):
+    async def set_until_full(store, key, value):
         if "/c/" in key:  # chunk data; metadata is small
             budget["left"] -= len(value)
             if budget["left"] < 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
-        return await real_set(self, key, value)
+        await real_set(store, key, value)
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_until_full)
+    monkeypatch.setattr(store_module, "_store_set", set_until_full)  # the store's one write point
     result = CliRunner().invoke(main, [*EXTRACT, "--out", str(out)])
     assert result.exit_code == 2
     assert "No space left on device" in result.output and "re-run the same command" in result.output
     assert "Traceback" not in result.output
     monkeypatch.undo()
+    assert budget["left"] < 0  # the failure came from the injected full disk
     assert FeatureStore.open(out).completed().sum() < 32
     assert CliRunner().invoke(main, [*EXTRACT, "--out", str(out)]).exit_code == 0  # space freed
     assert_same_store(reference, out)
@@ -179,24 +207,27 @@ def test_verify_and_repair_exactly_the_bad_views(reference, tmp_path):
 
 
 def test_training_survives_sigkill_and_resumes_identically(tmp_path):
+    """Killed mid-epoch, mid-epoch again, and after an epoch's last step before its checkpoint; then resumed."""
     cache = tmp_path / "c.zarr"
     extract_synthetic(cache, views=2, crop=(64, 64), num_images=6)
     args = ["train-decoder", "--cache", cache, "--epochs", 6, "--batch-size", 2, "--crop", "32x32", "--workers", 0,
             "--device", "cpu", "--loss", "ce", "--log-every", 1]
     subprocess.run(cli(*args, "--out", tmp_path / "full"), check=True, capture_output=True)
     run = tmp_path / "killed"
-    rng = random.Random(1)
-    kills = 0
-    for trial in range(3):
-        resume = ["--resume"] if (run / "last.pt").exists() else []
-        proc = subprocess.Popen(cli(*args, *resume, "--out", run), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        kills += kill_after(proc, lambda: (run / "metrics.jsonl").exists(), rng.uniform(0.2, 1.5))
-        if (run / "last.pt").exists():
-            assert load_checkpoint(run / "last.pt")["epoch"] >= 1  # the last checkpoint stays loadable
-    assert kills >= 1
-    resume = ["--resume"] if (run / "last.pt").exists() else []
-    subprocess.run(cli(*args, *resume, "--out", run), check=True, capture_output=True)
+    steps_per_epoch = 6  # 12 views, batch 2
+    kills, step = 0, 0
+    for trial, pause_after in enumerate((8, 9, 12)):  # steps of this run: to steps 8, 6 + 9 = 15 and 12 + 12 = 24
+        resume = ["--resume"] if trial else []
+        assert (run / "last.pt").exists() == bool(trial)
+        kill_when_paused([*args, *resume, "--out", run], "step", pause_after, tmp_path)
+        kills += 1
+        step += pause_after
+        # The last checkpoint stays loadable: the one of the last epoch finished before the kill.
+        epoch = load_checkpoint(run / "last.pt")["epoch"]
+        assert epoch == math.ceil(step / steps_per_epoch) - 1, (step, epoch)
+        step = epoch * steps_per_epoch  # where the next run resumes
+    assert kills == 3, "every kill lands inside the training"
+    subprocess.run(cli(*args, "--resume", "--out", run), check=True, capture_output=True)
 
     def losses(path):
         return [r["loss"] for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
@@ -205,30 +236,6 @@ def test_training_survives_sigkill_and_resumes_identically(tmp_path):
     assert len(losses(run)) == len(losses(tmp_path / "full")) == 36
     assert losses(run) == pytest.approx(losses(tmp_path / "full"), rel=1e-5, abs=1e-6)
     print(f"\nfault-injection: training SIGKILL trials 3, kills landed {kills}, losses after resume identical")
-
-
-def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(3)}})
-
-    def half_write(obj, f, *a, **k):
-        f.write(b"PK\x03\x04 partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", half_write)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"epoch": 2, "model": {"w": torch.zeros(3)}})
-    monkeypatch.undo()
-    assert load_checkpoint(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-
-
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    path = tmp_path / "best.pt"
-    save_checkpoint(path, {"epoch": 1})
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_checkpoint(path)
 
 
 class Exploit:

@@ -22,7 +22,8 @@ from fusion_seg.cache.store import FeatureStore
 from fusion_seg.cli import main
 from fusion_seg.errors import CacheError
 from fusion_seg.pipeline.recipes import run_recipe
-from fusion_seg.training.train import TrainConfig, train_decoder
+from fusion_seg.training.config import TrainConfig
+from fusion_seg.training.train import train_decoder
 from pipeline_helpers import extract_synthetic, tiny_config
 
 s3fs = pytest.importorskip("s3fs")

@@ -5,6 +5,9 @@ import pytest
 
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import CheckpointError, UserError
+from fusion_seg.data.datasets import DatasetRef
+from fusion_seg.data.views import Augment
+from fusion_seg.encoder.build import EncoderSpec
 from fusion_seg.training.train import train_decoder, train_online
 from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, raise_after_checkpoint, tiny_config
 
@@ -72,9 +75,9 @@ def test_cache_and_online_training_agree(stores, tmp_path):
     """Same seed, no random crop: the cache path and --online give the same losses (fp16 tolerance)."""
     cfg = tiny_config(epochs=2)
     cached = train_decoder(str(stores / "whole.zarr"), tmp_path / "cached", cfg, progress=False)
-    online = train_online(tmp_path / "online", cfg, dataset="synthetic", split="train", augment=False,
-                          encoder=ENCODER, random_init=True, seed=0, strides=(4, 8, 16, 32),
-                          dataset_options=SYNTH, progress=False)
+    online = train_online(tmp_path / "online", cfg, dataset=DatasetRef("synthetic", "train", options=SYNTH),
+                          encoder=EncoderSpec(ENCODER, random_init=True, seed=0, strides=(4, 8, 16, 32)),
+                          augment=Augment(enabled=False), progress=False)
     assert len(cached.losses) == len(online.losses) == 6
     np.testing.assert_allclose(cached.losses, online.losses, rtol=2e-3, atol=2e-3)
     # And the losses actually moved: this is a real comparison, not two constants.
@@ -123,8 +126,8 @@ def test_hrnet_baseline_trains_end_to_end_and_predicts(stores, tmp_path):
 
     opts = {"num_images": 4, "size": (72, 100)}  # not multiples of 32: padded inside the model
     cfg = tiny_config(epochs=1, decoder="hrnet", decoder_config={})
-    r = train_online(tmp_path / "hrnet", cfg, dataset="synthetic", split="train", augment=False,
-                     dataset_options=opts, progress=False)
+    r = train_online(tmp_path / "hrnet", cfg, dataset=DatasetRef("synthetic", "train", options=opts),
+                     augment=Augment(enabled=False), progress=False)
     assert r.steps == 2 and all(np.isfinite(r.losses))
     ckpt = load_checkpoint(tmp_path / "hrnet" / "last.pt")
     assert ckpt["encoder"]["tag"] == "image" and ckpt["decoder"]["config"]["variant"] == "hrnet_w18_small_v2"

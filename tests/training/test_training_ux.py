@@ -1,24 +1,26 @@
 """Issue 12: progress and logs in batch jobs, TensorBoard, and training errors that say what to do."""
-import errno
 import io
 import json
 import re
-import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import fusion_seg.checkpoint
-import fusion_seg.training.train
+import fusion_seg.training.trainer
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
+from fusion_seg.data.datasets import DatasetRef
+from fusion_seg.data.views import Augment
+from fusion_seg.encoder.build import EncoderSpec
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CheckpointError, UserError
 from fusion_seg.extract.local import extract
+from fusion_seg.extract.request import ExtractRun
 from fusion_seg.progress import Progress
 from fusion_seg.training.train import train_decoder
-from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, raise_after_checkpoint, tiny_config
+from pipeline_helpers import ENCODER, SYNTH, FullDisk, extract_synthetic, raise_after_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +87,9 @@ def test_progress_is_a_bar_on_a_terminal(monkeypatch):
 
 def test_extract_prints_progress_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FUSION_SEG_PROGRESS_SECONDS", "0")
-    extract(dataset="synthetic", split="train", out=tmp_path / "s.zarr", views=1, crop=(64, 64), encoder=ENCODER,
-            random_init=True, strides=(4, 8, 16, 32), loader_workers=0, batch_size=2, progress=True,
-            dataset_options={"num_images": 4, "size": SYNTH["size"]})
+    extract(tmp_path / "s.zarr", DatasetRef("synthetic", "train", options={"num_images": 4, "size": SYNTH["size"]}),
+            EncoderSpec(ENCODER, random_init=True, strides=(4, 8, 16, 32)), views=1, augment=Augment(crop=(64, 64)),
+            run=ExtractRun(loader_workers=0, batch_size=2), progress=True)
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("extract s.zarr:")]
     assert lines and lines[-1].startswith("extract s.zarr: 4/4 views (100%), ")
     assert re.search(r"[\d.]+ (views/s|s/view)", lines[0]) and "ETA" in lines[0]
@@ -169,7 +171,12 @@ def test_tensorboard_event_file_holds_the_scalars(stores, tmp_path, monkeypatch)
 
 
 def test_tensorboard_missing_is_refused_before_training(stores, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    from fusion_seg import progress
+
+    def not_installed():
+        raise ModuleNotFoundError("No module named 'tensorboard'")
+
+    monkeypatch.setattr(progress, "_import_summary_writer", not_installed)  # as if tensorboard were not installed
     with pytest.raises(UserError, match=re.escape("pip install 'fusion-seg[tensorboard]'")):
         train_decoder(str(stores / "train.zarr"), tmp_path / "run", tiny_config(tensorboard=True), progress=False)
     assert not (tmp_path / "run").exists()
@@ -183,14 +190,14 @@ def test_tensorboard_missing_is_refused_before_training(stores, tmp_path, monkey
 # --------------------------------------------------------------------------- NaN, and an lr change on resume
 def test_nan_advice_is_a_resume_the_tool_accepts(stores, tmp_path, monkeypatch):
     cache, run = str(stores / "train.zarr"), tmp_path / "run"
-    real_loss, calls = fusion_seg.training.train.decoder_loss, []
+    real_loss, calls = fusion_seg.training.trainer.decoder_loss, []
 
     def diverge_in_epoch_2(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 9 else loss
 
-    monkeypatch.setattr(fusion_seg.training.train, "decoder_loss", diverge_in_epoch_2)
+    monkeypatch.setattr(fusion_seg.training.trainer, "decoder_loss", diverge_in_epoch_2)
     with pytest.raises(UserError) as err:
         train_decoder(cache, run, tiny_config(epochs=2), progress=False)
     monkeypatch.undo()
@@ -280,19 +287,6 @@ def test_train_stage_resumes_only_a_run_with_last_pt(stores, tmp_path):
 
 
 # --------------------------------------------------------------------------- a full disk
-class FullDisk(io.FileIO):
-    """A file on a disk with ``room`` bytes left: writes past it fail with ENOSPC."""
-
-    def __init__(self, path, room):
-        super().__init__(path, "wb")
-        self.room = room
-
-    def write(self, data):
-        size = memoryview(data).nbytes
-        if size > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= size
-        return super().write(data)
 
 
 def test_disk_full_while_saving_is_a_clean_error_and_last_pt_stays(stores, tmp_path, monkeypatch):

@@ -5,26 +5,19 @@ import inspect
 from dataclasses import dataclass, field
 
 from fusion_seg.errors import UserError
-from fusion_seg.data.datasets.base import FileSegDataset, SegDataset, SegSample
-from fusion_seg.data.datasets.camvid import CamVidDataset
-from fusion_seg.data.datasets.cityscapes import CityscapesDataset
-from fusion_seg.data.datasets.coco import COCODataset
-from fusion_seg.data.datasets.folder import FolderDataset
-from fusion_seg.data.datasets.mapillary import MapillaryDataset
+from fusion_seg.data.datasets.base import DATASETS, FileSegDataset, SegDataset, SegSample, register_dataset
+# Importing the dataset modules registers them (@register_dataset); DATASETS lists them in this order.
 from fusion_seg.data.datasets.synthetic import SyntheticDataset
+from fusion_seg.data.datasets.camvid import CamVidDataset
+from fusion_seg.data.datasets.folder import FolderDataset
+from fusion_seg.data.datasets.cityscapes import CityscapesDataset
+from fusion_seg.data.datasets.mapillary import MapillaryDataset
 from fusion_seg.data.datasets.voc import VOCDataset
+from fusion_seg.data.datasets.coco import COCODataset
 
-DATASETS: dict[str, type[SegDataset]] = {
-    "synthetic": SyntheticDataset,
-    "camvid": CamVidDataset,
-    "folder": FolderDataset,
-    "cityscapes": CityscapesDataset,
-    "mapillary": MapillaryDataset,
-    "voc": VOCDataset,
-    "coco": COCODataset,
-}
-
-__all__ = ["DATASETS", "DatasetRef", "SegDataset", "SegSample", "build_dataset"]
+__all__ = ["COCODataset", "CamVidDataset", "CityscapesDataset", "DATASETS", "DatasetRef", "FolderDataset",
+           "MapillaryDataset", "SegDataset", "SegSample", "SyntheticDataset", "VOCDataset", "build_dataset",
+           "register_dataset"]
 
 
 def build_dataset(name: str, root=None, split: str = "train", **options) -> SegDataset:

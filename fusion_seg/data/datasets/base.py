@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion_seg.errors import DataError
 from fusion_seg.data.io import default_palette, image_size, read_image, read_mask
+from fusion_seg.errors import DataError
+from fusion_seg.registry import Registry
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +106,18 @@ class SegDataset(Sequence, abc.ABC):
             "len": len(self),
             "options": dict(self.options),
         }
+
+
+#: Datasets by name, in registration order (the order of the imports in ``fusion_seg.data.datasets``).
+def _named(name: str, cls: type) -> None:
+    """A registered dataset's ``name`` is its registry name (the name in messages and descriptions)."""
+    if cls.__dict__.get("name", name) != name:
+        raise ValueError(f"{cls.__qualname__}.name is {cls.__dict__['name']!r}, registered as {name!r}")
+    cls.name = name
+
+
+DATASETS = Registry("dataset", SegDataset, on_register=_named)
+register_dataset = DATASETS.register  # @register_dataset("camvid") on the class; sets its ``name``
 
 
 def check_pair(image: np.ndarray, mask: np.ndarray, image_src, mask_src) -> None:
@@ -198,18 +211,6 @@ def import_optional(module: str, extra: str, purpose: str):
             f"{purpose} needs the Python package {module.split('.')[0]!r}, which is not installed "
             f"({exc}). Install it with: pip install 'fusion-seg[{extra}]'"
         ) from exc
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; hidden files (``.*``) are skipped."""
-    return sorted(
-        (p for p in folder.iterdir()
-         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.name,
-    )
 
 
 def safe_relative(entry: str, list_file: Path, line_no: int, line: str) -> Path:

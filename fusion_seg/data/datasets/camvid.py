@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from fusion_seg.errors import DataError
-from fusion_seg.data.datasets.base import FileSegDataset, list_images, safe_relative
+from fusion_seg.data.datasets.base import FileSegDataset, register_dataset, safe_relative
+from fusion_seg.data.io import list_images
 
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
            "Pedestrian", "Bicyclist")
@@ -39,13 +40,13 @@ def _label_map() -> np.ndarray:
     return table
 
 
+@register_dataset("camvid")
 class CamVidDataset(FileSegDataset):
     """CamVid from a SegNet-layout ``root``.
 
     With ``require_masks=False`` no label files are needed or read (masks are None).
     """
 
-    name = "camvid"
     label_map = _label_map()
 
     def __init__(self, root=None, split: str = "train", *, require_masks: bool = True):

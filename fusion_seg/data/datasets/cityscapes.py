@@ -24,7 +24,7 @@ import numpy as np
 
 from fusion_seg.errors import DataError
 from fusion_seg.data.io import _open_decoded, read_mask
-from fusion_seg.data.datasets.base import FileSegDataset
+from fusion_seg.data.datasets.base import FileSegDataset, register_dataset
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
            "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
@@ -53,6 +53,7 @@ def label_id_table() -> np.ndarray:
     return table
 
 
+@register_dataset("cityscapes")
 class CityscapesDataset(FileSegDataset):
     """Cityscapes fine annotations from the official ``root`` (the folder holding ``leftImg8bit/`` and ``gtFine/``).
 
@@ -60,7 +61,6 @@ class CityscapesDataset(FileSegDataset):
     False no label files are read and masks are None.
     """
 
-    name = "cityscapes"
     label_map = label_id_table()
 
     def __init__(self, root=None, split: str = "train", *, require_masks: bool | None = None):

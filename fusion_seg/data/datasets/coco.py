@@ -48,7 +48,7 @@ import numpy as np
 
 from fusion_seg.errors import DataError
 from fusion_seg.data.io import default_palette, image_size, read_image
-from fusion_seg.data.datasets.base import SegDataset, SegSample, import_optional
+from fusion_seg.data.datasets.base import SegDataset, SegSample, import_optional, register_dataset
 from fusion_seg.data.datasets.voc import CLASSES as VOC_CLASSES
 from fusion_seg.data.datasets.voc import PALETTE as VOC_PALETTE
 
@@ -61,13 +61,12 @@ LAYOUT = "<root>/annotations/instances_<split>2017.json with the images in <root
 PURPOSE = "the coco dataset (decoding COCO polygons and RLE)"
 
 
+@register_dataset("coco")
 class COCODataset(SegDataset):
     """COCO instances turned into semantic masks; ``classes`` is ``"voc"`` or ``"things"``.
 
     With ``require_masks=False`` no masks are made (every mask is None).
     """
-
-    name = "coco"
 
     def __init__(self, root=None, split: str = "train", *, classes: str = "voc", min_pixels: int | None = None,
                  require_masks: bool = True):

@@ -3,7 +3,7 @@
 ::
 
     root/classes.txt            one class name per line (line k = class id k; blank lines ignored)
-    root/images/<stem>.<ext>    png, jpg, jpeg, bmp, tif or tiff
+    root/images/<stem>.<ext>    png, jpg, jpeg, bmp, tif, tiff or webp
     root/masks/<stem>.png       single-channel class ids, 255 = ignore
 
 Splits, first match wins: ``root/splits/<split>.txt`` (one stem per line,
@@ -16,19 +16,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusion_seg.errors import DataError
-from fusion_seg.data.datasets.base import IMAGE_EXTENSIONS, FileSegDataset, list_images, safe_relative
+from fusion_seg.data.datasets.base import FileSegDataset, register_dataset, safe_relative
+from fusion_seg.data.io import IMAGE_EXTENSIONS, list_images
 
 ALL = "all"
 
 
+@register_dataset("folder")
 class FolderDataset(FileSegDataset):
     """Images with same-stem PNG masks under ``root``.
 
     A mask is required for every image unless ``require_masks=False``, in
     which case no masks are read and every sample's mask is None (prediction).
     """
-
-    name = "folder"
 
     def __init__(self, root=None, split: str = ALL, *, require_masks: bool = True):
         if root is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_seg.errors import DataError
-from fusion_seg.data.datasets.base import FileSegDataset
+from fusion_seg.data.datasets.base import FileSegDataset, register_dataset
 
 SPLITS = ("training", "validation", "testing")
 ALIASES = {"train": "training", "val": "validation", "test": "testing"}
@@ -35,10 +35,9 @@ LAYOUT = ("<root>/{training,validation}/images/*.jpg with <root>/{training,valid
           "<root>/config.json (v1.1)")
 
 
+@register_dataset("mapillary")
 class MapillaryDataset(FileSegDataset):
     """Mapillary Vistas from the official ``root``; ``version`` is ``"auto"``, ``"v1.2"`` or ``"v1.1"``."""
-
-    name = "mapillary"
 
     def __init__(self, root=None, split: str = "training", *, version: str = "auto",
                  require_masks: bool | None = None):

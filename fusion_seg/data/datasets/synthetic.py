@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from fusion_seg.errors import DataError
-from fusion_seg.data.datasets.base import SegDataset, SegSample
+from fusion_seg.data.datasets.base import SegDataset, SegSample, register_dataset
 
 CLASSES = ("background", "disk", "box", "triangle")
 PALETTE = np.array([[0, 0, 0], [220, 40, 40], [40, 200, 40], [40, 60, 220]], dtype=np.uint8)
@@ -22,10 +22,9 @@ SPLITS = ("train", "val", "test")
 DEFAULT_NUM_IMAGES = {"train": 48, "val": 16, "test": 16}
 
 
+@register_dataset("synthetic")
 class SyntheticDataset(SegDataset):
     """Deterministic generated shapes; ``root`` is accepted for a uniform interface and ignored."""
-
-    name = "synthetic"
 
     def __init__(self, split: str = "train", num_images: int | None = None,
                  size: tuple[int, int] = (192, 192), seed: int = 0, *, root=None):

@@ -27,7 +27,7 @@ import numpy as np
 
 from fusion_seg.errors import DataError
 from fusion_seg.data.io import default_palette
-from fusion_seg.data.datasets.base import FileSegDataset, import_optional, safe_relative
+from fusion_seg.data.datasets.base import FileSegDataset, import_optional, register_dataset, safe_relative
 
 CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -40,6 +40,7 @@ LAYOUT = ("<root>/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segm
 SBD_HINT = "--dataset-opt sbd=/path/to/benchmark_RELEASE"
 
 
+@register_dataset("voc")
 class VOCDataset(FileSegDataset):
     """VOC 2012 from ``root``; split ``train``, ``val``, ``trainval`` (any ``ImageSets/Segmentation/*.txt``)
     or, with ``sbd``, ``train_aug``.
@@ -47,8 +48,6 @@ class VOCDataset(FileSegDataset):
     ``require_masks`` defaults to True except for split ``test`` (no public labels).
     The palette is VOC's own colour map.
     """
-
-    name = "voc"
 
     def __init__(self, root=None, split: str = "train", *, sbd=None, require_masks: bool | None = None):
         voc = _find_voc(root)

@@ -8,13 +8,13 @@ input size, and quotes the median of several repetitions.
 from __future__ import annotations
 
 import datetime
-import json
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from fusion_seg.files import write_json_atomic, write_text_atomic
 from fusion_seg.reports.bench import cache_format, extraction, inference, scaling, training
 from fusion_seg.reports.bench.common import BenchConfig, machine
 
@@ -107,11 +107,8 @@ def update_benchmarks(path: Path, markdown: str, heading: str) -> None:
         text = text[:start] + block + text[end:]
     else:
         text = text.rstrip("\n") + f"\n\n## `fusion-seg bench` ({heading})\n\n{block}\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
 
 
 def save_json(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    write_json_atomic(path, results)

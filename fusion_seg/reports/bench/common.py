@@ -1,12 +1,13 @@
-"""What every benchmark section shares: settings, timing, memory, test images and the training step."""
+"""What every benchmark section shares: settings, memory, test images and the training step.
+
+Timing is :func:`fusion_seg.reports.timing.median_seconds`, shared with ``compare``.
+"""
 from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 import os
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,27 +42,6 @@ class BenchConfig:
         return asdict(self)
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1, sync=None, calls_per_repeat: int = 1) -> float:
-    """Median over ``repeats`` repetitions of the mean wall time of ``fn()``, after ``warmup`` untimed calls.
-
-    A repetition makes ``calls_per_repeat`` consecutive calls, so that waits which come now and
-    then (a loader falling behind) count at their average rate, as they do in training.
-    """
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls_per_repeat):
-            fn()
-        if sync:
-            sync()
-        times.append((time.perf_counter() - t0) / calls_per_repeat)
-    return statistics.median(times)
-
-
 def synchronizer(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
@@ -94,7 +74,7 @@ def children_peak_rss_mib() -> list[float]:
 
 def peak_memory(device: torch.device) -> dict:
     """Peak memory so far, as train-decoder reports it: CUDA's max allocated on GPU, max RSS on CPU."""
-    from fusion_seg.training.train import peak_memory_mib
+    from fusion_seg.training.hooks import peak_memory_mib
 
     kind = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
     return {"kind": kind, "peak_MiB": peak_memory_mib(device)}
@@ -175,7 +155,7 @@ def decoder_for_store(cfg: BenchConfig, store: str):
     shapes = spec.input_shapes()
     torch.manual_seed(cfg.seed)
     decoder = build_decoder(cfg.decoder, shapes, len(spec.classes), **cfg.decoder_config)
-    return decoder, [n for n, s in shapes.items() if s.stride in decoder.required_strides]
+    return decoder, decoder.in_features
 
 
 class DecoderStep:

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from fusion_seg.cache import codecs as storage
-from fusion_seg.reports.bench.common import BenchConfig, build_frozen_encoder, data_label, dataset_args, images, median_seconds, synchronizer
+from fusion_seg.reports.bench.common import BenchConfig, build_frozen_encoder, data_label, dataset_args, images, synchronizer
+from fusion_seg.reports.timing import median_seconds
 
 
 def bare_forward_views_per_second(cfg: BenchConfig, encoder, size, batch: int, device) -> float:
@@ -33,13 +34,16 @@ def extract_views_per_second(cfg: BenchConfig, size, views: int, workdir: Path, 
                              keep: Path | None = None, **options) -> dict:
     """``fusion-seg extract`` of ``views`` whole images at ``size`` into a fresh store, ``cfg.repeats`` times (at most 3)."""
     from fusion_seg.extract.local import extract
+    from fusion_seg.pipeline.requests import extract_arguments
 
     rates, result = [], None
     for r in range(min(3, cfg.repeats)):
         out = workdir / f"extract-{size[0]}x{size[1]}-{r}.zarr"
-        result = extract(**dataset_args(cfg, size, views), out=out, views=1, augment=False, encoder=cfg.encoder, weights=cfg.weights,
-                         random_init=cfg.weights is None, seed=cfg.seed, batch_size=batch, device=cfg.device,
-                         progress=False, **options)
+        # As the command line's options (extract_arguments builds the requests from them).
+        result = extract(**extract_arguments({
+            **dataset_args(cfg, size, views), "out": out, "views": 1, "augment": False, "encoder": cfg.encoder,
+            "weights": cfg.weights, "random_init": cfg.weights is None, "seed": cfg.seed, "batch_size": batch,
+            "device": cfg.device, **options}), progress=False)
         rates.append(result.views_per_second)
         if keep is not None and r == 0:
             if keep.exists():

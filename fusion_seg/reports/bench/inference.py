@@ -17,7 +17,8 @@ from fusion_seg.reports.bench.common import BenchConfig, data_label, images
 def run(cfg: BenchConfig, store: Path, workdir: Path, count: int = 8) -> dict:
     from fusion_seg.inference.predict import predict
     from fusion_seg.data.io import write_rgb_png
-    from fusion_seg.training.train import TrainConfig, train_decoder
+    from fusion_seg.training.config import TrainConfig
+    from fusion_seg.training.train import train_decoder
     from fusion_seg.reports.bench.common import build_frozen_encoder
 
     h, w = cfg.size

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from fusion_seg.progress import format_duration
 from fusion_seg.reports.bench.common import BenchConfig, build_frozen_encoder, data_label
 from fusion_seg.reports.bench.extraction import bare_forward_views_per_second, extract_views_per_second
-from fusion_seg.reports.bench.training import above_baseline, hms, run_modes
+from fusion_seg.reports.bench.training import above_baseline, run_modes
 
 DATASETS = {"CamVid train (367)": 367, "Cityscapes train (2975)": 2975, "Mapillary Vistas train (18000)": 18000}
 
@@ -64,6 +65,6 @@ def to_markdown(r: dict) -> str:
               "| size | dataset | extraction, once | epoch (a) cache | epoch (b) online | epoch (c) fine-tune |",
               "|---|---|---|---|---|---|"]
     for e in per_epoch(r["rows"]):
-        lines.append(f"| {e['size'][1]}x{e['size'][0]} | {e['dataset']} | {hms(e['extract_once_s'])} | "
-                     f"{hms(e['cache_epoch_s'])} | {hms(e['online_epoch_s'])} | {hms(e['finetune_epoch_s'])} |")
+        times = [format_duration(e[k]) for k in ("extract_once_s", "cache_epoch_s", "online_epoch_s", "finetune_epoch_s")]
+        lines.append(f"| {e['size'][1]}x{e['size'][0]} | {e['dataset']} | " + " | ".join(times) + " |")
     return "\n".join(lines)

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from fusion_seg.progress import format_duration
 from fusion_seg.reports.bench.common import (BenchConfig, DecoderStep, child_pids, decoder_for_store, build_frozen_encoder,
                      children_peak_rss_mib, images,
-                     median_seconds, peak_memory, rss_mib, run_isolated, synchronizer)
+                     peak_memory, rss_mib, run_isolated, synchronizer)
+from fusion_seg.reports.timing import median_seconds
 
 MODES = ("memory", "cache", "online", "finetune")
 TIERS = ("device", "ram")  # the resident cache tiers, measured in the training section
@@ -344,10 +346,11 @@ def to_markdown(r: dict, schedule: list[dict] | None = None, schedule_note: str 
                   "|---|---|" + ("---|---|---|" if resident else "") + "---|---|---|---|"]
         for s in schedule:
             best = s["resident_s"] if resident else s["cache_s"]
-            lines.append(f"| {s['epochs']} | {hms(s['cache_s'])} | "
-                         + (f"{hms(s['resident_s'])} ({s['resident_tier']}) | {hms(s['bound_s'])} | "
+            t = {k: format_duration(v) for k, v in s.items() if k.endswith("_s")}
+            lines.append(f"| {s['epochs']} | {t['cache_s']} | "
+                         + (f"{t['resident_s']} ({s['resident_tier']}) | {t['bound_s']} | "
                             f"**{s['resident_vs_bound']:.2f}x** | " if resident and "bound_s" in s else "")
-                         + f"{hms(s['online_s'])} | {hms(s['finetune_s'])} | "
+                         + f"{t['online_s']} | {t['finetune_s']} | "
                          f"{s['online_s'] / best:.2f}x | {s['finetune_s'] / best:.2f}x |")
     return "\n".join(lines)
 
@@ -371,7 +374,3 @@ def tiers_markdown(rows: list[dict], goal: float) -> list[str]:
                      f"{t['resident_MiB']:.0f} | {t['step_MiB']:.0f} | {t['peak_MiB']:.0f} |")
     return lines
 
-
-def hms(seconds: float) -> str:
-    h, rem = divmod(int(round(seconds)), 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"

@@ -1,0 +1,90 @@
+"""Writing a file so that a reader sees the old file or the new one, never half of one.
+
+Every file fusion-seg writes for a user (checkpoints, masks and overlays, figures, JSON
+results, markdown tables) goes through :func:`atomic_write`: the bytes go to a temporary
+file in the target's own folder (the same file system, so the rename is atomic), which is
+flushed and fsync'ed, then renamed over the target with :func:`os.replace`. On any failure
+-- a full disk, an exception in the writer, Ctrl-C -- the temporary file is removed and the
+previous target, if any, is left as it was.
+
+Errors are not reworded here: the caller knows what the file is and what the user should
+do (a checkpoint's full disk says to resume), so it wraps the exception it gets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+__all__ = ["atomic_write", "temp_path", "write_json_atomic", "write_text_atomic"]
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` (``.name.<pid>.<random>.tmp``), unique across processes and threads."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _open_exclusive(tmp: Path) -> BinaryIO:
+    # Not tempfile.mkstemp: its 0600 mode would survive the rename; open() honours the umask as a plain write does.
+    return open(tmp, "xb")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *, durable: bool = True,
+                 opener: Callable[[Path], BinaryIO] | None = None) -> Path:
+    """Write ``path`` atomically: ``write(fh)`` fills a binary temporary file, which then replaces ``path``.
+
+    A missing parent folder is created. With ``durable`` (the default) the temporary file is
+    fsync'ed before the rename and the folder after it, so a power cut leaves the old or the
+    new file too; without it (many small files a rerun rewrites, such as predicted masks) only
+    the rename's atomicity is kept. ``opener(tmp)`` opens the temporary file (default: a new
+    file, ``open(tmp, "xb")``). Any exception is re-raised as it was, after the temporary file
+    is removed. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with (opener or _open_exclusive)(tmp) as fh:
+            write(fh)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_folder(path.parent)
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable. Best effort: the file is in place already, and some file
+    systems (network mounts, some FUSE ones) refuse to open or fsync a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str, *, encoding: str = "utf-8", durable: bool = True) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    data = text.encode(encoding)
+    return atomic_write(path, lambda fh: fh.write(data), durable=durable)
+
+
+def write_json_atomic(path: str | Path, obj, *, indent: int | None = 2, durable: bool = True) -> Path:
+    """Write ``obj`` as JSON (``json.dumps(obj, indent=indent)``, no trailing newline) atomically.
+
+    The object is serialised before anything is written, so one that is not JSON-serialisable
+    raises ``TypeError`` and leaves ``path`` untouched.
+    """
+    return write_text_atomic(path, json.dumps(obj, indent=indent), durable=durable)

@@ -1,0 +1,143 @@
+"""What a training run is asked to do (:class:`TrainConfig`), what it trains on (:class:`TrainingData`)
+and what it returns (:class:`TrainResult`).
+
+The recipe is HRNet's: SGD (momentum 0.9, weight decay 5e-4), lr 0.01 with poly decay (power 0.9)
+per iteration, OHEM cross-entropy, ignore index from the data. Out-of-range settings are refused
+when a config is made, before any work, with a UserError naming the command-line option.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from fusion_seg.encoder.identity import EncoderIdentity
+from fusion_seg.shapes import ShapeSpec
+
+# Settings that decide how the work is done, not what is learned: a resume may change them.
+OPERATIONAL = frozenset({"workers", "device", "log_every", "val_every", "sync_bn", "cache_mode", "tensorboard"})
+
+
+@dataclass
+class TrainConfig:
+    decoder: str = "reverse-hrnet"
+    decoder_config: dict = field(default_factory=dict)  # the decoder's own options; {} = its defaults
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    crop: list[int] | None = None
+    views: int | None = None  # use only each image's first K cached views (None: all of them)
+    loss: str = "ohem"
+    ohem_thresh: float = 0.9
+    ohem_min_kept: int = 131072
+    # Per-class loss weights (class_weights.py): none, median-freq (SegNet), inverse-log (ENet) or a JSON
+    # file; the methods count the training store's labels, and the resolved weights go into config.json.
+    class_weights: str = "none"
+    seed: int = 0
+    init: str | None = None  # a checkpoint to start from (two-stage schedules)
+    workers: int = 2
+    val_every: int = 1
+    log_every: int = 10
+    device: str = "auto"
+    # Where cached views are read from (resident.py): auto, device, ram or stream. Operational: every
+    # tier gives the same batches in a single process, so a resume may change it.
+    cache_mode: str = "auto"
+    # SyncBatchNorm across torchrun processes. Operational, like the number of processes (which a
+    # resume may change): both only decide over how many samples BatchNorm takes its statistics.
+    sync_bn: bool = False
+    # Also write the scalars to RUN_DIR/tensorboard (needs the tensorboard extra). Operational: logging only.
+    tensorboard: bool = False
+
+    def schedule(self) -> dict:
+        """The settings a run must keep to be resumed (not the operational ones: workers, device, logging,
+        and how the work is spread over processes)."""
+        return {k: v for k, v in asdict(self).items() if k not in OPERATIONAL}
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse out-of-range settings (a UserError naming the option) before any work is done."""
+        from fusion_seg.training.class_weights import check_class_weights_option
+        from fusion_seg.checks import (CACHE_MODES, FEATURE_CROP_ALIGN, fraction_problem, int_problem,
+                                       non_negative_problem, require, size_problem)
+
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("ohem_min_kept", 1), ("seed", 0), ("workers", 0),
+                              ("val_every", 1), ("log_every", 1)):
+            require("--" + name.replace("_", "-"), getattr(self, name), int_problem(getattr(self, name), minimum))
+        if self.views is not None:
+            require("--views", self.views, int_problem(self.views, 1))
+        # The command line also refuses --lr 0; a script may train with lr 0 (weights carried over unchanged).
+        require("--lr", self.lr, non_negative_problem(self.lr))
+        require("--ohem-thresh", self.ohem_thresh, fraction_problem(self.ohem_thresh))
+        for name in ("momentum", "weight_decay", "poly_power"):  # no command-line option: a recipe's or a script's
+            value = getattr(self, name)
+            problem = non_negative_problem(value)
+            if name == "momentum" and not problem and not value < 1:
+                problem = "must be a number in [0, 1)"
+            require(f"TrainConfig {name}", value, problem)
+        if self.crop is not None:  # from a cache: a feature-space crop
+            require("--crop", self.crop, size_problem(self.crop, FEATURE_CROP_ALIGN), sep="x")
+        if self.loss not in ("ohem", "ce"):
+            require("--loss", self.loss, "choose ohem or ce")
+        check_class_weights_option(self.class_weights)
+        if self.cache_mode not in CACHE_MODES:
+            require("--cache-mode", self.cache_mode, f"choose one of {', '.join(CACHE_MODES)}")
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a run trains on: from its cache's spec, or (online) from its dataset, augmentation and encoder.
+
+    One description for the two places that need it: the run records it (config.json and every
+    checkpoint, see :meth:`record`), and a validation store must match it and must not hold it
+    (:func:`fusion_seg.training.validation.open_val_store`).
+    """
+
+    input_shapes: dict[str, ShapeSpec]  # every map the encoder gives (the decoder reads some of them)
+    classes: list[str]
+    ignore_index: int
+    encoder: EncoderIdentity  # what the features were made with (stored as its dict)
+    dataset: dict  # the dataset split's description
+    resize: dict
+    augment: dict
+    crop: list[int] | None  # TrainConfig.crop: the feature-space crop (None online, or whole views)
+    image_ids: Sequence[str]
+    source: dict  # where batches come from: {"cache", "val_cache"}, or {"online": True, "val_cache"}
+    class_weights: dict | None = None  # the loss's class weights: {"method", "weights", ...} (class_weights.py)
+
+    @property
+    def online(self) -> bool:
+        return bool(self.source.get("online"))
+
+    @property
+    def store(self) -> str | None:
+        """The training store (None online): a validation store must not be it."""
+        return self.source.get("cache")
+
+    def record(self) -> dict:
+        """The ``data`` entry of config.json and of every checkpoint."""
+        record = {"dataset": self.dataset, "resize": self.resize, "augment": self.augment, "crop": self.crop,
+                  "source": self.source}
+        if self.class_weights and self.class_weights["method"] != "none":
+            record["class_weights"] = self.class_weights
+        return record
+
+    @property
+    def loss_weights(self) -> list[float] | None:
+        return self.class_weights.get("weights") if self.class_weights else None
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    epochs: int
+    steps: int
+    losses: list[float]
+    best_miou: float | None
+    val: dict | None
+    seconds: float
+    peak_memory_mib: float | None = None
+    cache: dict | None = None  # the cache tier used, its resident bytes and load time (cache path only)
