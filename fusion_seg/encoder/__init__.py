@@ -1,1 +1,3 @@
-"""encoder."""
+"""The frozen backbone: build (EncoderSpec, FrozenEncoder), its identity (what made the features) and
+weight files.
+"""

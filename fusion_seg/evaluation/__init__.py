@@ -1,1 +1,3 @@
-"""evaluation."""
+"""Scores: metrics (reset / process / evaluate), the Cityscapes scores, and evaluate, end to end on
+images.
+"""

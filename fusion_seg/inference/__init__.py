@@ -1,1 +1,3 @@
-"""inference."""
+"""End to end: the Segmenter (encoder + decoder + upsample), load_model, test-time augmentation,
+sliding window, predict.
+"""
