@@ -17,7 +17,7 @@ waiting for ever; it then carries on as if never paused.
 
 Nothing here is for users. The variables are read once, when this module is imported; unset
 (always, outside these tests), :func:`checkpoint_reached` returns at its first line. This module
-imports only the standard library.
+imports only the standard library (and, when a pause begins, files.py, which does too).
 """
 from __future__ import annotations
 
