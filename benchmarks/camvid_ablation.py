@@ -241,7 +241,7 @@ def table(results: dict) -> str:
         cells = [k, scored_by, f"{r['miou']:.4f}", f"{r['pixel_acc']:.4f}",
                  *[f"{r['per_class_iou'][c]:.3f}" for c in classes], f"{r['best_epoch']}/{r.get('epochs', len(r['curve']))}",
                  f"{r['train_seconds'] / 60:.1f} min",
-                 f"{(r['train_seconds'] + (0 if k.startswith('hrnet') else extraction)) / 60:.1f} min",
+                 f"{(r['train_seconds'] + (extraction if scored_by == 'val store' else 0)) / 60:.1f} min",
                  f"{r['max_rss_MiB']:.0f}", end_to_end]
         lines.append("| " + " | ".join(cells) + " |")
     ext = [results[k] for k in ("extract-train", "extract-val") if k in results]
