@@ -53,8 +53,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--rows", default="", help="Comma-separated rows to run (default: all). Known: "
                     + ", ".join([*CACHED, "hrnet-steps", "hrnet-time", "<row>+median-freq", "<row>+inverse-log"]))
-    ap.add_argument("--weighted-rows", default="", help="Rows also run with class weights (default: the two "
-                    "cached rows with the best val mIoU).")
+    ap.add_argument("--weighted-rows", default="", help="Rows also run with class weights: cached rows or "
+                    "the end-to-end hrnet-steps (default: the two cached rows with the best val mIoU).")
     ap.add_argument("--hrnet-epochs", type=int, default=None,
                     help="Online epochs of the end-to-end HRNet row (default: views x epochs, the same samples as "
                          "a cached row: the equal-steps row; other values give the row hrnet-<N>ep).")
@@ -62,6 +62,14 @@ def main() -> None:
                     "images, to compare with the end-to-end HRNet rows (which have no val store).")
     ap.add_argument("--figure", default=None, help="Also draw the val mIoU curves into this PNG.")
     args = ap.parse_args()
+    steps_epochs = args.views * args.epochs  # one online epoch = one view of each image: the same samples
+    hrnet_epochs = args.hrnet_epochs or steps_epochs
+    hrnet_row = "hrnet-steps" if hrnet_epochs == steps_epochs else f"hrnet-{hrnet_epochs}ep"
+    weighted = [r for r in args.weighted_rows.split(",") if r]
+    unknown = [r for r in weighted if r not in CACHED and r != hrnet_row]
+    if unknown:
+        raise SystemExit(f"--weighted-rows: unknown row {unknown[0]!r}; give cached rows ({', '.join(CACHED)}) "
+                         f"or the end-to-end row of this run ({hrnet_row})")
     cache, out = Path(args.cache), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results").mkdir(parents=True, exist_ok=True)
@@ -108,22 +116,12 @@ def main() -> None:
         if want(row):
             once(row, ["train-decoder", "--cache", str(train), "--val-cache", str(val), *options, *schedule,
                        "--out", str(out / row)], out / row)
-    weighted = [r for r in args.weighted_rows.split(",") if r] or best_rows(results, 2)
-    for row in weighted:
-        for method in WEIGHTED:
-            key = f"{row}+{method}"
-            if want(key) and row in CACHED:
-                once(key, ["train-decoder", "--cache", str(train), "--val-cache", str(val), *CACHED[row], *schedule,
-                           "--class-weights", method, "--out", str(out / key)], out / key)
     online = ["train-decoder", "--online", "--decoder", "hrnet", "--dataset", "camvid", "--root", args.root,
               "--split", "train", "--size", args.size, "--crop", args.crop, "--scale-range", "0.5", "2.0",
               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device", "cpu", "--log-every", "50"]
     # The end-to-end HRNet has its own stem (no frozen encoder), so no feature store validates it: it trains
     # without --val-cache and its row is scored by `fusion-seg evaluate` on the val images afterwards (the
     # "scored by" column), which is also run on the cached rows it is compared with (--evaluate-rows).
-    steps_epochs = args.views * args.epochs  # one online epoch = one view of each image: the same samples
-    hrnet_epochs = args.hrnet_epochs or steps_epochs
-    hrnet_row = "hrnet-steps" if hrnet_epochs == steps_epochs else f"hrnet-{hrnet_epochs}ep"
     if want(hrnet_row) or (args.hrnet_epochs and want("hrnet-steps")):
         once(hrnet_row, [*online, "--epochs", str(hrnet_epochs), "--out", str(out / hrnet_row)], out / hrnet_row)
         scored(hrnet_row)
@@ -134,6 +132,20 @@ def main() -> None:
         epochs = equal_time_epochs(results)
         once("hrnet-time", [*online, "--epochs", str(epochs), "--out", str(out / "hrnet-time")], out / "hrnet-time")
         scored("hrnet-time")
+    # The best rows again with class weights (--weighted-rows; by default the two best cached rows). The
+    # end-to-end row takes them too (its weights counted from the training images), scored like its plain row.
+    for row in weighted or best_rows(results, 2):
+        for method in WEIGHTED:
+            key = f"{row}+{method}"
+            if not want(key):
+                continue
+            if row in CACHED:
+                once(key, ["train-decoder", "--cache", str(train), "--val-cache", str(val), *CACHED[row], *schedule,
+                           "--class-weights", method, "--out", str(out / key)], out / key)
+            else:
+                once(key, [*online, "--epochs", str(hrnet_epochs), "--class-weights", method, "--out", str(out / key)],
+                     out / key)
+                scored(key)
     for row in filter(None, args.evaluate_rows.split(",")):
         if row in results:
             scored(row)

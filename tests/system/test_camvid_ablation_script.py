@@ -79,3 +79,50 @@ def test_table_lists_finished_rows_in_order_with_extraction_added_to_cached_rows
     assert small[1] == "val store" and small[-4:] == ["10.0 min", "12.0 min", "4096", "- |"]
     assert hrnet[1] == "evaluate" and hrnet[-4:] == ["20.0 min", "20.0 min", "4096", "0.5000 |"]
     assert "Extraction (counted once" in lines[-1]
+
+
+def _fake_fusion_seg(calls: list[list[str]]):
+    """Stands in for the script's `run` (one fusion-seg process per row): records each command and answers what
+    the real process would leave behind (a training row's figures, evaluate's metrics.json)."""
+    def run(argv, run_dir):
+        calls.append(argv)
+        if argv[0] == "evaluate":
+            ev = Path(argv[argv.index("--out") + 1])
+            ev.mkdir(parents=True)
+            (ev / "metrics.json").write_text(json.dumps({"miou": 0.5, "pixel_acc": 0.8, "per_class_iou": _iou(0.9)}))
+        result = {"wall_seconds": 1.0, "max_rss_MiB": 1.0}
+        if run_dir is not None:
+            result.update(curve=[], best_epoch=48, epochs=48, train_seconds=1.0)
+        return result
+    return run
+
+
+def test_weighted_end_to_end_row_trains_online_with_class_weights_and_is_scored_by_evaluate(
+        ablation, tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(ablation, "run", _fake_fusion_seg(calls))
+    out = tmp_path / "runs"
+    monkeypatch.setattr("sys.argv", ["camvid_ablation.py", "--root", "camvid", "--cache", str(tmp_path / "cache"),
+                                     "--out", str(out), "--epochs", "12", "--weighted-rows", "hrnet-steps",
+                                     "--rows", "hrnet-steps+inverse-log"])
+    ablation.main()
+    assert [c[0] for c in calls] == ["extract", "extract", "train-decoder", "evaluate"]
+    train = calls[2]
+    assert "--online" in train and train[train.index("--decoder") + 1] == "hrnet"
+    assert train[train.index("--epochs") + 1] == "48"  # equal steps: 4 views x 12 epochs
+    assert train[train.index("--class-weights") + 1] == "inverse-log"
+    assert train[-1] == str(out / "hrnet-steps+inverse-log")
+    assert calls[3][calls[3].index("--checkpoint") + 1] == str(out / "hrnet-steps+inverse-log" / "best.pt")
+    row = json.loads((out / "results" / "hrnet-steps+inverse-log.json").read_text())
+    assert row["scored_by"] == "evaluate" and row["miou"] == 0.5
+    assert "| hrnet-steps+inverse-log | evaluate | 0.5000 |" in ablation.table(ablation.load_results(out))
+
+
+def test_unknown_weighted_row_is_refused_before_any_work(ablation, tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(ablation, "run", _fake_fusion_seg(calls))
+    monkeypatch.setattr("sys.argv", ["camvid_ablation.py", "--out", str(tmp_path / "runs"),
+                                     "--weighted-rows", "w18-5,hrnet-time"])
+    with pytest.raises(SystemExit, match=r"--weighted-rows: unknown row 'hrnet-time'"):
+        ablation.main()
+    assert calls == [] and not (tmp_path / "runs").exists()
