@@ -169,6 +169,27 @@ def test_training_counts_the_store_labels_and_records_the_weights(store, tmp_pat
     assert plain.losses[0] != pytest.approx(weighted.losses[0])  # same seed and batch: only the weights differ
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_online_training_counts_the_dataset_labels_and_records_the_weights(tmp_path):
+    """--online (the end-to-end HRNet baseline's path) has no store: it counts the dataset's whole label maps."""
+    from fusion_seg.data.datasets import DatasetRef, build_dataset
+    from fusion_seg.data.views import Augment
+    from fusion_seg.training.train import train_online
+    from pipeline_helpers import tiny_config
+
+    opts = {"num_images": 4, "size": (72, 100)}
+    ds = build_dataset("synthetic", split="train", **opts)
+    expected = ClassFrequencies.count([ds[i].mask for i in range(len(ds))], len(ds.classes), ds.ignore_index)
+    train_online(tmp_path / "hrnet", tiny_config(epochs=1, decoder="hrnet", decoder_config={},
+                                                 class_weights="inverse-log"),
+                 dataset=DatasetRef("synthetic", "train", options=opts), augment=Augment(enabled=False),
+                 progress=False)
+    record = json.loads((tmp_path / "hrnet" / "config.json").read_text())["data"]["class_weights"]
+    assert record["method"] == "inverse-log"
+    assert record["frequencies"] == expected.to_json()
+    assert record["weights"] == pytest.approx(expected.inverse_log())
+
+
 def test_cli_refuses_an_unknown_method_before_any_work(tmp_path):
     from click.testing import CliRunner
 
