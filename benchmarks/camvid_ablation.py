@@ -112,18 +112,22 @@ def main() -> None:
                            *common, "--out", str(train)])
     schedule = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                 "--device", "cpu", "--log-every", "50"]
-    for row, options in CACHED.items():
+
+    def cached(row):  # a cached row's training command, without --out
+        return ["train-decoder", "--cache", str(train), "--val-cache", str(val), *CACHED[row], *schedule]
+
+    for row in CACHED:
         if want(row):
-            once(row, ["train-decoder", "--cache", str(train), "--val-cache", str(val), *options, *schedule,
-                       "--out", str(out / row)], out / row)
+            once(row, [*cached(row), "--out", str(out / row)], out / row)
     online = ["train-decoder", "--online", "--decoder", "hrnet", "--dataset", "camvid", "--root", args.root,
               "--split", "train", "--size", args.size, "--crop", args.crop, "--scale-range", "0.5", "2.0",
               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device", "cpu", "--log-every", "50"]
     # The end-to-end HRNet has its own stem (no frozen encoder), so no feature store validates it: it trains
     # without --val-cache and its row is scored by `fusion-seg evaluate` on the val images afterwards (the
     # "scored by" column), which is also run on the cached rows it is compared with (--evaluate-rows).
+    end_to_end = [*online, "--epochs", str(hrnet_epochs)]
     if want(hrnet_row) or (args.hrnet_epochs and want("hrnet-steps")):
-        once(hrnet_row, [*online, "--epochs", str(hrnet_epochs), "--out", str(out / hrnet_row)], out / hrnet_row)
+        once(hrnet_row, [*end_to_end, "--out", str(out / hrnet_row)], out / hrnet_row)
         scored(hrnet_row)
     if want("hrnet-time") and "w18-4" in results:
         # Equal wall-clock (see equal_time_epochs).
@@ -137,15 +141,11 @@ def main() -> None:
     for row in weighted or best_rows(results, 2):
         for method in WEIGHTED:
             key = f"{row}+{method}"
-            if not want(key):
-                continue
-            if row in CACHED:
-                once(key, ["train-decoder", "--cache", str(train), "--val-cache", str(val), *CACHED[row], *schedule,
-                           "--class-weights", method, "--out", str(out / key)], out / key)
-            else:
-                once(key, [*online, "--epochs", str(hrnet_epochs), "--class-weights", method, "--out", str(out / key)],
-                     out / key)
-                scored(key)
+            if want(key):
+                base = cached(row) if row in CACHED else end_to_end
+                once(key, [*base, "--class-weights", method, "--out", str(out / key)], out / key)
+                if row not in CACHED:
+                    scored(key)
     for row in filter(None, args.evaluate_rows.split(",")):
         if row in results:
             scored(row)
