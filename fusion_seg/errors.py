@@ -7,6 +7,8 @@ callers catch them like any other exception.
 """
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """An error caused by input or settings, with a message that says how to fix it."""
@@ -54,3 +56,29 @@ class Failed:
 
 def _rebuild_failed(index, error_type, message, info):
     return Failed(index, error_type(message), **info)
+
+
+def write_error(path, exc: OSError, *, what: str = "", option: str = "--out", then: str = "") -> UserError:
+    """A :class:`UserError` for a failed write of ``path``: what failed, why (the OS's reason) and the fix.
+
+    ``what`` names the file for the user ("the checkpoint", "the lock file"; default: nothing), ``option``
+    is the option that chose the location (the fix names it), and ``then`` is said after the fix (what
+    was kept, how to continue). One place for every command's write failures: a read-only disk, a
+    missing permission, a full disk, a path under a file or a folder where a file goes.
+    """
+    code = getattr(exc, "errno", None)
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    fixes = {
+        errno.EROFS: f"the file system is read-only: pass an {option} on a writable disk",
+        errno.EACCES: f"no permission to write there: fix the folder's permissions, or pass another {option}",
+        errno.EPERM: f"no permission to write there: fix the folder's permissions, or pass another {option}",
+        errno.ENOSPC: f"the disk is full: free space there, or pass an {option} on another disk",
+        errno.EDQUOT: f"the disk quota is used up: free space there, or pass an {option} on another disk",
+        errno.ENOTDIR: f"a part of the path is a file, not a folder: pass another {option}",
+        errno.EEXIST: f"a part of the path is a file, not a folder: pass another {option}",
+        errno.EISDIR: f"it is a folder: move it, or pass another {option}",
+        errno.ENAMETOOLONG: f"the name is too long: pass a shorter {option}",
+    }
+    fix = fixes.get(code, f"fix the location, or pass another {option}")
+    target = f"{what} {path}" if what else str(path)
+    return UserError(f"cannot write {target} ({reason}); {fix}.{' ' + then if then else ''}")

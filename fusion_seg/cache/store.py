@@ -35,10 +35,9 @@ all ignore (or whose features were all zero) has no such chunk and reads as miss
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,11 +50,13 @@ from fusion_seg.cache import codecs as storage
 from fusion_seg.cache import locations as store_url
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CacheError
+from fusion_seg.locks import exclusive_lock
 from fusion_seg.shapes import ShapeSpec
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "fusion_seg"
 SKIPPED_KEY = "fusion_seg_skipped"
+INPUTS_KEY = "fusion_seg_inputs"  # the listing of the input files a store was extracted from (extract/)
 VIEW_FIELDS = ("image_index", "view_index", "scale", "flip", "resized_h", "resized_w", "valid_h", "valid_w", "seed")
 OPTIONAL_CHUNKS = ("views",)  # the one array whose absent chunks are meaningful (views not completed yet)
 
@@ -335,6 +336,17 @@ class FeatureStore:
                 bad.append({"view": v, "array": name, "chunk": self.chunk_path(name, v),
                             "error": f"{type(exc).__name__}: {exc}"})
 
+    def content_id(self) -> str:
+        """A hash of what the store holds: its spec (dataset, image ids, views, augmentation, encoder, format),
+        the record of its input files (:data:`INPUTS_KEY`, when extraction wrote one) and every view's
+        completion row. A store re-extracted with other images, views or settings has another id; the same
+        extraction run again (bit-identical by design) has the same one. What a recipe's stamp and a
+        training run's checkpoint record as the identity of the store they read."""
+        h = hashlib.sha256(json.dumps(self.spec.to_json(), sort_keys=True).encode())
+        h.update(json.dumps(self.group.attrs.asdict().get(INPUTS_KEY), sort_keys=True).encode())
+        h.update(np.ascontiguousarray(self._rows()).tobytes())
+        return h.hexdigest()
+
     def check_complete(self) -> None:
         done = self.completed()
         if not done.all():
@@ -439,17 +451,12 @@ class FeatureStore:
 
 @contextlib.contextmanager
 def writer_lock(path: str | Path):
-    """Exclusive right to write a local store: an flock on ``STORE.lock``, removed when released.
+    """Exclusive right to write a local store: a lock on ``STORE.lock`` (:func:`fusion_seg.locks.exclusive_lock`).
 
-    A second extraction into the same store is refused rather than interleaved. The
-    kernel frees the lock when its holder dies, so a killed run leaves no stale lock (only
-    the file, which the next holder removes). The file sits beside the store because Zarr
-    treats unknown files inside it as errors.
-
-    The holder removes the file while it still holds the flock. Another process may have
-    opened the file just before: its flock then succeeds on the removed file, which proves
-    nothing, so after locking a process checks that the name still refers to the file it
-    locked (same device and inode), and starts over if not.
+    A second extraction into the same store is refused rather than interleaved. The lock is a POSIX
+    record lock, which the kernel drops the moment its holder dies and which its forked DataLoader
+    workers do not hold: a re-run right after a kill or an OOM just works. The file sits beside the
+    store because Zarr treats unknown files inside it as errors.
 
     A remote store (``s3://…``) has no lock: its creation is exclusive (see store_url.create_group),
     so two runs with different settings cannot both make it, but two concurrent extractions into the
@@ -460,43 +467,13 @@ def writer_lock(path: str | Path):
     if not store_url.is_local(path):
         yield
         return
-    root = store_url.local_path(path)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    lock = root.with_name(root.name + ".lock")
-    while True:
-        f = open(lock, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "unknown"
-            f.close()
-            raise CacheError(
-                f"{path} is being written by another fusion-seg process (pid {owner}). Wait for it to finish "
-                "or stop it, then re-run this command: the views it wrote are kept."
-            ) from None
-        except BaseException:
-            f.close()
-            raise
-        try:
-            current = os.stat(lock)
-        except FileNotFoundError:
-            current = None
-        if current is not None and os.path.samestat(os.fstat(f.fileno()), current):
-            break
-        f.close()  # its holder removed it as this process opened it: lock the file now under the name
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
+
+    def busy(owner: str) -> CacheError:
+        return CacheError(f"{path} is being written by another fusion-seg process (pid {owner}). Wait for it to "
+                          "finish or stop it, then re-run this command: the views it wrote are kept.")
+
+    with exclusive_lock(store_url.local_path(path), busy):
         yield
-    finally:
-        try:
-            lock.unlink()  # still under the flock: nobody else holds this file
-        except FileNotFoundError:
-            pass
-        f.close()
 
 
 def _ensure_arrays(group: zarr.Group, spec: CacheSpec) -> None:

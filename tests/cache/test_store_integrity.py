@@ -8,13 +8,16 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
 
-from fusion_seg.cache import store as cache_module
+from fusion_seg import locks as locks_module
 from fusion_seg.cache.store import FeatureStore, writer_lock
 from fusion_seg.cli import main
 from fusion_seg.data.datasets import DatasetRef
@@ -223,26 +226,64 @@ def test_lock_is_removed_by_its_holder_and_still_excludes(tmp_path):
     assert not lock_file(out).exists()
 
 
+def _hold_lock_in_a_process(path, owner: str) -> subprocess.Popen:
+    """Another process that holds a record lock on ``path``, writing ``owner`` into it, once it returns."""
+    script = textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        f = open({str(path)!r}, "a+")
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write({owner!r}); f.flush()
+        print("held", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def test_a_lock_on_a_removed_file_is_not_taken_for_the_lock(tmp_path, monkeypatch):
     """The race: this process opens STORE.lock, the holder removes it and releases it, a third process
-    creates and locks a new one; this process's flock then succeeds on the removed file, and must not count."""
+    creates and locks a new one; this process's lock then succeeds on the removed file, and must not count."""
     out = tmp_path / "s.zarr"
     path = lock_file(out)
-    real_flock = fcntl.flock
+    real_lockf = fcntl.lockf
     third = []
 
-    def flock_then_replaced(fd, op):
-        real_flock(fd, op)
-        if not third:  # the first flock succeeds on a file that is then replaced under its name
+    def lockf_then_replaced(fd, op):
+        real_lockf(fd, op)
+        if not third:  # the first lock succeeds on a file that is then replaced under its name
             os.unlink(path)
-            newer = open(path, "a+")
-            real_flock(newer, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            newer.write("4242")
-            newer.flush()
-            third.append(newer)
+            third.append(_hold_lock_in_a_process(path, "4242"))
 
-    monkeypatch.setattr(cache_module.fcntl, "flock", flock_then_replaced)
-    with pytest.raises(CacheError, match="pid 4242"):
+    monkeypatch.setattr(locks_module.fcntl, "lockf", lockf_then_replaced)
+    try:
+        with pytest.raises(CacheError, match="pid 4242"):
+            with writer_lock(out):
+                pytest.fail("took a lock on a removed file")
+    finally:
+        third[0].kill()
+        third[0].wait()
+
+
+def test_a_killed_holders_children_do_not_keep_the_lock(tmp_path):
+    """Issue 20: an extraction killed (SIGKILL, or the OOM killer) while its forked DataLoader workers still
+    live must not block the re-run: the lock is the holder's own (a POSIX record lock), not its children's."""
+    out = tmp_path / "s.zarr"
+    script = textwrap.dedent(f"""
+        import os, time
+        from fusion_seg.cache.store import writer_lock
+        with writer_lock({str(out)!r}):
+            if os.fork() == 0:  # a worker, forked while the lock is held
+                time.sleep(60); os._exit(0)
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(CacheError, match=f"pid {holder.pid}"):
         with writer_lock(out):
-            pytest.fail("took a lock on a removed file")
-    third[0].close()
+            pass
+    holder.kill()
+    holder.wait()
+    with writer_lock(out):  # at once, while the forked child still sleeps with the file open
+        assert lock_file(out).read_text() == str(os.getpid())

@@ -76,6 +76,12 @@ class SegDataset(Sequence, abc.ABC):
     def _load(self, i: int) -> SegSample:
         """Read sample ``i`` (``0 <= i < len``) without validating it."""
 
+    def input_files(self) -> list[Path]:
+        """The files this split's samples are read from (images, masks, annotation files): what tells,
+        listed with their sizes and modification times (:func:`fusion_seg.files.file_listing`), whether
+        the data changed since a store or a result was made from it. None for generated data."""
+        return []
+
     def _sources(self, i: int) -> tuple[str, str]:
         """Names of sample ``i``'s image and mask for error messages (file paths for file datasets)."""
         where = f"{self.name} {self.split} sample {i} ({self.ids[i]})"
@@ -186,6 +192,9 @@ class FileSegDataset(SegDataset):
     def _sources(self, i: int) -> tuple[str, str]:
         _, image_path, mask_path = self._entries[i]
         return str(image_path), str(mask_path)
+
+    def input_files(self) -> list[Path]:
+        return [p for _, image_path, mask_path in self._entries for p in (image_path, mask_path) if p is not None]
 
     def _load(self, i: int) -> SegSample:
         sid, image_path, mask_path = self._entries[i]

@@ -146,6 +146,9 @@ class COCODataset(SegDataset):
     def image_size(self, i: int) -> tuple[int, int]:
         return image_size(self._image_dir / self._images[i][0])
 
+    def input_files(self) -> list[Path]:
+        return [self._ann_file, *(self._image_dir / file_name for file_name, _, _, _ in self._images)]
+
     def _sources(self, i: int) -> tuple[str, str]:
         file_name = self._images[i][0]
         return str(self._image_dir / file_name), f"annotations of {file_name} in {self._ann_file}"
