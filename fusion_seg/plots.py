@@ -6,13 +6,15 @@ runs without it. Figures are built on a bare :class:`matplotlib.figure.Figure`
 rendered by the Agg canvas -- pyplot is never imported, so no global backend
 is switched and no figure is left open in a user's interactive session.
 
-Every PNG is written atomically (:func:`fusion_seg.files.atomic_write`: a temporary
+Every figure is written in the format its file name says (``.png``, ``.pdf``, ``.svg``, ...: what the
+Agg canvas writes, :func:`figure_format`), and atomically (:func:`fusion_seg.files.atomic_write`: a temporary
 file in the same folder, then ``os.replace``): a reader never sees half a figure.
 """
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +54,37 @@ def new_figure(width: float, height: float, what: str = "plotting"):
     return fig
 
 
-def save_figure(fig, out_png: str | Path, *, dpi: float = 100) -> Path:
-    """Write ``fig`` as PNG, atomically (:func:`fusion_seg.files.atomic_write`)."""
-    return atomic_write(out_png, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
+def figure_formats() -> list[str]:
+    """The formats a figure can be written in here (file suffixes without the dot): what matplotlib's Agg
+    canvas writes, less ``pgf`` when the TeX system that writing it runs (``rcParams["pgf.texsystem"]``) is
+    not installed."""
+    matplotlib = require_matplotlib("a figure")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = set(FigureCanvasAgg.get_supported_filetypes())
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:
+        formats.discard("pgf")
+    return sorted(formats)
+
+
+def figure_format(path: str | Path, option: str | None = None) -> str:
+    """The format ``path``'s suffix names (``fig.pdf``: ``"pdf"``), or a :class:`UserError` naming the path (and
+    the ``option`` that chose it) and the suffixes that can be written: a figure is written in the format its
+    name says, or not at all."""
+    suffix = Path(path).suffix.lower()
+    formats = figure_formats()
+    if suffix[1:] not in formats:
+        said = f"its suffix {suffix} is not a figure format" if suffix else "it has no suffix to say the format"
+        raise UserError(f"{option + ' ' if option else ''}{path}: {said}; end the name with one of "
+                        f"{', '.join('.' + f for f in formats)} (e.g. .png, or .pdf or .svg for vector graphics).")
+    return suffix[1:]
+
+
+def save_figure(fig, out: str | Path, *, dpi: float = 100) -> Path:
+    """Write ``fig`` atomically (:func:`fusion_seg.files.atomic_write`) in the format of ``out``'s suffix
+    (:func:`figure_format`; a suffix that names no figure format is refused)."""
+    fmt = figure_format(out)
+    return atomic_write(out, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi))
 
 
 # --------------------------------------------------------------------------- training curves

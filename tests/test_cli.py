@@ -2,6 +2,7 @@
 
 The program in a child process of its own: tests/system/test_cli_startup.py."""
 import json
+from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
@@ -38,11 +39,13 @@ def test_extract_train_evaluate_predict(tmp_path):
 
     out = invoke("evaluate", "--checkpoint", run / "best.pt", *DATA, "--split", "val", "--device", "cpu")
     assert "mIoU" in out and "background" in out
-    metrics = json.loads((run / "eval-synthetic-val" / "metrics.json").read_text())
+    results = Path(out.strip().splitlines()[-1].removeprefix("written to "))  # the default: eval-best-synthetic-val-*
+    assert results.parent == run and results.name.startswith("eval-best-synthetic-val")
+    metrics = json.loads((results / "metrics.json").read_text())
     assert 0 <= metrics["miou"] <= 1 and metrics["images"] == 4
-    confusion = json.loads((run / "eval-synthetic-val" / "confusion.json").read_text())
+    confusion = json.loads((results / "confusion.json").read_text())
     assert np.asarray(confusion["matrix"]).sum() == metrics["num_pixels"]
-    assert (run / "eval-synthetic-val" / "confusion.png").exists()
+    assert (results / "confusion.png").exists()
 
     images = tmp_path / "my images"
     images.mkdir()

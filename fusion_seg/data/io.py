@@ -11,6 +11,9 @@ without EXIF (the usual case) is unaffected.
 """
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,8 @@ def _open_decoded(path, kind: str) -> Image.Image:
     with a half-grey image.
     """
     path = Path(path)
+    if path.is_symlink() and not path.is_file():
+        raise DataError(f"cannot read {kind.lower()} {path}: {file_problem(path)}.")
     if not path.is_file():
         raise DataError(f"{kind} file not found: {path}. Check the dataset root and file names.")
     if path.stat().st_size == 0:
@@ -45,6 +50,11 @@ def _open_decoded(path, kind: str) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as exc:  # a valid file, too large: "Image size (N pixels) exceeds limit ..."
+        raise DataError(
+            f"cannot read {kind.lower()} {path}: it is too large ({str(exc).split(',')[0]}; Pillow refuses larger "
+            "images as decompression bombs). Resize it to a smaller image, or cut it into tiles."
+        ) from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for bad files
         raise DataError(
             f"cannot read {kind.lower()} {path}: it is not a valid image or it is truncated "
@@ -217,10 +227,39 @@ def default_palette(num_classes: int) -> np.ndarray:
     return palette.astype(np.uint8)
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; hidden files (``.*``) are skipped."""
-    return sorted(
-        (p for p in folder.iterdir()
-         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.name,
-    )
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file, with the fix (None when it is a file): a broken symbolic
+    link, a link loop, a folder, a device or socket, a missing file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if not path.is_symlink():
+            return f"it cannot be read ({exc.strerror}); restore it, or remove it"
+        target = os.readlink(path)
+        if exc.errno == errno.ELOOP:
+            return f"it is a broken symbolic link (a loop of links, to {target}); remove it, or link it to a file"
+        return (f"it is a broken symbolic link: its target {target} does not exist; restore the target, "
+                "or remove the link")
+    if stat.S_ISDIR(mode):
+        return "it is a folder, not a file; move it away, or remove it"
+    if not stat.S_ISREG(mode):
+        return "it is not a regular file (a device, pipe or socket); remove it"
+    return None
+
+
+def list_images(folder: Path, suffixes: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name; hidden files (``.*``) and folders are skipped.
+
+    ``suffixes``: the (lower-case) endings of an image's name (default: :data:`IMAGE_EXTENSIONS`).
+    An entry with such a name that cannot be read as a file (a dangling symbolic link, a link loop)
+    is a :class:`DataError` naming it: skipping it would drop an input without a word.
+    """
+    images = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") or not p.name.lower().endswith(suffixes) or p.is_dir():
+            continue
+        problem = file_problem(p)
+        if problem:
+            raise DataError(f"cannot read image {p}: {problem}.")
+        images.append(p)
+    return sorted(images, key=lambda p: p.name)

@@ -4,11 +4,13 @@
 records (and checked against it, so a decoder never runs on another encoder's features)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from fusion_seg.checkpoint import load_checkpoint
@@ -20,7 +22,9 @@ from fusion_seg.device import autocast, resolve_device, to_device
 from fusion_seg.encoder.build import FrozenEncoder, rebuild_encoder
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import UserError
-from fusion_seg.inference.sliding_window import sliding_window_logits
+from fusion_seg.inference import arguments
+from fusion_seg.inference.sliding_window import PROGRESS_WINDOWS, sliding_window_logits, window_grid
+from fusion_seg.progress import Progress
 
 
 class Segmenter(nn.Module):
@@ -49,46 +53,62 @@ def load_segmenter(checkpoint: str | Path, *, weights: str | None = None, device
     return model, ckpt
 
 
+# The most pixels an image may have at any test-time scale: what Pillow reads at most (a larger file is refused as
+# a decompression bomb), so that a scale of 4 on a huge image is refused instead of allocating many GiB blindly.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
 @torch.inference_mode()
 def predict_logits(model: Segmenter, image: np.ndarray, ckpt: dict, *, sliding_window: bool = False,
                    out_size: tuple[int, int] | None = None, flip: bool = False,
-                   scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+                   scales: tuple[float, ...] = (1.0,), progress: bool = False) -> torch.Tensor:
     """Logits (1, C, H, W) for one RGB image, resized as in training, returned at ``out_size``.
 
     Test-time augmentation as in the HRNet and mmsegmentation evaluations: each of ``scales``
     resizes the (training-resized) image by that factor, ``flip`` adds its horizontal mirror
     (whose logits are mirrored back), and the logits of every pass, each upsampled to the
-    image, are averaged. ``flip=False, scales=(1.0,)`` is the single plain pass.
+    image, are averaged. ``flip=False, scales=(1.0,)`` is the single plain pass; a scale that
+    makes the image larger than :data:`MAX_PIXELS` is refused before anything is allocated. With
+    ``progress``, a sliding window over many windows (:data:`PROGRESS_WINDOWS`, all passes
+    together) shows a :class:`~fusion_seg.progress.Progress` over them.
     """
     resize = ckpt["data"].get("resize") or {}
     size = tuple(resize["size"]) if resize.get("size") else None
     resized, _ = resize_pair(image, None, short_side=resize.get("short_side"), size=size)
+    base = tuple(resized.shape[:2])
+    sizes = [base if scale == 1.0 else (max(1, round(base[0] * scale)), max(1, round(base[1] * scale)))
+             for scale in scales]
+    for scale, (h, w) in zip(scales, sizes):
+        if MAX_PIXELS and h * w > MAX_PIXELS:
+            raise UserError(f"the {base[1]}x{base[0]} image at scale {scale:g} is {w}x{h} ({h * w / 1e6:,.0f} M "
+                            f"pixels), more than the {MAX_PIXELS / 1e6:,.0f} M pixels of the largest image fusion-seg "
+                            "reads; pass smaller scales, or a smaller image.")
     identity = model.encoder.identity
     device = next(model.decoder.parameters()).device
     x = to_device(to_tensor(resized, identity.mean, identity.std).unsqueeze(0), device)
-    base = tuple(x.shape[-2:])
+    crop = train_crop(ckpt) if sliding_window else None
+    tiled = [crop is not None and (h > crop[0] or w > crop[1]) for h, w in sizes]
+    windows = (2 if flip else 1) * sum(math.prod(map(len, window_grid(h, w, crop)))
+                                       for (h, w), tile in zip(sizes, tiled) if tile)
     total, passes = None, 0
-    for scale in scales:
-        scaled = x if scale == 1.0 else F.interpolate(
-            x, size=(max(1, round(base[0] * scale)), max(1, round(base[1] * scale))), mode="bilinear",
-            align_corners=False)
-        for mirrored in ((False, True) if flip else (False,)):
-            inp = scaled.flip(-1) if mirrored else scaled
-            logits = _forward(model, inp, ckpt, sliding_window, device)
-            logits = upsample_logits(logits.flip(-1) if mirrored else logits, base)
-            total = logits if total is None else total + logits
-            passes += 1
+    with Progress(windows, "sliding window", "window", enabled=progress and windows >= PROGRESS_WINDOWS) as bar:
+        for hw, tile in zip(sizes, tiled):
+            scaled = x if hw == base else F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+            for mirrored in ((False, True) if flip else (False,)):
+                inp = scaled.flip(-1) if mirrored else scaled
+                logits = _forward(model, inp, crop if tile else None, ckpt["decoder"]["num_classes"], device, bar)
+                logits = upsample_logits(logits.flip(-1) if mirrored else logits, base)
+                total = logits if total is None else total + logits
+                passes += 1
     return upsample_logits(total / passes, out_size or image.shape[:2])
 
 
-def _forward(model: Segmenter, x: torch.Tensor, ckpt: dict, sliding_window: bool, device) -> torch.Tensor:
-    """One pass: the whole image, or HRNet's sliding window when it is larger than the training crop."""
+def _forward(model: Segmenter, x: torch.Tensor, crop: tuple[int, int] | None, num_classes: int, device,
+             bar: Progress) -> torch.Tensor:
+    """One pass: the whole image, or HRNet's sliding window of ``crop`` (the training crop, given when the image
+    is larger than it)."""
     with autocast(device):
-        crop = train_crop(ckpt)
-        if sliding_window and crop and (x.shape[-2] > crop[0] or x.shape[-1] > crop[1]):
-            logits = sliding_window_logits(model, x, crop, ckpt["decoder"]["num_classes"])
-        else:
-            logits = model(x)
+        logits = model(x) if crop is None else sliding_window_logits(model, x, crop, num_classes, progress=bar)
     return logits.float()
 
 
@@ -121,11 +141,16 @@ class SegmentationModel:
         return next(self.segmenter.decoder.parameters()).device
 
     def logits(self, image, *, flip: bool = False, scales: tuple[float, ...] = (1.0,), sliding_window: bool = False,
-               out_size: tuple[int, int] | None = None) -> torch.Tensor:
+               out_size: tuple[int, int] | None = None, progress: bool = False) -> torch.Tensor:
         """``(1, C, H, W)`` float logits at ``out_size`` (default: the image's size); ``flip`` and ``scales``
-        are test-time augmentation (:func:`predict_logits`)."""
-        return predict_logits(self.segmenter, as_rgb_array(image), self.checkpoint, sliding_window=sliding_window,
-                              out_size=out_size, flip=flip, scales=scales)
+        are test-time augmentation, ``progress`` shows a long sliding window's (:func:`predict_logits`).
+
+        The arguments are checked as the command line checks its options (scales in (0, 4], ...): a bad
+        one is a :class:`UserError` that says what to pass."""
+        return predict_logits(self.segmenter, as_rgb_array(image), self.checkpoint,
+                              sliding_window=arguments.flag("sliding_window", sliding_window),
+                              out_size=arguments.out_size(out_size), flip=arguments.flag("flip", flip),
+                              scales=arguments.scales(scales), progress=arguments.flag("progress", progress))
 
     def predict(self, image, **options) -> np.ndarray:
         """``(H, W)`` uint8 class indices (``self.classes``) of ``image``; ``options`` as :meth:`logits`."""
@@ -133,7 +158,12 @@ class SegmentationModel:
 
 
 def as_rgb_array(image) -> np.ndarray:
-    """An RGB uint8 ``(H, W, 3)`` array from a PIL image or a numpy array (refused with the fix otherwise)."""
+    """An RGB uint8 ``(H, W, 3)`` array of at least one pixel from a PIL image or a numpy array (refused with
+    the fix otherwise: a file's path says how to load it)."""
+    if isinstance(image, (str, Path)):
+        raise UserError(f"image {str(image)!r} is a path, not an RGB image: load it with PIL.Image.open(path), or "
+                        "pass the path to fusion_seg.predict(checkpoint, inputs=path, out=folder), which writes "
+                        "the masks.")
     if not isinstance(image, np.ndarray):
         convert = getattr(image, "convert", None)
         if convert is None:
@@ -143,6 +173,9 @@ def as_rgb_array(image) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise UserError(f"expected an RGB image of shape (H, W, 3) and dtype uint8, got shape {image.shape} and "
                         f"dtype {image.dtype}; convert it, e.g. np.asarray(PIL.Image.open(path).convert('RGB')).")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise UserError(f"the image is {image.shape[1]}x{image.shape[0]} (WxH): it has no pixel; pass an image "
+                        "of at least 1x1 pixel.")
     return image
 
 

@@ -59,9 +59,10 @@ from torch import nn
 
 from fusion_seg.decoders.base import Decoder
 from fusion_seg.errors import UserError
-from fusion_seg.inference.segmenter import load_model
 from fusion_seg.data.io import default_palette, overlay, read_image, read_mask
-from fusion_seg.inference.segmenter import Segmenter
+from fusion_seg.inference import arguments
+from fusion_seg.inference.predict import check_out_file, reporting_write_errors
+from fusion_seg.inference.segmenter import Segmenter, load_model
 from fusion_seg.data.transforms import resize_pair, to_tensor
 
 STRIDES = (4, 8, 16, 32)
@@ -258,12 +259,23 @@ def visualize(checkpoints: list[str | Path], image_path: str | Path, out_png: st
     default palette, named by a colour legend of the classes under the panels; the feature
     maps are :func:`pca_rgb` of :func:`decoder_feature_maps`, shown with nearest-neighbour
     scaling so that their resolution is visible.
-    """
-    from fusion_seg.plots import save_figure
 
+    The figure is written in the format of ``out_png``'s suffix (``.png``, ``.pdf``, ``.svg``, ...:
+    :func:`fusion_seg.plots.figure_format`). A suffix that names no figure format, an ``out_png`` that
+    is a folder, lies under a file or cannot be written, and an argument the command line would refuse
+    are refused before the models load; a write that fails all the same (a full disk) is a one-line
+    :class:`UserError` naming the figure.
+    """
+    from fusion_seg.plots import figure_format, save_figure
+
+    out = arguments.path("out_png", out_png, "the figure's file name")
+    dpi = arguments.positive("dpi", dpi)
+    figure_format(out, "--out")
+    check_out_file(out, "the figure")
     fig = figure2(checkpoints, image_path, mask_path=mask_path, device=device, weights=weights,
                   panel_width=panel_width)
-    return save_figure(fig, out_png, dpi=dpi)
+    with reporting_write_errors(out, "the figure"):
+        return save_figure(fig, out, dpi=dpi)
 
 
 def _legend_layout(class_lists: list[tuple[str, ...]], width: float) -> tuple[list[int], float]:
@@ -281,12 +293,21 @@ def _legend_layout(class_lists: list[tuple[str, ...]], width: float) -> tuple[li
 def figure2(checkpoints: list[str | Path], image_path: str | Path, *, mask_path: str | Path | None = None,
             device: str = "cpu", weights: str | None = None, panel_width: float = 3.0):
     """The figure of :func:`visualize` (not saved). Its legends are ``fig.legends``: one for all rows, or
-    one per distinct class list when the checkpoints were trained on different classes."""
+    one per distinct class list when the checkpoints were trained on different classes. Its arguments
+    are checked before the models load (a UserError says what to pass)."""
     from fusion_seg.plots import legend_handles, new_figure
 
-    checkpoints = [Path(c) for c in checkpoints]
+    if not isinstance(checkpoints, (list, tuple)):
+        raise UserError(f"checkpoints={checkpoints!r}: pass a list of checkpoint paths, one row each, "
+                        f"e.g. [{str(checkpoints)!r}].")
+    checkpoints = [arguments.path("checkpoints", c, "a checkpoint's path") for c in checkpoints]
     if not checkpoints:
         raise UserError("visualize needs at least one checkpoint")
+    image_path = arguments.path("image_path", image_path, "the image file's path")
+    mask_path = arguments.path("mask_path", mask_path, "the mask file's path", optional=True)
+    arguments.path("weights", weights, "the encoder's weights file", optional=True)
+    device = arguments.text("device", device, "cpu")
+    panel_width = arguments.positive("panel_width", panel_width)
     new_figure(1, 1, "visualize")  # fail before the (slow) model loading when matplotlib is missing
     image = read_image(image_path)
     mask = read_mask(mask_path) if mask_path is not None else None

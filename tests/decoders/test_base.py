@@ -15,6 +15,7 @@ from torch import nn
 from fusion_seg.data.datasets import DATASETS, SegDataset, build_dataset, register_dataset
 from fusion_seg.decoders import DECODERS, build_decoder, decoder_from_record, decoder_record, register_decoder
 from fusion_seg.decoders.base import Decoder, FeatureTaps, resize_to, upsample_logits
+from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec, shapes_from_feature_info
 from fusion_seg.training.losses import build_loss, decoder_loss
 
@@ -273,3 +274,33 @@ def test_resize_to_is_one_function_for_every_mode():
                                F.interpolate(x, size=(10, 14), mode="nearest"), rtol=0, atol=0)
     torch.testing.assert_close(resize_to(x, (3, 4), "area"), F.adaptive_avg_pool2d(x, (3, 4)))
     torch.testing.assert_close(upsample_logits(x, (9, 13)), resize_to(x, (9, 13)), rtol=0, atol=0)
+
+
+# --- build_decoder checks its arguments (issue 20) ----------------------------------------------------------
+
+def test_shapespec_is_exported():
+    import fusion_seg
+
+    assert fusion_seg.ShapeSpec is ShapeSpec and "ShapeSpec" in fusion_seg.__all__
+
+
+def _refused(call, *fragments) -> None:
+    with pytest.raises(UserError) as info:
+        call()
+    assert "\n" not in str(info.value) and all(f in str(info.value) for f in fragments), str(info.value)
+
+
+@pytest.mark.parametrize("shapes,fragments", [
+    ({"s4": (256, 4)}, ["'s4'", "(256, 4)", "ShapeSpec(channels, stride)", "fusion_seg.ShapeSpec(256, 4)"]),
+    ({"s4": {"channels": 256, "stride": 4}}, ["'s4'", "ShapeSpec(channels, stride)"]),
+    ([(256, 4)], ["input_shapes", "dict"]),
+])
+def test_build_decoder_asks_for_shapespecs(shapes, fragments):
+    _refused(lambda: build_decoder("linear", shapes, 3), *fragments)
+
+
+def test_build_decoder_refuses_a_bad_class_count():
+    shapes = {"s4": ShapeSpec(16, 4)}
+    for n in (0, "3", 2.0):
+        _refused(lambda: build_decoder("linear", shapes, n, strides=[4]), "num_classes", ">= 1")
+    assert build_decoder("linear", shapes, 3, strides=[4]).classifier.out_channels == 3

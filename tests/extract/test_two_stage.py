@@ -50,7 +50,9 @@ def test_official_layout_through_the_pipeline(name, tmp_path):
         "--batch-size", "2", "--workers", "0", "--device", "cpu", "--loss", "ce", "--out", tmp_path / "run")
     out = run("evaluate", "--checkpoint", tmp_path / "run" / "best.pt", *data, "--split", val, "--device", "cpu")
     assert "mIoU" in out
-    metrics = json.loads((tmp_path / "run" / f"eval-{name}-{val}" / "metrics.json").read_text())
+    written = Path(out.strip().splitlines()[-1].removeprefix("written to "))  # the folder evaluate chose
+    assert written.parent == tmp_path / "run"
+    metrics = json.loads((written / "metrics.json").read_text())
     assert metrics["images"] >= 1 and 0 <= metrics["miou"] <= 1
     if name == "cityscapes":  # instance maps present: Cityscapes' instance-level scores too
         assert "iIoU class" in out and {"iiou_class", "iou_category", "iiou_category"} <= set(metrics)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 def runs(tmp_path_factory):
     """One-epoch reverse-hrnet and fpn runs on a tiny whole-image store (validated, so mIoU is logged)."""
     d = tmp_path_factory.mktemp("plots")
-    extract_synthetic(d / "s.zarr", views=1, augment=False, num_images=2)
+    extract_synthetic(d / "s.zarr", views=1, augment=False, crop=None, num_images=2)
     out = {}
     for name, cfg in {"reverse-hrnet": tiny_config(epochs=1),
                       "fpn": tiny_config(epochs=1, decoder="fpn", decoder_config={})}.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_seg.errors import DataError
-from fusion_seg.data.io import _open_decoded, read_mask
+from fusion_seg.data.io import _open_decoded, file_problem, list_images, read_mask
 from fusion_seg.data.datasets.base import FileSegDataset, register_dataset
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -75,7 +75,7 @@ class CityscapesDataset(FileSegDataset):
                 f"Cityscapes root {root} has no split {split!r}: {image_dir} does not exist. The splits "
                 f"there are: {', '.join(existing) or 'none'}. Choose one of them (expected layout: {LAYOUT})."
             )
-        images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"), key=lambda p: (p.parent.name, p.name))
+        images = _list_frames(image_dir)
         if not images:
             raise DataError(
                 f"Cityscapes image folder {image_dir} holds no <city>/*{IMAGE_SUFFIX} files. Unpack "
@@ -117,6 +117,20 @@ class CityscapesDataset(FileSegDataset):
             raise DataError(f"instance mask {path} has mode {img.mode!r}, but a single-channel 16-bit PNG is "
                             "expected (cityscapesscripts' json2instanceImg). Re-create it from the polygons.")
         return np.asarray(img).astype(np.int32)
+
+
+def _list_frames(image_dir: Path) -> list[Path]:
+    """The ``<city>/*_leftImg8bit.png`` images of a split folder, sorted by city, then name. A city entry or an
+    image that cannot be read (a dangling symbolic link) is a DataError naming it, not a city or frame less."""
+    images = []
+    for city in sorted(image_dir.iterdir(), key=lambda p: p.name):
+        if city.name.startswith("."):
+            continue
+        if city.is_dir():
+            images += list_images(city, (IMAGE_SUFFIX.lower(),))
+        elif city.is_symlink():
+            raise DataError(f"cannot read the Cityscapes city folder {city}: {file_problem(city)}.")
+    return images
 
 
 def _label_file(prefix: Path) -> Path | None:

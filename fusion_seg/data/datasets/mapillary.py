@@ -24,6 +24,7 @@ import numpy as np
 
 from fusion_seg.errors import DataError
 from fusion_seg.data.datasets.base import FileSegDataset, register_dataset
+from fusion_seg.data.io import list_images
 
 SPLITS = ("training", "validation", "testing")
 ALIASES = {"train": "training", "val": "validation", "test": "testing"}
@@ -56,9 +57,7 @@ class MapillaryDataset(FileSegDataset):
         config_name, labels_rel = VERSIONS[version]
         classes, palette, self.label_map = _read_config(root / config_name)
         images_dir, labels_dir = root / split / "images", root / split / labels_rel
-        images = sorted((p for p in images_dir.iterdir()
-                         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".jpg", ".jpeg")),
-                        key=lambda p: p.name)
+        images = list_images(images_dir, (".jpg", ".jpeg"))
         if not images:
             raise DataError(f"Mapillary image folder {images_dir} holds no .jpg files. Unpack the images there, "
                             "or pass another --root.")
