@@ -121,3 +121,22 @@ def scales_problem(scales) -> str | None:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 < s <= MAX_SCALE:
             return f"each scale must be a number in (0, {MAX_SCALE:g}], got {s!r}"
     return None
+
+
+def memory_problem(nbytes: int) -> str | None:
+    """Why ``nbytes`` cannot be held in this machine's memory (``"447.0 GiB of memory, more than the 23.4 GiB
+    this machine has"``, to follow "needs"), or None when they can.
+
+    Compared with the physical memory (``os.sysconf``), not with what is free now: what is refused here
+    cannot fit whatever else runs, so a caller that passes a lower bound of what it would allocate never
+    refuses a setting that could work, and refuses a typo (``--crop 100000x100000``) before allocating.
+    """
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # not known on this platform: nothing to compare with
+        return None
+    if nbytes <= total:
+        return None
+    return f"{nbytes / 2**30:.1f} GiB of memory, more than the {total / 2**30:.1f} GiB this machine has"

@@ -62,10 +62,13 @@ def exclusive_lock(out: str | Path, busy: Callable[[str], UserError], *, option:
     try:
         fh = _acquire(path, busy, option)
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(str(os.getpid()))
-            fh.flush()
+            try:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(str(os.getpid()))
+                fh.flush()
+            except OSError as exc:  # a full disk: the file is there, its holder's pid is not
+                raise write_error(path, exc, what="the lock file", option=option) from None
             yield path
         finally:
             with contextlib.suppress(OSError):  # still locked: nobody else holds this file; a failure

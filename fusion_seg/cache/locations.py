@@ -12,16 +12,31 @@ from fusion-seg options. For S3 that is botocore's: ``AWS_ACCESS_KEY_ID`` /
 S3-compatible server (MinIO, Ceph, moto) ``AWS_ENDPOINT_URL_S3`` or
 ``AWS_ENDPOINT_URL``. fsspec's own ``FSSPEC_S3_ENDPOINT_URL`` (read when fsspec
 is imported) works as well.
+
+Remote stores never hang: every S3 request has a connect timeout (5 s) and a read
+timeout (10 s: how long the server may stay silent; the time to upload a chunk is not
+counted), and is tried at most 4 times (botocore's 2 attempts, each tried twice by s3fs,
+which also retries a read cut short), so an endpoint that accepts connections and never
+answers fails with a CacheError within a minute. ``FUSION_SEG_REMOTE_TIMEOUT=SECONDS``
+sets both timeouts (tests use a fraction of a second). These settings replace botocore's
+own retry count (``AWS_MAX_ATTEMPTS``) for fusion-seg's stores; gs:// and az:// stores
+use their filesystem's defaults.
+
+Before an extraction makes anything, :func:`check_out` refuses a local ``--out`` that
+cannot become a store: a file, a path under a file or inside another Zarr store, or a
+folder of other files.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import math
+import os
 from pathlib import Path
 
 import zarr
 
-from fusion_seg.errors import CacheError
+from fusion_seg.errors import CacheError, UserError
 
 # protocol -> (the fsspec implementation it needs, how to install it)
 BACKENDS = {
@@ -34,6 +49,12 @@ BACKENDS = {
     "abfss": ("adlfs", "pip install adlfs"),
 }
 EXCLUSIVE_CREATE = ("s3", "s3a")  # conditional PUT (If-None-Match: *), see create_group
+# Bounds of every S3 request (see the module docstring); worst case RETRIES * ATTEMPTS * (CONNECT + READ) s.
+CONNECT_TIMEOUT = 5.0   # seconds to open a connection
+READ_TIMEOUT = 10.0     # seconds the server may stay silent (after the request is sent, or between its bytes)
+ATTEMPTS = 2            # botocore's attempts of one request (retrying timeouts, throttling, 5xx)
+RETRIES = 2             # s3fs's tries around botocore's (also retrying a response body cut short)
+TIMEOUT_ENV = "FUSION_SEG_REMOTE_TIMEOUT"  # seconds: both timeouts
 HINTS = {  # by backend package
     "s3fs": "Check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and, for a "
           "server other than AWS, the endpoint (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL).",
@@ -68,8 +89,37 @@ def zarr_store(path, mode: str = "r") -> zarr.abc.store.Store:
     if is_local(path):
         return zarr.storage.LocalStore(local_path(path), read_only=read_only)
     _require_backend(path)
-    with _reaching(path, "open"):
-        return zarr.storage.FsspecStore.from_url(str(path), read_only=read_only)
+    with reaching(path, "open"):
+        store = zarr.storage.FsspecStore.from_url(str(path), read_only=read_only, storage_options=_options(path))
+    _bound_retries(path, store.fs)
+    return store
+
+
+def _is_s3(path) -> bool:
+    return BACKENDS.get(protocol(path), ("",))[0] == "s3fs"
+
+
+def _options(path) -> dict:
+    """The fsspec options of a remote store: for S3, the timeouts and attempts of every request."""
+    if not _is_s3(path):
+        return {}
+    connect, read = CONNECT_TIMEOUT, READ_TIMEOUT
+    if os.environ.get(TIMEOUT_ENV):
+        try:
+            connect = read = float(os.environ[TIMEOUT_ENV])
+        except ValueError:
+            connect = read = math.nan
+        if not 0 < connect < math.inf:
+            raise CacheError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds > 0: "
+                             f"set it to e.g. 10, or unset it for the defaults.")
+    return {"config_kwargs": {"connect_timeout": connect, "read_timeout": read,
+                              "retries": {"total_max_attempts": ATTEMPTS}}}
+
+
+def _bound_retries(path, fs) -> None:
+    """s3fs's own tries of each request, which it takes only as an attribute of the filesystem (default 5)."""
+    if _is_s3(path):
+        fs.retries = RETRIES
 
 
 def exists(path) -> bool:
@@ -77,7 +127,7 @@ def exists(path) -> bool:
     if is_local(path):
         return (local_path(path) / "zarr.json").is_file()
     fs, root = filesystem(path)
-    with _reaching(path, "reach"):
+    with reaching(path, "reach"):
         return fs.exists(f"{root}/zarr.json")
 
 
@@ -87,7 +137,7 @@ def require_bucket(path) -> None:
         return
     fs, root = filesystem(path)
     bucket = root.split("/", 1)[0]
-    with _reaching(path, "reach"):
+    with reaching(path, "reach"):
         found = fs.exists(bucket)
     if not found:
         raise CacheError(
@@ -101,7 +151,7 @@ def bytes_used(path) -> int:
     if is_local(path):
         return sum(p.stat().st_size for p in local_path(path).rglob("*") if p.is_file())
     fs, root = filesystem(path)
-    with _reaching(path, "list"):
+    with reaching(path, "list"):
         total = fs.du(root)
     fs.invalidate_cache(root)  # du lists every object; don't let a later exists() answer from that listing
     return int(total)
@@ -123,10 +173,10 @@ def create_group(path, attributes: dict) -> zarr.Group:
         metadata: dict = {}  # the zarr.json zarr itself would write, made in memory
         zarr.open_group(zarr.storage.MemoryStore(metadata), mode="w", attributes=attributes, zarr_format=3)
         fs, root = filesystem(path)
-        with _reaching(path, "create"):
+        with reaching(path, "create"):
             fs.pipe_file(f"{root}/zarr.json", metadata["zarr.json"].to_bytes(), mode="create")
         return zarr.open_group(zarr_store(path, "r+"), mode="r+", zarr_format=3)
-    with _reaching(path, "create"):
+    with reaching(path, "create"):
         return zarr.open_group(zarr_store(path, "w-"), mode="w-", attributes=attributes, zarr_format=3)
 
 
@@ -135,8 +185,47 @@ def filesystem(path):
     import fsspec
 
     _require_backend(path)
-    with _reaching(path, "open"):
-        return fsspec.url_to_fs(str(path))
+    with reaching(path, "open"):
+        fs, root = fsspec.url_to_fs(str(path), **_options(path))
+    _bound_retries(path, fs)
+    return fs, root
+
+
+def put(path, key: str, data: bytes) -> None:
+    """Write the object ``key`` of the store at ``path`` whole: a file replaced atomically, or one PUT."""
+    if is_local(path):
+        from fusion_seg.files import atomic_write
+
+        atomic_write(local_path(path) / key, lambda fh: fh.write(data))
+        return
+    fs, root = filesystem(path)
+    with reaching(path, "write"):
+        fs.pipe_file(f"{root}/{key}", data)
+
+
+def check_out(path) -> None:
+    """Refuse an ``--out`` where no feature store can be made, before anything is written (UserError).
+
+    A local path that is a file, lies under a file or inside another Zarr store (a folder above it
+    has a ``zarr.json``), or is a folder of other files (Zarr would write its arrays among them) is
+    refused, naming it and the fix. An empty folder and an existing store are accepted. Remote stores
+    are checked when they are opened.
+    """
+    if not is_local(path):
+        return
+    out = Path(os.path.abspath(local_path(path)))
+    fix = "pass another --out: a new folder, or a store made by `fusion-seg extract`"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a feature store folder; {fix}.")
+    for folder in out.parents:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {out} cannot be made: {folder} is a file, not a folder; {fix}.")
+        if (folder / "zarr.json").is_file():
+            raise UserError(f"--out {out} is inside the Zarr store {folder}, and would be written among its "
+                            f"arrays; {fix}, outside {folder}.")
+    if out.is_dir() and not (out / "zarr.json").exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is a folder of other files, not a fusion-seg feature store, and the store's "
+                        f"arrays would be written among them; {fix} (or empty that folder).")
 
 
 def _require_backend(path) -> None:
@@ -153,14 +242,22 @@ def _require_backend(path) -> None:
 
 
 @contextlib.contextmanager
-def _reaching(path, action: str):
-    """Turn a filesystem's own errors (no credentials, unknown protocol, refused) into a CacheError."""
+def reaching(path, action: str):
+    """Turn a filesystem's own errors (no credentials, unknown protocol, refused, timed out) into a CacheError."""
     try:
         yield
-    except (CacheError, FileExistsError):
+    except (UserError, FileExistsError):
         raise
     except Exception as exc:
-        raise CacheError(f"cannot {action} {path}: {type(exc).__name__}: {exc}. {_hint(path)}".rstrip()) from exc
+        raise reach_error(path, action, exc) from exc
+
+
+def reach_error(path, action: str, exc: Exception) -> CacheError:
+    """The CacheError for a store that could not be reached: the failed ``action``, why, and what to check."""
+    reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower():
+        reason = f"timed out, the server did not answer ({reason})"
+    return CacheError(f"cannot {action} {path}: {reason}. {_hint(path)}".rstrip())
 
 
 def _hint(path) -> str:

@@ -35,7 +35,7 @@ from fusion_seg.device import memory_format, resolve_device
 from fusion_seg.encoder.build import EncoderSpec
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CacheError, DataError, UserError
-from fusion_seg.extract.encode import encode_batch, handle_failed
+from fusion_seg.extract.encode import encode_batch, handle_failed, store_write_error, store_writes
 from fusion_seg.data.views import ViewSource
 from fusion_seg.extract.request import ExtractRun
 
@@ -107,8 +107,7 @@ class ExtractPlugin(WorkerPlugin):
             return encode_batch(encoder, device, items, store.spec.dtype, store.write_view, lock=self._forward_lock,
                                 batch_size=self.batch_size)
         except OSError as exc:
-            raise CacheError(f"dask worker {self.address} could not write to {self.store_path}: {exc}. Free space "
-                             "or fix permissions, then re-run the same command: written views are kept.") from None
+            raise CacheError(f"dask worker {self.address}: {store_write_error(self.store_path, exc)}") from None
 
 
 def _run_views(plugin_name: str, views: list[int]) -> list:
@@ -179,7 +178,8 @@ def extract_on_cluster(store: FeatureStore, source: ViewSource, todo: list[int],
             try:
                 for future in as_completed(futures):
                     failed = _result(future, batches[future.key], store.path)
-                    handle_failed(store, failed, skip_bad, skipped)
+                    with store_writes(store.path):
+                        handle_failed(store, failed, skip_bad, skipped)
                     bar.update(len(batches[future.key]))
             finally:
                 client.cancel(futures)

@@ -12,9 +12,17 @@ which encoder (:class:`~fusion_seg.encoder.build.EncoderSpec`), how views are ma
 encodes them (:class:`~fusion_seg.extract.request.StoreFormat`) and how the work runs
 (:class:`~fusion_seg.extract.request.ExtractRun`). The command line and
 recipes build them from their option values in one place (fusion_seg/pipeline/requests.py).
+
+Everything a request can get wrong is refused before the store or its lock file is made: the
+arguments' ranges, an ``--out`` that cannot become a store (store_url.check_out), an empty
+dataset, and sizes that cannot fit in this machine's memory (encode.check_view_count,
+check_view_size). A store is extended only with the settings and from the input files it was
+made with (FeatureStore.create_or_resume, check_inputs). A failed write of the store (a full or
+read-only disk) is one line that says what was kept (encode.store_writes).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,14 +32,18 @@ import numpy as np
 import torch
 
 from fusion_seg import faults
+from fusion_seg.cache import locations as store_url
 from fusion_seg.cache.codecs import check_dtype, codec_spec
 from fusion_seg.cache.store import FeatureStore, writer_lock
 from fusion_seg.data.datasets import DatasetRef
+from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.data.views import Augment, Resize, ViewSource, collate_list
 from fusion_seg.device import memory_format, resolve_device
 from fusion_seg.encoder.build import EncoderSpec, FrozenEncoder
-from fusion_seg.errors import CacheError, UserError
-from fusion_seg.extract.encode import build_spec, encode_batch, handle_failed
+from fusion_seg.errors import UserError, require_type
+from fusion_seg.extract.encode import (build_spec, check_view_count, check_view_size, encode_batch, handle_failed,
+                                       label_shape_for, store_writes)
+from fusion_seg.files import file_listing
 from fusion_seg.extract.request import ExtractRun, StoreFormat
 from fusion_seg.progress import Progress
 
@@ -42,9 +54,10 @@ from fusion_seg.progress import Progress
 class ExtractResult:
     store: str
     views_total: int
-    views_written: int
+    views_written: int  # made, or skipped as bad input, by this run
     seconds: float
     skipped: list = field(default_factory=list)  # [{"view", "image_id", "error", ...}] with --skip-bad
+    views_skipped: int = 0  # views of the store skipped as bad input, after this run (FeatureStore.skipped_views)
 
     @property
     def views_per_second(self) -> float:
@@ -63,6 +76,10 @@ def check_extract_arguments(**arguments) -> None:
     bound = inspect.signature(extract).bind_partial(**arguments)
     bound.apply_defaults()
     a = bound.arguments
+    for name, kind in (("dataset", DatasetRef), ("encoder", EncoderSpec), ("augment", Augment), ("resize", Resize),
+                       ("storage", StoreFormat), ("run", ExtractRun)):
+        if name in a:  # (a recipe's check passes no dataset)
+            require_type(f"extract's {name}", a[name], kind)  # a str or dict from a caller: say what to pass
     views, augment, resize, encoder = a["views"], a["augment"], a["resize"], a["encoder"]
     storage, run = a["storage"], a["run"]
     require("--views", views, int_problem(views, 1))
@@ -119,50 +136,68 @@ def extract(
     ``run`` says where the work runs (:class:`~fusion_seg.extract.request.ExtractRun`): in this process,
     or on a dask.distributed cluster, which makes the same store, bit for bit when the encoder runs with
     the same torch thread count in every process (see dask_cluster.py).
+
+    Whatever can be refused is refused before the store or its lock file is made (see the module docstring).
     """
     arguments = dict(locals())
-    check_extract_arguments(**arguments)  # before the store (or its lock) is made
-    with writer_lock(out):
-        return _extract_locked(**arguments)
-
-
-def _extract_locked(out, dataset: DatasetRef, encoder: EncoderSpec, *, views: int, augment: Augment, resize: Resize,
-                    storage: StoreFormat, run: ExtractRun, repair: bool, skip_bad: bool,
-                    progress: bool) -> ExtractResult:
+    check_extract_arguments(**arguments)
+    store_url.check_out(out)
     ds = dataset.build()
     if len(ds) == 0:
         raise UserError(f"dataset {dataset.name!r} split {dataset.split!r} has no images; nothing to extract.")
-    dev = None if run.on_cluster else resolve_device(run.device)  # dask workers resolve their own
+    check_view_count(len(ds), views)  # before anything sized by the views: the image ids, the records
+    label_shape = label_shape_for(ds, augment, resize, skip_bad)
     enc = encoder.build()
-    spec = build_spec(ds, enc, views, augment, resize, skip_bad, dtype=storage.dtype, codec=storage.codec)
-    store = FeatureStore.create_or_resume(out, spec)
-    if repair:
-        report = store.verify(progress=progress)
-        store.invalidate(sorted({b["view"] for b in report["bad"]} | set(report["skipped"])))
-    todo = np.flatnonzero(~store.completed()).tolist()
-    result = ExtractResult(str(out), spec.num_views, 0, 0.0)
-    if not todo:
-        return result
-    source = ViewSource(ds, views, augment, resize, enc.identity.mean, enc.identity.std)
+    check_view_size(enc.output_shape(), label_shape, augment, resize, batch_size=run.batch_size,
+                    num_views=len(ds) * views, dtype=storage.dtype)  # before the probe forward of build_spec
+    with writer_lock(out):
+        return _extract_locked(out, ds, enc, label_shape, encoder, views=views, augment=augment, resize=resize,
+                               storage=storage, run=run, repair=repair, skip_bad=skip_bad, progress=progress)
+
+
+def _extract_locked(out, ds: SegDataset, enc: FrozenEncoder, label_shape: tuple[int, int], encoder: EncoderSpec, *,
+                    views: int, augment: Augment, resize: Resize, storage: StoreFormat, run: ExtractRun, repair: bool,
+                    skip_bad: bool, progress: bool) -> ExtractResult:
+    dev = None if run.on_cluster else resolve_device(run.device)  # dask workers resolve their own
+    spec = build_spec(ds, enc, views, augment, resize, label_shape, dtype=storage.dtype, codec=storage.codec)
+    inputs = file_listing(ds.input_files())
+    with store_writes(out):
+        store = FeatureStore.create_or_resume(out, spec, inputs=inputs, repair=repair)
+        store.check_inputs(inputs, may_change=_repairable_files(store, ds) if repair else ())
+        if repair:
+            report = store.verify(progress=progress)
+            store.invalidate(sorted({b["view"] for b in report["bad"]} | set(report["skipped"])))
+        todo = np.flatnonzero(~store.completed()).tolist()
     skipped: list[dict] = []
     start = time.perf_counter()
-    try:
-        with Progress(len(todo), f"extract {Path(str(out)).name}", "view", enabled=progress) as bar:
-            if run.on_cluster:
-                from fusion_seg.extract.dask_cluster import extract_on_cluster
+    if todo:
+        source = ViewSource(ds, views, augment, resize, enc.identity.mean, enc.identity.std)
+        try:
+            with Progress(len(todo), f"extract {Path(str(out)).name}", "view", enabled=progress) as bar:
+                if run.on_cluster:
+                    from fusion_seg.extract.dask_cluster import extract_on_cluster
 
-                extract_on_cluster(store, source, todo, encoder, run, skip_bad=skip_bad, skipped=skipped, bar=bar)
-            else:
-                _extract_here(store, source, todo, enc, dev, batch_size=run.batch_size,
-                              loader_workers=run.loader_workers, writers=run.writers, skip_bad=skip_bad,
-                              skipped=skipped, bar=bar)
-    finally:
-        if skipped:  # also when stopped half-way: these views are marked done, so say why
+                    extract_on_cluster(store, source, todo, encoder, run, skip_bad=skip_bad, skipped=skipped, bar=bar)
+                else:
+                    _extract_here(store, source, todo, enc, dev, batch_size=run.batch_size,
+                                  loader_workers=run.loader_workers, writers=run.writers, skip_bad=skip_bad,
+                                  skipped=skipped, bar=bar)
+        except BaseException:
+            if skipped:  # stopped half-way: these views are marked done, so say why, if the store still takes it;
+                with contextlib.suppress(Exception):  # a failure here must not replace the error that stopped the run
+                    store.record_skipped(skipped)
+            raise
+    with store_writes(out):
+        if skipped:
             store.record_skipped(skipped)
-    result.views_written = len(todo)
-    result.seconds = time.perf_counter() - start
-    result.skipped = skipped
-    return result
+        views_skipped = len(store.skipped_views())
+    return ExtractResult(str(out), spec.num_views, len(todo), time.perf_counter() - start, skipped, views_skipped)
+
+
+def _repairable_files(store: FeatureStore, ds: SegDataset) -> list[str]:
+    """The files of the images whose views were skipped as bad input: ``--repair`` makes those views again,
+    so these files may have been fixed (changed) since without making any of the store's views stale."""
+    return [str(path) for entry in store.skipped_report() for path in ds.sample_files(entry["image_index"])]
 
 
 def _extract_here(store: FeatureStore, source: ViewSource, todo: list[int], enc: FrozenEncoder, dev: torch.device, *,
@@ -180,7 +215,8 @@ def _extract_here(store: FeatureStore, source: ViewSource, todo: list[int], enc:
 
         for items in loader:
             failed = encode_batch(enc, dev, items, store.spec.dtype, write, batch_size=batch_size)
-            handle_failed(store, failed, skip_bad, skipped)
+            with store_writes(store.path):
+                handle_failed(store, failed, skip_bad, skipped)
             bar.update(len(failed))
             # Bound the memory held by views waiting to be written, and surface write errors early.
             while len(pending) > 4 * max(1, writers):
@@ -192,11 +228,6 @@ def _extract_here(store: FeatureStore, source: ViewSource, todo: list[int], enc:
 
 
 def _finish(future: Future, out) -> None:
-    try:
+    with store_writes(out):
         future.result()
-    except OSError as exc:
-        raise CacheError(
-            f"writing to {out} failed: {exc}. Free space or fix permissions, then re-run the same command: "
-            "the views already written are kept and only the missing ones are extracted."
-        ) from exc
     faults.checkpoint_reached("view")  # a test's pause point (faults.py); nothing when no test set one

@@ -7,8 +7,10 @@ import errno
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from click.testing import CliRunner
 from fusion_seg.cache import locations as store_url
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.cli import main
-from fusion_seg.errors import CacheError
+from fusion_seg.errors import CacheError, UserError
 from fusion_seg.pipeline.recipes import run_recipe
 from fusion_seg.training.config import TrainConfig
 from fusion_seg.training.train import train_decoder
@@ -145,6 +147,19 @@ def test_corrupt_object_is_named_and_repaired(s3, remote, reference):
     assert_same_store(url, reference)
 
 
+def test_corrupt_array_metadata_is_named_and_rewritten_by_repair(s3, remote, reference):
+    url = copy_store(s3, remote)
+    s3.pipe_file(f"{url.removeprefix('s3://')}/s16/zarr.json", b'{"shape": [')
+    result = CliRunner().invoke(main, ["info", url])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{url}/s16/zarr.json" in result.output and "--repair" in result.output
+    result = CliRunner().invoke(main, ["verify", url])
+    assert result.exit_code == 1 and f"BAD array s16: {url}/s16/zarr.json" in result.output
+    assert extract(url, repair=True).views_written == 0
+    assert FeatureStore.open(url).verify()["ok"]
+    assert_same_store(url, reference)
+
+
 def test_interrupted_extraction_resumes_bit_identical(s3, reference):
     url = f"s3://{BUCKET}/interrupted.zarr"
     original_set = zarr.storage.FsspecStore.set
@@ -158,7 +173,7 @@ def test_interrupted_extraction_resumes_bit_identical(s3, reference):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(zarr.storage.FsspecStore, "set", set_then_fail)
-        with pytest.raises(CacheError, match="re-run the same command"):
+        with pytest.raises(UserError, match="re-run the same command"):
             extract(url)
     done = FeatureStore.open(url).completed()
     assert 0 < done.sum() < 12 and done[:2].all()
@@ -274,3 +289,65 @@ def test_missing_s3fs_names_the_extra(monkeypatch):
         FeatureStore.open("s3://bucket/x.zarr")
     result = CliRunner().invoke(main, ["info", "s3://bucket/x.zarr"])
     assert result.exit_code == 2 and "pip install fusion-seg[s3]" in result.output
+
+
+# --------------------------------------------------------------------------- an endpoint that never answers
+def test_default_remote_timeouts_bound_the_worst_case(monkeypatch):
+    """Every request to an S3 store is bounded: s3fs's tries x botocore's attempts x (connect + read timeouts)
+    stays within about a minute, for the filesystem fusion-seg lists with and for the zarr store it reads."""
+    monkeypatch.delenv(store_url.TIMEOUT_ENV, raising=False)
+    for fs in (store_url.filesystem("s3://bucket/x.zarr")[0], store_url.zarr_store("s3://bucket/x.zarr").fs):
+        config = fs.config_kwargs
+        attempts = fs.retries * config["retries"]["total_max_attempts"]
+        assert 2 <= attempts and attempts * (config["connect_timeout"] + config["read_timeout"]) <= 75
+        assert config["read_timeout"] >= 5  # the time a server may stay silent; an upload's own time is not counted
+    monkeypatch.setenv(store_url.TIMEOUT_ENV, "0.5")
+    config = store_url.filesystem("s3://bucket/x.zarr")[0].config_kwargs
+    assert config["connect_timeout"] == config["read_timeout"] == 0.5
+    monkeypatch.setenv(store_url.TIMEOUT_ENV, "soon")
+    with pytest.raises(CacheError, match=store_url.TIMEOUT_ENV):
+        store_url.filesystem("s3://bucket/x.zarr")
+
+
+@pytest.fixture
+def silent_endpoint():
+    """An HTTP endpoint on loopback that accepts every connection and never sends a byte."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+    assert held, "nothing connected to the endpoint"
+
+
+@pytest.mark.parametrize("command", [["info"], ["verify"], ["extract", "--dataset", "synthetic", "--split", "train",
+                                                           "--dataset-opt", "num_images=1", "--encoder", "resnet18",
+                                                           "--random-init", "--out"]])
+def test_an_endpoint_that_never_answers_fails_clearly(silent_endpoint, command):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+               AWS_CONFIG_FILE="/nonexistent/aws-config", AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials",
+               AWS_ENDPOINT_URL_S3=silent_endpoint, **{store_url.TIMEOUT_ENV: "0.5"})
+    cmd = [sys.executable, "-m", "fusion_seg", *command, f"s3://{BUCKET}/x.zarr"]
+    try:  # a guard: a hang fails the test instead of hanging the suite
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`{' '.join(command)}` on an endpoint that never answers still ran after 120 s")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"s3://{BUCKET}/x.zarr" in proc.stderr and "timed out" in proc.stderr.lower()
+    assert "AWS_ENDPOINT_URL" in proc.stderr  # the hint: check the endpoint
