@@ -9,7 +9,10 @@ imports no torch).
 - stages: ``extract_features`` (``fusion-seg extract``), ``train_decoder``, ``train_online``
   (``fusion-seg train-decoder [--online]``), ``evaluate``, ``predict``;
 - models: ``load_model`` (a checkpoint as a :class:`SegmentationModel`: image in, mask out),
-  ``build_decoder`` and the registries ``DECODERS`` and ``DATASETS``; ``FeatureStore`` (a cache).
+  ``build_decoder`` (from ``{name: ShapeSpec(channels, stride)}``) and the registries ``DECODERS`` and
+  ``DATASETS``; ``FeatureStore`` (a cache);
+- errors: ``UserError``, the base of every error a caller's input or settings can cause (one line that
+  names the file or option and the fix).
 
 ``extract_features`` is ``fusion_seg.extract.local.extract``: the name ``extract`` is the sub-package.
 """
@@ -35,6 +38,8 @@ _API = {  # name -> (module, attribute)
     "load_model": ("fusion_seg.inference.segmenter", "load_model"),
     "SegmentationModel": ("fusion_seg.inference.segmenter", "SegmentationModel"),
     "build_decoder": ("fusion_seg.decoders", "build_decoder"),
+    "ShapeSpec": ("fusion_seg.shapes", "ShapeSpec"),
+    "UserError": ("fusion_seg.errors", "UserError"),
     "DECODERS": ("fusion_seg.decoders", "DECODERS"),
 }
 __all__ = sorted(_API)

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from fusion_seg.checks import CACHE_MODES, FEATURE_CROP_ALIGN, scale_range_problem, size_problem, strides_problem
-from fusion_seg.errors import UserError
+from fusion_seg.errors import UserError, os_error_message
 from fusion_seg.cache.codecs import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES  # torch-free
 
 # Copies of the registries' names, which live in modules that import torch (decoders, encoder) or PIL and
@@ -28,6 +28,7 @@ DECODER_NAMES = ("reverse-hrnet", "linear", "fpn", "eseg", "frm", "exfuse", "hrn
 CACHE_DECODER_NAMES = tuple(d for d in DECODER_NAMES if d != "hrnet")  # hrnet trains end to end (--online) only
 DEFAULT_ENCODER = "resnet50.fb_ssl_yfcc100m_ft_in1k"  # encoder.DEFAULT_ENCODER
 DEFAULT_STRIDES = (2, 4, 8, 16, 32)  # encoder.DEFAULT_STRIDES
+DECODER_OPT_EXAMPLE = "widths=[32,64,128,256]"  # --decoder-opt's help; tests/test_cli.py trains with it
 
 
 class HxW(click.ParamType):
@@ -151,6 +152,19 @@ def check_scale_range(ctx, param, value):
     return value
 
 
+def written_as(kind: str, *suffixes: str):
+    """A click callback for an option that names a file written as ``kind`` (JSON, Markdown): a name whose
+    suffix says another format (``plan.csv`` for JSON) is refused while the command line is read, before any
+    work; ``suffixes`` are the suffixes of ``kind`` (the first is suggested). A name without a suffix is taken."""
+    def check(ctx, param, value):
+        suffix = Path(value).suffix.lower() if value else ""
+        if suffix and suffix not in suffixes:
+            raise click.BadParameter(f"{value}: the file is written as {kind}, but its suffix {suffix} says another "
+                                     f"format; name it {Path(value).with_suffix(suffixes[0])}", ctx=ctx, param=param)
+        return value
+    return check
+
+
 POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
@@ -185,18 +199,44 @@ def option_values(params: dict) -> dict:
     return values
 
 
+# What Ctrl-C leaves behind, by command: each says only what is true of that command.
+INTERRUPTED = {
+    "extract": "Interrupted. Re-run the same command to resume: the views already written are kept.",
+    "train_decoder": "Interrupted. {out}/last.pt holds the last finished epoch: re-run the same command with --resume "
+                     "to continue from it (as it was, without --resume, if no epoch had finished).",
+    "compare": "Interrupted. Re-run the same command to continue: a decoder already trained is not trained again.",
+    "run": "Interrupted. Re-run the same command: stages that finished are skipped, an extraction resumes and a "
+           "train stage continues its run.",
+    "predict": "Interrupted. predict does not resume: re-running it predicts every image again (the files written "
+               "so far are whole).",
+}
+NOT_RESUMED = "Interrupted. Nothing to resume: re-run the command to start it again."
+
+
 def user_errors(fn):
+    """Print a user's error as one line (exit 2), and what an interruption leaves (exit 130); a failed
+    file-system call or a failed allocation that no library check turned into a UserError is one line too."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            click.secho(f"Error: {exc}", fg="red", err=True)
-            sys.exit(2)
+            fail(str(exc))
+        except OSError as exc:
+            fail(os_error_message(exc))
+        except MemoryError:
+            fail(f"{fn.__name__.replace('_', '-')} ran out of memory: reduce --batch-size, --crop or the image size, "
+                 "or run it on a machine with more memory.")
         except KeyboardInterrupt:
-            click.secho("Interrupted. Re-run the same command to resume.", fg="yellow", err=True)
+            message = INTERRUPTED.get(fn.__name__, NOT_RESUMED)
+            click.secho(message.format(out=kwargs.get("out", "OUT")), fg="yellow", err=True)
             sys.exit(130)
     return wrapper
+
+
+def fail(message: str) -> None:
+    click.secho(f"Error: {message}", fg="red", err=True)
+    sys.exit(2)
 
 
 def dataset_options(fn):
@@ -229,8 +269,8 @@ def _view_options(fn, crop_option, prefix: str = ""):
 
 def view_options(fn):
     """extract's: how each view is made from an image."""
-    return _view_options(fn, click.option("--crop", type=HxW(), default="512x512", show_default=True,
-                                          help="Crop of each augmented view."))
+    return _view_options(fn, click.option("--crop", type=HxW(), default=None,
+                                          help="Crop of each augmented view (default: 512x512)."))
 
 
 def train_view_options(fn):
@@ -301,10 +341,15 @@ def extract(**params):
     from fusion_seg.pipeline.requests import extract_arguments
 
     r = run(**extract_arguments(option_values(params)))
-    click.echo(f"{r.store}: {r.views_written} views written ({r.views_total} in store), "
+    of_them = f", {len(r.skipped)} of them skipped as bad input" if r.skipped else ""
+    click.echo(f"{r.store}: {r.views_written} views written{of_them} ({r.views_total} in store), "
                f"{r.views_per_second:.2f} views/s")
     for bad in r.skipped:
         click.secho(f"skipped view {bad['view']} ({bad['image_id']}): {bad['error']}", fg="yellow", err=True)
+    if r.views_skipped:  # this run's, or an earlier one's: the store is complete without them
+        views = f"{r.views_skipped} view" + ("s" if r.views_skipped > 1 else "")
+        click.secho(f"{r.store} holds {views} skipped as bad input (`fusion-seg info {r.store}` lists why): once the "
+                    "inputs are fixed, re-run this command with --repair to extract them.", fg="yellow", err=True)
 
 
 @main.command()
@@ -313,12 +358,14 @@ def extract(**params):
 @user_errors
 def verify(store, as_json):
     """Read every chunk of a feature store and list the views that are corrupt or missing (exit 1 if any)."""
-    from fusion_seg.cache.store import FeatureStore
+    from fusion_seg.cache.store import verify_store
 
-    report = FeatureStore.open(store).verify(progress=not as_json)
+    report = verify_store(store, progress=not as_json)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
+        for bad in report["metadata"]:
+            click.echo(f"BAD array {bad['array']}: {bad['file']}: {bad['error']}")
         for bad in report["bad"]:
             click.echo(f"BAD view {bad['view']}: {bad['chunk']}: {bad['error']}")
         if report["incomplete"]:
@@ -326,8 +373,9 @@ def verify(store, as_json):
         if report["skipped"]:
             click.echo(f"SKIPPED {len(report['skipped'])} views as bad input (`fusion-seg info` lists why)")
         views_bad = len({b["view"] for b in report["bad"]})
+        arrays_bad = f", {len(report['metadata'])} arrays with unusable metadata" if report["metadata"] else ""
         click.echo(f"{store}: {report['views']} views, {views_bad} corrupt, {len(report['incomplete'])} incomplete, "
-                   f"{len(report['skipped'])} skipped")
+                   f"{len(report['skipped'])} skipped{arrays_bad}")
         if not report["ok"]:
             click.echo("Fix: re-run the extract command that made this store with --repair.")
     sys.exit(0 if report["ok"] else 1)
@@ -347,12 +395,15 @@ def info(store, as_json):
         click.echo(json.dumps(d, indent=2))
         return
     enc = d["encoder"]
-    ratio = f"{d['compression_ratio']:.2f}x" if d["compression_ratio"] else "n/a"
+    ratio = d["compression_ratio"]
+    versus_raw = ("n/a" if not ratio else f"{ratio:.2f}x smaller than raw fp16" if ratio >= 1
+                  else f"{1 / ratio:.2f}x larger than raw fp16")
     size = f"{d['bytes_on_disk'] / 2**20:.1f} MiB" if d["bytes_on_disk"] is not None else "n/a (remote)"
+    skipped = f", {len(d['skipped'])} skipped as bad input" if d["skipped"] else ""
     click.echo(f"store          {d['path']}\nschema         v{d['schema_version']}\n"
                f"dataset        {d['dataset']} / {d['split']} ({d['num_classes']} classes)\n"
-               f"views          {d['views_complete']} of {d['views']} complete ({d['images']} images)\n"
-               f"stored         {size}, {ratio} smaller than raw fp16 ({d['dtype']}, {codec_label(d['codec'])})\n"
+               f"views          {d['views_complete']} of {d['views']} complete ({d['images']} images){skipped}\n"
+               f"stored         {size}, {versus_raw} ({d['dtype']}, {codec_label(d['codec'])})\n"
                f"encoder        {enc['tag']}  weights={enc['weights']}  sha256={enc['weights_sha256'][:16]}\n"
                f"normalise      mean={enc['mean']} std={enc['std']}")
     for name, a in d["arrays"].items():
@@ -360,6 +411,26 @@ def info(store, as_json):
     click.echo(f"  labels {d['label_shape']}  augment={d['augment']}  resize={d['resize']}")
     for bad in d["skipped"]:
         click.echo(f"  skipped view {bad['view']} ({bad['image_id']}): {bad['error']}")
+
+
+# train-decoder's options that only one of its two modes uses, and what to say when the other is given them.
+ONLINE_ONLY = ("dataset", "root", "split", "dataset_opt", "no_augment", "scale_range", "no_flip", "short_side", "size",
+               "encoder", "weights", "random_init", "strides")
+CACHE_ONLY = ("cache", "views")
+UNUSED = {False: "only --online training uses {flags} (from a cache, its views were made by extract); drop {them}, "
+                 "or add --online to train from images.",
+          True: "--online training does not use {flags} (it draws a fresh view of each image every epoch); drop "
+                "{them}, or drop --online to train from a cache."}
+
+
+def refuse_unused_options(ctx: click.Context, online: bool) -> None:
+    """Refuse options given on the command line that the mode in use would ignore (the other mode's)."""
+    names = CACHE_ONLY if online else ONLINE_ONLY
+    given = [p for p in ctx.command.params
+             if p.name in names and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        flags = ", ".join(p.opts[-1] if p.name.startswith("no_") else p.opts[0] for p in given)
+        raise UserError(UNUSED[online].format(flags=flags, them="them" if len(given) > 1 else "it"))
 
 
 @main.command("train-decoder")
@@ -387,7 +458,8 @@ def info(store, as_json):
               help="[reverse-hrnet] HR modules per stage, e.g. 3,4,1.")
 @click.option("--blocks", type=click.IntRange(min=1), default=None, help="[reverse-hrnet] BasicBlocks per branch.")
 @click.option("--decoder-opt", "decoder_opt", multiple=True, metavar="KEY=VALUE",
-              help="Any other decoder option, e.g. width=128 (repeatable).")
+              help=f"Any other decoder option as KEY=VALUE, the value in JSON, e.g. {DECODER_OPT_EXAMPLE} "
+                   "(repeatable).")
 @click.option("--views", type=click.IntRange(min=1), default=None,
               help="Use only each image's first N cached views (default: all); e.g. to see how many a task needs.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
@@ -430,6 +502,7 @@ def train_decoder(ctx, **params):
     from fusion_seg.training.run_dir import resumed_lr
     from fusion_seg.training.train import train_decoder as from_cache, train_online
 
+    refuse_unused_options(ctx, params["online"])
     options = option_values(params)
     cache, val_cache, allow_val_on_train, online, resume, out = (
         options.pop(k) for k in ("cache", "val_cache", "allow_val_on_train", "online", "resume", "out"))
@@ -450,13 +523,20 @@ def train_decoder(ctx, **params):
         r = from_cache(cache, out, cfg, val_cache=val_cache, resume=resume, allow_val_on_train=allow_val_on_train)
     best = f"{r.best_miou:.4f}" if r.best_miou is not None else "n/a"
     if is_main_process():  # under torchrun, print once
-        click.echo(f"{r.run_dir}: {r.steps} steps in {r.seconds:.1f}s, best val mIoU {best}")
+        if r.losses:
+            click.echo(f"{r.run_dir}: {len(r.losses)} steps in {r.seconds:.1f}s (step {r.steps} of the run), "
+                       f"best val mIoU {best}")
+        else:
+            click.echo(f"{r.run_dir}: already finished ({r.epochs} epochs, {r.steps} steps), nothing to train; "
+                       f"best val mIoU {best}")
 
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path())
 @dataset_options
-@click.option("--out", type=click.Path(), default=None, help="Output folder (default: next to the checkpoint).")
+@click.option("--out", type=click.Path(), default=None,
+              help="Output folder (default: one beside the checkpoint per evaluation setting, e.g. "
+                   "eval-best-camvid-val-flip-1a2b3c4d: checkpoint, dataset, split, TTA, a hash of root and options).")
 @click.option("--sliding-window", is_flag=True, help="Sliding-window inference with the training crop.")
 @click.option("--flip", is_flag=True, help="Test-time augmentation: also predict the mirrored image and average "
               "the logits (as HRNet's and mmsegmentation's evaluations).")
@@ -539,7 +619,8 @@ def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed
               help="Decoder checkpoint; repeat to compare rows (e.g. HRNet baseline and reverse HRNet).")
 @click.option("--input", "image", required=True, type=click.Path(), help="An image file.")
 @click.option("--mask", type=click.Path(), default=None, help="Its ground-truth mask, if any.")
-@click.option("--out", required=True, type=click.Path(), help="Output PNG.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output figure; its suffix says the format: .png, .pdf, .svg, .jpg, ...")
 @click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if a checkpoint needs one.")
 @click.option("--device", default="cpu", show_default=True)
 @user_errors
@@ -572,7 +653,8 @@ def visualize(checkpoints, image, mask, out, weights, device):
 @click.option("--bench-json", type=click.Path(), default=None,
               help="Rates from `fusion-seg bench --json FILE` instead of probing (scaled to this batch and size).")
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="Probe repetitions.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the plan as JSON.")
+@click.option("--json", "json_path", type=click.Path(), default=None, callback=written_as("JSON", ".json"),
+              help="Also write the plan as JSON (a .json file).")
 @user_errors
 def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_size, decoder, decoder_opt, encoder,
          device, bench_json, repeats, json_path):
@@ -637,9 +719,12 @@ def run(recipe, overrides, dry_run, epoch_scale):
               help="Timed repetitions (the median is quoted).")
 @click.option("--loader-workers", "--workers", "loader_workers", type=click.IntRange(min=0), default=2,
               show_default=True, help="Training DataLoader worker processes.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the results as JSON.")
-@click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="Write the tables as Markdown.")
+@click.option("--json", "json_path", type=click.Path(), default=None, callback=written_as("JSON", ".json"),
+              help="Write the results as JSON (a .json file).")
+@click.option("--markdown", "markdown_path", type=click.Path(), default=None,
+              callback=written_as("Markdown", ".md", ".markdown"), help="Write the tables as Markdown (a .md file).")
 @click.option("--update", "update_path", type=click.Path(), default=None,
+              callback=written_as("Markdown", ".md", ".markdown"),
               help="Replace this device's bench block in a Markdown file (e.g. BENCHMARKS.md).")
 @click.option("--workdir", type=click.Path(), default=None, help="Scratch folder (default: a temporary one).")
 @user_errors

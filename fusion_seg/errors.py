@@ -82,3 +82,25 @@ def write_error(path, exc: OSError, *, what: str = "", option: str = "--out", th
     fix = fixes.get(code, f"fix the location, or pass another {option}")
     target = f"{what} {path}" if what else str(path)
     return UserError(f"cannot write {target} ({reason}); {fix}.{' ' + then if then else ''}")
+
+
+def require_type(what: str, value, kind: type) -> None:
+    """Refuse a value of the wrong type where the Python API takes a request or config object (a ``str`` or a
+    ``dict`` where a ``TrainConfig`` or a ``DatasetRef`` goes), with a UserError that says what to pass."""
+    if isinstance(value, kind):
+        return
+    name = kind.__name__
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    fix = (f"fusion_seg.{name}(**that_dict)" if isinstance(value, dict)
+           else f"fusion_seg.{name}(...) (see help(fusion_seg.{name}))")
+    article = "an" if name[0] in "AEIOU" else "a"
+    raise UserError(f"{what} must be {article} {name}, not {type(value).__name__} {shown}; pass {fix}.")
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a failed file-system call that no check caught: a failed write says why and the fix
+    (:func:`write_error`), anything else names the file and the OS's reason."""
+    path = exc.filename or "a file"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+        return str(write_error(path, exc, option="output location"))
+    return f"{path}: {exc.strerror or exc}. Check that path and try again."

@@ -53,7 +53,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *, durab
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # a failed cleanup (a file system gone read-only) must not hide the error that stopped the write
         raise
     if durable:
         _fsync_folder(path.parent)

@@ -20,7 +20,8 @@ def extract_synthetic(out: Path, *, split="train", views=2, augment=True, crop=(
                       strides=(4, 8, 16, 32), num_images=6, **kw):
     """``num_images`` synthetic images extracted into ``out``; ``kw``: any other extract option, by its
     recipe name (``batch_size``, ``dtype``, ``scheduler``, ...), built into extract()'s requests as a recipe's are."""
-    options = dict(dataset="synthetic", split=split, out=out, views=views, augment=augment, crop=crop,
+    options = dict(dataset="synthetic", split=split, out=out, views=views, augment=augment,
+                   crop=crop if augment else None,  # a crop without augmentation is refused
                    encoder=ENCODER, random_init=True, seed=seed, strides=strides, loader_workers=0,
                    dataset_options={"num_images": num_images, "size": SYNTH["size"]}, **kw)
     return extract(**extract_arguments(options), progress=False)

@@ -164,3 +164,158 @@ def test_train_config_accepts_its_defaults_and_edge_values():
     TrainConfig(lr=0.0)  # a script may train with lr 0 (tests carry weights over unchanged); the CLI refuses --lr 0
     TrainConfig(epochs=1, batch_size=1, lr=1e-6, momentum=0.0, weight_decay=0.0, crop=[32, 64], views=1,
                 ohem_thresh=1.0, ohem_min_kept=1, seed=0, workers=0, val_every=1, log_every=1, loss="ce")
+
+
+# --- issue 20: options the mode ignores, values of the wrong type, and what an interruption says ------------------
+
+def train_line(tmp_path, cache, *bad):
+    return ["train-decoder", "--cache", str(cache), "--epochs", "1", "--batch-size", "2", "--workers", "0",
+            "--device", "cpu", "--loss", "ce", *bad, "--out", str(tmp_path / "runs" / "r")]
+
+
+# (the options as given, the one the message must name); each would be ignored in the mode the command runs in
+UNUSED = [
+    (("--scale-range", "1", "1"), "--scale-range"), (("--no-flip",), "--no-flip"), (("--no-augment",), "--no-augment"),
+    (("--short-side", "64"), "--short-side"), (("--size", "64x64"), "--size"), (("--encoder", "resnet50"), "--encoder"),
+    (("--random-init",), "--random-init"), (("--strides", "8,16"), "--strides"), (("--dataset", "synthetic"), "--dataset"),
+    (("--root", "data"), "--root"), (("--split", "val"), "--split"), (("--dataset-opt", "num_images=2"), "--dataset-opt"),
+    (("--weights", "w.pth"), "--weights"),
+]
+
+
+@pytest.mark.parametrize("given, option", UNUSED, ids=[u[1] for u in UNUSED])
+def test_online_only_options_are_refused_when_training_from_a_cache(given, option, tmp_path, cache):
+    result = CliRunner().invoke(main, train_line(tmp_path, cache, *given))
+    assert result.exit_code == 2, result.output
+    assert f"only --online training uses {option}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("given, option", [(("--cache", "s.zarr"), "--cache"), (("--views", "1"), "--views")])
+def test_cache_only_options_are_refused_online(given, option, tmp_path):
+    result = CliRunner().invoke(main, ["train-decoder", "--online", *DATA, *ENC, *given, "--out",
+                                       str(tmp_path / "runs" / "r")])
+    assert result.exit_code == 2 and f"--online training does not use {option}" in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["extract", "train-decoder"])
+def test_a_crop_with_no_augment_is_refused(command, tmp_path):
+    line = ["extract", *DATA, "--split", "val", *ENC, "--loader-workers", "0", "--out", str(tmp_path / "out" / "x.zarr")]
+    if command == "train-decoder":
+        line = ["train-decoder", "--online", *DATA, *ENC, "--workers", "0", "--out", str(tmp_path / "out" / "r")]
+    result = CliRunner().invoke(main, [*line, "--no-augment", "--crop", "64x64"])
+    assert result.exit_code == 2 and "--crop 64x64 has no effect with --no-augment" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+WRONG_TYPES = [
+    ("extract", ("--dataset-opt", "num_images=abc"), 'num_images = "abc" should be an integer'),
+    ("extract", ("--dataset-opt", "num_images=1.5"), "num_images = 1.5 should be an integer"),
+    ("extract", ("--dataset-opt", "size=64"), "size = 64 should be a list of 2 integers"),
+    ("train-decoder", ("--decoder-opt", "widths=abc"), 'widths = "abc" should be a list of integers'),
+    ("train-decoder", ("--decoder-opt", "streams=4.5"), "streams = 4.5 should be an integer"),
+    ("train-decoder", ("--decoder-opt", "width=128"), "has no option 'width' (did you mean 'widths'?)"),
+    ("online", ("--dataset-opt", "num_images=two"), 'num_images = "two" should be an integer'),
+]
+
+
+@pytest.mark.parametrize("command, given, message", WRONG_TYPES, ids=[" ".join(w[1]) for w in WRONG_TYPES])
+def test_option_values_of_the_wrong_type_are_refused_before_any_work(command, given, message, tmp_path, cache):
+    out = tmp_path / "out"
+    if command == "extract":
+        line = ["extract", "--dataset", "synthetic", "--split", "train", *given, *ENC, "--loader-workers", "0",
+                "--out", str(out / "x.zarr")]
+    elif command == "online":
+        line = ["train-decoder", "--online", "--dataset", "synthetic", *given, *ENC, "--out", str(out / "r")]
+    else:
+        line = ["train-decoder", "--cache", str(cache), *given, "--device", "cpu", "--out", str(out / "r")]
+    result = CliRunner().invoke(main, line)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output and result.output.count("\n") == 1
+    assert not out.exists()
+
+
+def test_the_decoder_opt_example_in_the_help_is_accepted(tmp_path, cache):
+    from fusion_seg.cli import DECODER_OPT_EXAMPLE
+
+    assert DECODER_OPT_EXAMPLE in " ".join(CliRunner().invoke(main, ["train-decoder", "--help"]).output.split())
+    result = CliRunner().invoke(main, train_line(tmp_path, cache, "--decoder-opt", DECODER_OPT_EXAMPLE))
+    assert result.exit_code == 0, result.output
+    from fusion_seg.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "runs" / "r" / "last.pt")["decoder"]["config"]["widths"] == [32, 64, 128, 256]
+
+
+@pytest.mark.parametrize("command, says, never", [
+    ("extract", "Re-run the same command to resume", "--resume"),
+    ("train-decoder", "with --resume", "Re-run the same command to resume"),
+    ("predict", "predict does not resume", "Re-run the same command to resume"),
+    ("evaluate", "Nothing to resume", "Re-run the same command to resume"),
+])
+def test_an_interruption_says_only_what_is_true_of_the_command(command, says, never, monkeypatch, tmp_path, cache):
+    """Ctrl-C used to print "Re-run the same command to resume" for every command, predict (which does not
+    resume) and train-decoder (which needs --resume) included."""
+    import fusion_seg.evaluation.evaluate
+    import fusion_seg.extract.local
+    import fusion_seg.inference.predict
+    import fusion_seg.training.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = {"extract": (fusion_seg.extract.local, "extract"), "train-decoder": (fusion_seg.training.train,
+                                                                                  "train_decoder"),
+              "predict": (fusion_seg.inference.predict, "predict"),
+              "evaluate": (fusion_seg.evaluation.evaluate, "evaluate")}[command]
+    monkeypatch.setattr(*target, interrupted)
+    line = {"extract": ["extract", *DATA, "--split", "train", *ENC, "--out", str(tmp_path / "x.zarr")],
+            "train-decoder": train_line(tmp_path, cache),
+            "predict": ["predict", "--checkpoint", "c.pt", "--input", "in", "--out", str(tmp_path / "p")],
+            "evaluate": ["evaluate", "--checkpoint", "c.pt", *DATA, "--split", "val"]}[command]
+    result = CliRunner().invoke(main, line)
+    assert result.exit_code == 130 and says in result.output and never not in result.output, result.output
+
+
+def test_a_file_system_error_no_check_caught_is_one_line(monkeypatch, tmp_path, cache):
+    """The last line of defence: an OSError that no library check turned into a UserError is one line, exit 2."""
+    import errno
+
+    import fusion_seg.training.train
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "runs" / "r" / "x"))
+
+    monkeypatch.setattr(fusion_seg.training.train, "train_decoder", read_only)
+    result = CliRunner().invoke(main, train_line(tmp_path, cache))
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "cannot write" in result.output and "read-only" in result.output and "Traceback" not in result.output
+
+
+TOO_BIG = [  # values the range checks pass, which would allocate (or build) without end
+    (("--crop", "64000x64000"), "is larger than the store's views (64x64)"),
+    (("--decoder-opt", "widths=[100000,100000,100000,100000]"), "G parameters: training it needs"),
+    (("--modules", "100000,1,1"), "modules[0] must be in 1..64"),
+    (("--blocks", "100000"), "blocks must be in 1..64"),
+]
+
+
+@pytest.mark.parametrize("given, message", TOO_BIG, ids=[t[0][0] for t in TOO_BIG])
+def test_sizes_that_cannot_fit_are_refused_before_anything_is_allocated(given, message, tmp_path, cache):
+    result = CliRunner().invoke(main, train_line(tmp_path, cache, *given))
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dataset="synthetic"), "extract's dataset must be a DatasetRef, not str"),
+    (dict(encoder="resnet18"), "extract's encoder must be an EncoderSpec, not str"),
+    (dict(augment={"crop": (64, 64)}), r"fusion_seg\.Augment\(\*\*that_dict\)"),
+])
+def test_extract_refuses_a_str_or_dict_where_a_request_goes(bad, message, tmp_path):
+    import fusion_seg as fs
+
+    arguments = {"dataset": fs.DatasetRef("synthetic", "train"), **bad}
+    with pytest.raises(fs.UserError, match=message):
+        fs.extract_features(tmp_path / "out" / "x.zarr", **arguments, progress=False)
+    assert not (tmp_path / "out").exists()

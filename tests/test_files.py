@@ -165,3 +165,18 @@ def test_files_sits_below_every_other_module():
     imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in imported if m and m.startswith("fusion_seg") and m != "fusion_seg.errors"]
+
+
+def test_a_failed_cleanup_does_not_hide_the_error_that_stopped_the_write(tmp_path, monkeypatch):
+    """Issue 20: on a file system gone read-only the temporary file may not be removable either; the user must
+    see why the write failed (a full disk here), not the failed cleanup."""
+    def full(fh):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def unremovable(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(files.Path, "unlink", unremovable)
+    with pytest.raises(OSError) as err:
+        atomic_write(tmp_path / "out.json", full)
+    assert err.value.errno == errno.ENOSPC

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 
 # Importing the decoder modules registers them; DECODERS lists them in this order (what the CLI shows).
-from fusion_seg.decoders.base import DECODERS, Decoder, register_decoder
+from fusion_seg.decoders.base import DECODERS, Decoder, check_input_shapes, register_decoder
 from fusion_seg.decoders.reverse_hrnet import ReverseHRNet
 from fusion_seg.decoders.linear import LinearProbe
 from fusion_seg.decoders.fpn import SemanticFPN
@@ -28,7 +28,9 @@ from fusion_seg.shapes import ShapeSpec
 
 def build_decoder(name: str, input_shapes: dict[str, ShapeSpec], num_classes: int,
                   **config) -> Decoder:
-    """Instantiate the decoder registered as ``name``."""
+    """Instantiate the decoder registered as ``name`` for the feature maps ``input_shapes``
+    (``{name: ShapeSpec(channels, stride)}``) and ``num_classes`` classes."""
+    check_input_shapes(input_shapes, num_classes)
     if name not in DECODERS:
         raise UserError(f"unknown decoder {name!r}; known decoders: {', '.join(sorted(DECODERS))}")
     cls = DECODERS[name]

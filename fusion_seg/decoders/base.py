@@ -12,6 +12,7 @@ normal(std=0.001) classifier).
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar, NamedTuple
 
@@ -59,6 +60,23 @@ def select_features(input_shapes: dict[str, ShapeSpec], strides: Sequence[int],
     return [by_stride[s] for s in strides]
 
 
+def check_input_shapes(input_shapes, num_classes) -> None:
+    """``input_shapes`` must be ``{name: ShapeSpec(channels, stride)}`` and ``num_classes`` an integer >= 1: what
+    :func:`~fusion_seg.decoders.build_decoder` is given by a caller (a tuple ``(256, 4)`` for a ShapeSpec
+    would otherwise fail deep inside a decoder)."""
+    if not isinstance(input_shapes, dict):
+        raise UserError(f"input_shapes={input_shapes!r}: pass a dict of the feature maps, "
+                        "{name: fusion_seg.ShapeSpec(channels, stride)}, e.g. {'s4': fusion_seg.ShapeSpec(256, 4)} "
+                        "(an encoder's output_shape()).")
+    for name, spec in input_shapes.items():
+        if not isinstance(spec, ShapeSpec):
+            example = (f"fusion_seg.ShapeSpec({spec[0]!r}, {spec[1]!r})"
+                       if isinstance(spec, (tuple, list)) and len(spec) == 2 else "fusion_seg.ShapeSpec(256, 4)")
+            raise UserError(f"input_shapes[{name!r}] is {spec!r}: pass ShapeSpec(channels, stride), e.g. {example}.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise UserError(f"num_classes={num_classes!r}: pass the number of classes, an integer >= 1.")
+
+
 def check_preset(decoder: str, preset: str, presets: Iterable[str]) -> None:
     if preset not in presets:
         raise UserError(f"unknown {decoder} preset {preset!r}; choose one of {', '.join(presets)}")
@@ -68,6 +86,18 @@ def check_positive(**values: int) -> None:
     for name, value in values.items():
         if int(value) < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
+
+
+# Repeated parts of a decoder (HRNet modules per stage, blocks per branch, BiFPN repeats): the deepest published
+# decoders use a handful; a count beyond this is a typo, whose decoder would take minutes just to be built.
+MAX_REPEATS = 64
+
+
+def check_counts(**values: int) -> None:
+    """Each count of repeated parts is in 1..:data:`MAX_REPEATS` (a UserError naming it otherwise)."""
+    for name, value in values.items():
+        if not 1 <= int(value) <= MAX_REPEATS:
+            raise UserError(f"{name} must be in 1..{MAX_REPEATS}, got {value}")
 
 
 def norm_layer(norm: str) -> str:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, SeparableConvNormAct
 from torch import nn
 
-from fusion_seg.decoders.base import (Decoder, check_group_norm, check_positive, check_preset, norm_layer,
+from fusion_seg.decoders.base import (Decoder, check_counts, check_group_norm, check_positive, check_preset, norm_layer,
                                       register_decoder, resize_to)
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
@@ -173,7 +173,8 @@ class ESeg(Decoder):
         width = p.width if width is None else int(width)
         repeats = p.repeats if repeats is None else int(repeats)
         max_level = int(max_level)
-        check_positive(width=width, repeats=repeats)
+        check_positive(width=width)
+        check_counts(repeats=repeats)
         if not 5 <= max_level <= 9:
             raise UserError(f"eseg max_level must be in 5..9 (P5 = stride 32, P9 = stride 512), "
                             f"got {max_level}")

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusion_seg.decoders.base import Decoder, FeatureTaps, register_decoder
+from fusion_seg.decoders.base import Decoder, FeatureTaps, check_counts, register_decoder
 from fusion_seg.decoders.hrnet_blocks import HighResolutionModule
 from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
@@ -138,8 +138,7 @@ class ReverseHRNet(Decoder):
         if len(modules) != streams - 1 or min(modules) < 1:
             raise UserError(f"modules must be {streams - 1} positive counts (one per "
                             f"stage), got {list(modules)}")
-        if blocks < 1:
-            raise UserError(f"blocks must be >= 1, got {blocks}")
+        check_counts(**{f"modules[{k}]": m for k, m in enumerate(modules)}, blocks=blocks)
         self._config = {"streams": streams, "preset": preset, "widths": list(widths),
                         "modules": list(modules), "blocks": blocks}
 

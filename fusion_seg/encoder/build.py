@@ -14,6 +14,7 @@ released under CC-BY-NC 4.0 (non-commercial use only).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +26,6 @@ from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES, Encode
 from fusion_seg.encoder.weights import load_weights_strict, read_weights_file
 from fusion_seg.errors import CheckpointError, UserError
 from fusion_seg.shapes import ShapeSpec, feature_name
-
-
-
-
-
-
-
-
-
 
 
 def _out_indices(model_name: str, strides: tuple[int, ...]) -> tuple[int, ...]:
@@ -48,12 +40,66 @@ def _out_indices(model_name: str, strides: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(by_stride[s] for s in strides)
 
 
+HUB_TIMEOUT = 5.0  # seconds to wait for the model hub's TCP handshake before taking the machine as offline
+
+
 def _create_pretrained(tag: str, out_indices: tuple[int, ...]) -> nn.Module:
     """timm's ``features_only`` model of ``tag`` with its pretrained weights (downloaded unless cached).
 
     The one call that may need the internet: a test replaces this function to play an offline machine.
     """
     return timm.create_model(tag, pretrained=True, features_only=True, out_indices=out_indices)
+
+
+def hub_unreachable() -> str | None:
+    """Why the model hub (huggingface_hub's endpoint, ``HF_ENDPOINT``) cannot be reached, or None when it can:
+    ``HF_HUB_OFFLINE`` is set, or one TCP connection fails within :data:`HUB_TIMEOUT` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_TIMEOUT).close()
+    except OSError as exc:
+        return f"{host} cannot be reached ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub in offline mode for the ``with`` block: the cache only, no request and no retries
+    (without it, an unreachable hub costs about 50 s of retries before the error)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _load_pretrained(tag: str, indices: tuple[int, ...]) -> nn.Module:
+    """``tag``'s pretrained model: downloaded (or from the local cache) when the hub can be reached, else
+    from the local cache alone, failing at once with one line when the weights are not there."""
+    fix = ("Without internet access pass --weights FILE (.pth or .safetensors), or --random-init --seed N for an "
+           "explicitly random encoder.")
+    unreachable = hub_unreachable()
+    try:
+        with _hub_offline() if unreachable else contextlib.nullcontext():
+            return _create_pretrained(tag, indices)
+    except Exception as exc:  # offline and not cached, hub error, unknown tag
+        if unreachable:
+            raise UserError(f"could not load pretrained weights for {tag!r}: the model hub is offline "
+                            f"({unreachable}) and they are not in the local cache. {fix}") from exc
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise UserError(f"could not load pretrained weights for {tag!r} ({type(exc).__name__}: {reason}). "
+                        f"{fix}") from exc
 
 
 class FrozenEncoder(nn.Module):
@@ -138,14 +184,7 @@ def build_encoder(
         load_weights_strict(model, read_weights_file(path), path)
         source = f"file:{path.name}"
     else:
-        try:
-            model = _create_pretrained(tag, indices)
-        except Exception as exc:  # offline, hub unreachable, unknown tag
-            raise UserError(
-                f"could not load pretrained weights for {tag!r} ({type(exc).__name__}: {exc}). "
-                "Without internet access pass --weights FILE (.pth or .safetensors), "
-                "or --random-init --seed N for an explicitly random encoder."
-            ) from exc
+        model = _load_pretrained(tag, indices)
         source = f"timm:{tag}"
     cfg = model.pretrained_cfg
     features = tuple(

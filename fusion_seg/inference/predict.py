@@ -1,22 +1,33 @@
-"""``predict``: images in, masks and overlays out, never over an input or another result."""
+"""``predict``: images in, masks and overlays out, never over an input or another result.
+
+Also the checks of an output location that ``evaluate`` and ``visualize`` share: refused before any work
+when it cannot be written (:func:`check_out_folder`, :func:`check_out_file`), and a write that fails all
+the same (a full disk) reported as one line naming the file (:func:`reporting_write_errors`).
+"""
 from __future__ import annotations
 
+import errno
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-
-from fusion_seg.data.io import IMAGE_EXTENSIONS, list_images as list_image_files, overlay, read_image, write_mask_png, write_rgb_png
-from fusion_seg.errors import UserError
+from fusion_seg.data.io import (IMAGE_EXTENSIONS, file_problem, list_images as list_image_files, overlay, read_image,
+                                write_mask_png, write_rgb_png)
+from fusion_seg.errors import UserError, write_error
+from fusion_seg.inference import arguments
 from fusion_seg.inference.segmenter import load_model
 from fusion_seg.plots import plot_if_available
 from fusion_seg.progress import Progress
 
 
 def list_images(path: str | Path) -> list[Path]:
+    """``--input``'s images: the file itself, or the images of the folder (:func:`fusion_seg.data.io.list_images`)."""
     path = Path(path)
     if path.is_file():
         return [path]
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"cannot read --input {path}: {file_problem(path)}.")
     if not path.is_dir():
         raise UserError(f"--input {path} does not exist; pass an image file or a folder of images.")
     files = list_image_files(path)
@@ -26,19 +37,47 @@ def list_images(path: str | Path) -> list[Path]:
 
 
 def check_out_folder(out: Path, files: dict[Path, str], option: str = "--out") -> None:
-    """Refuse, before any work, an output folder that is a file or lies under one, and an output
-    path (``files``: path -> what goes there) that is a folder: each would fail only after the work."""
+    """Refuse, before any work, an output folder that is a file, lies under one or cannot be written (a
+    read-only file system, no permission), and an output path (``files``: path -> what goes there) that is
+    a folder: each would fail only after the work."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out} is a file, not a folder; pass a folder (it is created if missing).")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{option} {out} lies under {parent}, which is a file, not a folder; "
-                                "pass a folder path.")
-            break
+    _check_writable(out, out, "the output folder", option)
     for path, what in files.items():
         if path.is_dir():
             raise UserError(f"{path} is a folder, where {what} would be written; move it, or pass another {option}.")
+
+
+def check_out_file(path: Path, what: str, option: str = "--out") -> None:
+    """Refuse, before any work, an output file (``what``: "the figure") that is a folder, lies under a file
+    or cannot be written (a read-only file system, no permission)."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder, where {what} would be written; pass a file name, "
+                        f"e.g. {path / 'figure.png'}.")
+    _check_writable(path, path.parent, what, option)
+
+
+def _check_writable(shown: Path, folder: Path, what: str, option: str) -> None:
+    """Refuse ``shown`` (written in ``folder``, which is made if missing) when the nearest existing folder at
+    or above ``folder`` is a file, or is on a read-only file system or not writable for this user."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # ends at "/" or "."
+    if not existing.is_dir():
+        raise UserError(f"{option} {shown} lies under {existing}, which is a file, not a folder; "
+                        f"pass another {option}.")
+    code = (errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY
+            else errno.EACCES if not os.access(existing, os.W_OK | os.X_OK) else None)
+    if code is not None:
+        raise write_error(shown, OSError(code, os.strerror(code)), what=what, option=option)
+
+
+@contextmanager
+def reporting_write_errors(path: Path, what: str, option: str = "--out"):
+    """Turn a failed write of ``path`` (an ``OSError``: a full disk, a file system gone read-only) into
+    :func:`~fusion_seg.errors.write_error`'s one-line :class:`UserError` naming it, ``what`` it is, and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, exc, what=what, option=option) from exc
 
 
 LEGEND = "legend.png"  # predict's colour legend (class names), beside the overlays
@@ -84,6 +123,17 @@ def prediction_paths(files: list[Path], out: Path) -> dict[Path, tuple[Path, str
     return outputs
 
 
+def prediction_targets(inputs: str | Path, out: Path) -> dict[Path, tuple[Path, str]]:
+    """:func:`prediction_paths` of ``inputs``'s images, after refusing an ``out`` that is the input folder itself:
+    the masks and overlays would lie among the images, and a re-run would take them for inputs."""
+    inputs, out = Path(inputs), Path(out)
+    targets = prediction_paths(list_images(inputs), out)  # first: it names the input a result would overwrite
+    if inputs.is_dir() and out.resolve() == inputs.resolve():
+        raise UserError(f"--out {out} is the --input folder: the masks and overlays would be written among the "
+                        "images (and read as inputs by the next run). Pass another --out folder.")
+    return targets
+
+
 def _file_id(path: Path) -> tuple[int, int]:
     """(device, inode): the same file under any name (symlinks, hard links, case-insensitive file systems)."""
     st = os.stat(path)
@@ -95,28 +145,40 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
     """Write ``<stem>.png`` (palette label mask) and ``<stem>_overlay.png`` for each input image, and
     ``legend.png`` (the palette's colours with the class names; needs matplotlib, the ``plots`` extra).
 
-    Never overwrites an input image and never writes two results to one path: such a request is
-    refused before the model is loaded, as is an ``out`` that is (or lies under) a file.
+    ``inputs`` is one image file or a folder of images. Never overwrites an input image and never
+    writes two results to one path: such a request is refused before the model is loaded, as is an
+    ``out`` that is (or lies under) a file or cannot be written, and an argument the command line
+    would refuse. A write that fails all the same (a full disk) is a one-line :class:`UserError`.
+    With ``progress``, a progress line per image (and over the windows of a long sliding window).
     """
-    out = Path(out)
-    files = list_images(inputs)
-    targets = prediction_paths(files, out)
+    checkpoint = arguments.path("checkpoint", checkpoint, "the checkpoint's path")
+    inputs = arguments.path("inputs", inputs, "an image file or a folder of images (to predict several files, "
+                                              "put them in one folder)")
+    out = arguments.path("out", out, "the output folder")
+    arguments.path("weights", weights, "the encoder's weights file", optional=True)
+    sliding_window = arguments.flag("sliding_window", sliding_window)
+    progress = arguments.flag("progress", progress)
+    device = arguments.text("device", device, "cpu")
+    targets = prediction_targets(inputs, out)
     check_out_folder(out, {path: f"the {what} of {src}" for path, (src, what) in targets.items()})
+    files = list(dict.fromkeys(src for src, _ in targets.values()))
     model = load_model(checkpoint, weights=weights, device=device)
     palette = model.palette
-    out.mkdir(parents=True, exist_ok=True)
-    plot_if_available("plot_legend", model.classes, palette, out / LEGEND)  # colour -> class name
+    with reporting_write_errors(out, "the output folder"):
+        out.mkdir(parents=True, exist_ok=True)
+    with reporting_write_errors(out / LEGEND, "the class legend"):
+        plot_if_available("plot_legend", model.classes, palette, out / LEGEND)  # colour -> class name
     t0 = time.perf_counter()
-    bar = Progress(len(files), "predict", "image", enabled=progress)
-    for path in files:
-        image = read_image(path)
-        mask = model.predict(image, sliding_window=sliding_window)
-        write_mask_png(out / f"{path.stem}.png", mask, palette)
-        write_rgb_png(out / f"{path.stem}_overlay.png", overlay(image, mask, palette))
-        bar.update(1)
-    bar.close()
+    with Progress(len(files), "predict", "image", enabled=progress) as bar:
+        for path in files:
+            image = read_image(path)
+            mask = model.predict(image, sliding_window=sliding_window, progress=progress)
+            label_map, overlaid = out / f"{path.stem}.png", out / f"{path.stem}_overlay.png"
+            with reporting_write_errors(label_map, f"the label map of {path.name}"):
+                write_mask_png(label_map, mask, palette)
+            with reporting_write_errors(overlaid, f"the overlay of {path.name}"):
+                write_rgb_png(overlaid, overlay(image, mask, palette))
+            bar.update(1)
     seconds = time.perf_counter() - t0
     return {"images": len(files), "out": str(out), "seconds": seconds,
             "images_per_second": len(files) / seconds if seconds else None}
-
-

@@ -45,8 +45,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from fusion_seg.errors import UserError
+from fusion_seg.errors import UserError, write_error
 from fusion_seg.files import write_json_atomic
+from fusion_seg.pipeline.inputs import stage_inputs
 from fusion_seg.pipeline.stages import DATASET_PATH_OPTIONS, KINDS, PATH_KEYS
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -89,17 +90,19 @@ def load_recipe(path: str | Path, overrides: dict[str, str] | None = None, *, va
         raise UserError(f"{path}: stages must be [[stage]] tables.")
     base = path.resolve().parent
     here = Path(cwd).resolve() if cwd is not None else Path.cwd()
-    from_set = set(overrides or {})
+    values, broken, var_problems = _resolve_vars(variables)
+    problems += var_problems
+    from_set = _relative_to_cwd(variables, set(overrides or {}))
     resolved, unresolved = [], []
     for i, stage in enumerate(stages, 1):
-        missing = sorted({m for v in _strings(stage) for m in _VAR.findall(v)} - set(variables))
-        if missing:
-            problems += [f"stage {i}: ${{{m}}} is used but not defined in [vars]; add {m} = ... there."
-                         for m in missing]
+        used = {m for v in _strings(stage) for m in _VAR.findall(v)}
+        missing = sorted(used - set(variables))
+        problems += [f"stage {i}: ${{{m}}} is used but not defined in [vars]; add {m} = ... there." for m in missing]
+        if missing or used & broken:  # its values are not known: reported above, and not checked further
             resolved.append(dict(stage))
             unresolved.append(i)
             continue
-        resolved.append(_resolve_paths(stage, _substitute(stage, variables), base, here, from_set))
+        resolved.append(_resolve_paths(stage, _substitute(stage, values), base, here, from_set))
     recipe = {"name": recipe.get("name", path.stem), "vars": variables, "stages": resolved, "path": str(path),
               "problems": problems, "raw": stages,
               "unresolved": unresolved}
@@ -129,6 +132,63 @@ def _substitute(value: Any, variables: dict[str, Any]) -> Any:
     if isinstance(value, dict):
         return {k: _substitute(v, variables) for k, v in value.items()}
     return value
+
+
+def _resolve_vars(variables: dict[str, Any]) -> tuple[dict[str, Any], set[str], list[str]]:
+    """``(values, broken, problems)``: each variable's value with the ``${name}`` it uses replaced by that
+    variable's value, transitively. A variable that refers back to itself, directly (``a = "${a}"``) or
+    through others (``a = "${b}"``, ``b = "${a}"``), or that uses an undefined one, is ``broken``, and each
+    such problem is one line (a cycle once, however many variables are on it)."""
+    values: dict[str, Any] = {}
+    broken: set[str] = set()
+    problems: dict[str, None] = {}  # ordered, each once
+
+    def resolve(name: str, chain: list[str]) -> bool:
+        if name in values:
+            return True
+        if name in broken:
+            return False
+        if name in chain:
+            cycle = chain[chain.index(name):]
+            start = min(range(len(cycle)), key=lambda k: cycle[k])  # the same text whichever member is met first
+            loop = cycle[start:] + cycle[:start]
+            shown = " -> ".join(f"${{{n}}}" for n in loop + loop[:1])
+            problems[f"[vars] {shown} refers back to itself, so it has no value; give "
+                     f"{'it' if len(loop) == 1 else 'one of them'} a value that does not use "
+                     f"{'itself' if len(loop) == 1 else 'the others'}."] = None
+            broken.update(loop)
+            return False
+        ok = True
+        for used in sorted({m for v in _strings(variables[name]) for m in _VAR.findall(v)}):
+            if used not in variables:
+                problems[f"[vars] {name} uses ${{{used}}}, which is not defined; add {used} = ... to [vars]."] = None
+                ok = False
+            elif not resolve(used, chain + [name]):
+                ok = False
+        if not ok or name in broken:
+            broken.add(name)
+            return False
+        values[name] = _substitute(variables[name], values)
+        return True
+
+    for name in variables:
+        resolve(name, [])
+    return values, broken, list(problems)
+
+
+def _relative_to_cwd(variables: dict[str, Any], from_set: set[str]) -> set[str]:
+    """The variables whose paths are relative to the current directory: those given with ``--set``, and
+    those whose value starts with one of them (``out = "${root}/runs"`` with ``--set root=...``)."""
+    found = set(from_set)
+    changed = True
+    while changed:
+        changed = False
+        for name, value in variables.items():
+            start = _LEADING_VAR.match(value) if isinstance(value, str) and name not in found else None
+            if start and start.group(1) in found:
+                found.add(name)
+                changed = True
+    return found
 
 
 def resolve_path(value: str, raw: Any, base: Path, cwd: Path, from_set: set[str]) -> str:
@@ -254,9 +314,12 @@ def check_recipe(recipe: dict) -> list[str]:
             reference(i, "init", checkpoints, "checkpoint", "a train stage that writes it", problems)
         if kind in ("evaluate", "predict"):
             reference(i, "checkpoint", checkpoints, "checkpoint", "a train stage that writes it", problems)
-        if kind == "predict" and isinstance(stage.get("input"), str) and not Path(stage["input"]).exists():
-            problems.append(f"input {stage['input']} does not exist{var_hint(i, 'input')}; "
-                            "pass an image file or a folder of images.")
+        if kind == "predict" and isinstance(stage.get("input"), str):
+            if not Path(stage["input"]).exists():
+                problems.append(f"input {stage['input']} does not exist{var_hint(i, 'input')}; "
+                                "pass an image file or a folder of images.")
+            elif isinstance(stage.get("out"), str):
+                problems += _prediction_problems(stage["input"], stage["out"])
         if isinstance(stage.get("weights"), str) and not Path(stage["weights"]).is_file():
             problems.append(f"weights {stage['weights']} is not a file{var_hint(i, 'weights')}.")
         dataset = stage.get("dataset")
@@ -280,6 +343,23 @@ def check_recipe(recipe: dict) -> list[str]:
     return errors
 
 
+def _prediction_problems(inputs: str, out: str) -> list[str]:
+    """What predict refuses about where its results go (:func:`~fusion_seg.inference.predict.prediction_targets`):
+    ``out`` the input folder, or a result over an input image or another result. An input folder without
+    images yet is left for predict to report when it runs."""
+    from fusion_seg.inference.predict import list_images, prediction_targets
+
+    try:
+        list_images(inputs)
+    except UserError:
+        return []
+    try:
+        prediction_targets(inputs, Path(out))
+    except UserError as exc:
+        return [str(exc)]
+    return []
+
+
 def stage_title(stage: dict) -> str:
     target = stage.get("out") or stage.get("checkpoint") or ""
     return f"{stage['kind']} -> {target}"
@@ -293,18 +373,45 @@ def _stamp_path(stage: dict) -> Path | None:
     return Path(stage["out"]) / f".stage-{stage['kind']}.json"
 
 
-def _fingerprint(stage: dict) -> str:
-    """Settings plus the content of the checkpoint a stage reads (so retraining invalidates it)."""
-    h = hashlib.sha256(json.dumps(stage, sort_keys=True).encode())
-    ckpt = stage.get("checkpoint")
-    if ckpt and Path(ckpt).is_file():
-        h.update(hashlib.sha256(Path(ckpt).read_bytes()).digest())
-    return h.hexdigest()
+def _stamp(stage: dict) -> dict:
+    """What a stage's stamp records to tell whether it is up to date: its settings (a hash of the stage)
+    and the identity of each input it reads (inputs.py: store content, checkpoint hash, file listings)."""
+    return {"settings": hashlib.sha256(json.dumps(stage, sort_keys=True).encode()).hexdigest(),
+            "inputs": stage_inputs(stage)}
+
+
+def _read_stamp(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: the stage runs again
+    return stamp if isinstance(stamp, dict) else None
+
+
+def _changes(old: dict, new: dict, stage: dict) -> str | None:
+    """None when a stage is up to date (its stamp ``old`` has ``new``'s settings and inputs); else what changed."""
+    if "inputs" not in old:
+        return "its stamp is from an earlier fusion-seg, which did not record its inputs"
+    what = []
+    if old.get("settings") != new["settings"]:
+        before = old.get("stage") or {}
+        keys = sorted(k for k in set(before) | set(stage) if before.get(k) != stage.get(k))
+        what.append(f"settings ({', '.join(keys) or 'changed'})")
+    inputs = sorted(k for k in set(old["inputs"]) | set(new["inputs"]) if old["inputs"].get(k) != new["inputs"].get(k))
+    what += [f"{k} {stage.get(k, '')}".rstrip() for k in inputs]
+    return ", ".join(what) + " changed since its last run" if what else None
 
 
 def run_recipe(path: str | Path, *, overrides: dict[str, str] | None = None, dry_run: bool = False,
                epoch_scale: float = 1.0, echo: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
     """Check a recipe whole, then run its stages; returns one summary per stage.
+
+    A stage is skipped only when its stamp shows the same settings and the same inputs (see
+    :func:`_stamp`); otherwise it runs, and the line before it says what changed. A train stage
+    continues the run in its ``out`` only when that run has these settings and this data; else that
+    run is kept as ``OUT.previous-N`` and a new one trains (``resume="auto"``, run_dir.py).
 
     ``epoch_scale`` multiplies every train stage's epochs (at least 1), to run a paper-length
     schedule shorter. ``dry_run`` checks and prints the resolved stages, and runs nothing.
@@ -327,16 +434,25 @@ def run_recipe(path: str | Path, *, overrides: dict[str, str] | None = None, dry
             echo(f"{title}\n" + "\n".join(f"    {k} = {json.dumps(v)}" for k, v in stage.items() if k != "kind"))
             results.append({"stage": stage, "status": "dry-run"})
             continue
-        stamp = _stamp_path(stage)
-        fingerprint = _fingerprint(stage)
-        if stamp and stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
-            echo(f"{title}: up to date, skipped")
-            results.append({"stage": stage, "status": "skipped"})
-            continue
-        echo(title)
+        stamp_path = _stamp_path(stage)
+        stamp = _stamp(stage) if stamp_path else None
+        if stamp_path:
+            old = _read_stamp(stamp_path)
+            changed = _changes(old, stamp, stage) if old is not None else None
+            if old is not None and changed is None:
+                echo(f"{title}: up to date (same settings and inputs), skipped")
+                results.append({"stage": stage, "status": "skipped"})
+                continue
+            echo(f"{title}: {changed}" if changed else title)
+        else:
+            echo(title)
         summary = run_stage(stage, progress=progress)
-        if stamp:
-            write_json_atomic(stamp, {"fingerprint": fingerprint, "stage": stage, "summary": summary})
+        if stamp_path:
+            try:
+                write_json_atomic(stamp_path, {**stamp, "stage": stage, "summary": summary})
+            except OSError as exc:
+                raise write_error(stamp_path, exc, what="the stage's stamp", option=f"stage {i} out",
+                                  then="The stage itself finished; a re-run repeats it.") from None
         echo(f"{title}: done {json.dumps(summary)}")
         results.append({"stage": stage, "status": "ran", "summary": summary})
     return results

@@ -19,6 +19,7 @@ from fusion_seg.data.datasets import DatasetRef
 from fusion_seg.data.views import Augment, Resize
 from fusion_seg.encoder.build import EncoderSpec
 from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES
+from fusion_seg.errors import UserError
 from fusion_seg.extract.request import ExtractRun, StoreFormat
 
 DEFAULT_CROP = (512, 512)  # the augmentation crop (HRNet's), for extract and train-decoder --online
@@ -38,10 +39,17 @@ def encoder_spec(*, encoder: str = DEFAULT_ENCODER, weights: str | Path | None =
     return EncoderSpec(encoder, weights_file=weights, random_init=random_init, seed=seed, strides=strides)
 
 
-def augment(*, augment: bool = True, crop: tuple[int, int] | None = DEFAULT_CROP,
+def augment(*, augment: bool = True, crop: tuple[int, int] | None = None,
             scale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True, seed: int = 0) -> Augment:
     """How each view is cut from an image: ``augment`` (``--no-augment``: the whole image), the ``crop``
-    (None: the default, 512x512), ``scale_range``, ``flip`` (``--no-flip``), drawn from ``seed``."""
+    (None: the default, 512x512), ``scale_range``, ``flip`` (``--no-flip``), drawn from ``seed``.
+
+    A ``crop`` with ``augment=False`` is refused: the view is the whole image, and the crop would be ignored.
+    """
+    if not augment and crop is not None:
+        raise UserError(f"--crop {'x'.join(map(str, crop)) if isinstance(crop, (list, tuple)) else crop} has no "
+                        "effect with --no-augment (augment = false): the view is the whole, resized image. Drop "
+                        "--crop, or use --size/--short-side to set the size of the view.")
     return Augment(enabled=augment, crop=DEFAULT_CROP if crop is None else crop, scale_range=scale_range,
                    flip=flip, seed=seed)
 

@@ -28,10 +28,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.cache.reader import CachedViews, collate_views
 from fusion_seg.checkpoint import load_checkpoint
-from fusion_seg.errors import Failed, UserError
+from fusion_seg.errors import Failed, UserError, write_error
 from fusion_seg.training.losses import build_loss
 from fusion_seg.decoders import DECODERS, decoder_from_record
 from fusion_seg.files import write_json_atomic, write_text_atomic
+from fusion_seg.inference.predict import check_out_folder
 from fusion_seg.plots import plot_if_available
 from fusion_seg.reports.timing import median_seconds
 from fusion_seg.training.config import TrainConfig
@@ -119,10 +120,14 @@ def compare(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | N
     is made, unless every decoder can be built from the cache's features.
     """
     out = Path(out)
+    check_out_folder(out, {out / name: "the table" for name in ("compare.json", "compare.md", "compare.png")})
     store = FeatureStore.open(cache)
     store.check_complete()
     check_decoders(decoders, store.spec.input_shapes(), len(store.spec.classes), cache=str(cache))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(out, exc, what="the comparison's folder") from None
     rows = []
     for name in decoders:
         run_dir = out / name
@@ -143,10 +148,16 @@ def compare(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | N
         row.update(measure_decoder(best["decoder"], features, labels, loss=cfg.loss,
                                    ignore_index=store.spec.ignore_index, repeats=repeats))
         rows.append(row)
-    write_json_atomic(out / "compare.json", {"cache": str(cache), "val_cache": val_cache, "schedule": asdict(cfg),
-                                             "rows": rows})
-    write_text_atomic(out / "compare.md", markdown_table(rows))
-    plot_if_available("plot_compare", rows, out / "compare.png")
+    table = out / "compare.json"
+    try:
+        write_json_atomic(table, {"cache": str(cache), "val_cache": val_cache, "schedule": asdict(cfg), "rows": rows})
+        table = out / "compare.md"
+        write_text_atomic(table, markdown_table(rows))
+        table = out / "compare.png"
+        plot_if_available("plot_compare", rows, table)
+    except OSError as exc:
+        raise write_error(table, exc, then="The decoders' runs are kept: re-run the same command to write the "
+                                           "tables without training again.") from None
     return rows
 
 

@@ -62,18 +62,12 @@ class ClassFrequencies:
         """SegNet: ``median(freq) / freq(c)``, ``freq(c) = pixels(c) / sample_pixels(c)``; 0 for absent classes."""
         freq = [p / s if s else 0.0 for p, s in zip(self.pixels, self.sample_pixels)]
         present = [f for f in freq if f > 0]
-        if not present:
-            raise UserError("the training store holds no labelled pixel, so median-freq class weights are "
-                            "undefined; check the store's labels (`fusion-seg info STORE`).")
         median = float(np.median(present))
         return [median / f if f > 0 else 0.0 for f in freq]
 
     def inverse_log(self, c: float = ENET_C) -> list[float]:
         """ENet: ``1 / ln(c + p(c))`` with ``p(c)`` the class's share of all labelled pixels."""
         total = sum(self.pixels)
-        if total == 0:
-            raise UserError("the training store holds no labelled pixel, so inverse-log class weights are "
-                            "undefined; check the store's labels (`fusion-seg info STORE`).")
         return [1.0 / math.log(c + p / total) for p in self.pixels]
 
     def to_json(self) -> dict:
@@ -117,12 +111,13 @@ def read_weights_file(path: str | Path, classes: list[str]) -> list[float]:
     return [float(w) for w in data]
 
 
-def resolve_class_weights(option: str | None, label_maps, classes: list[str],
-                          ignore_index: int) -> tuple[list[float] | None, dict]:
+def resolve_class_weights(option: str | None, label_maps, classes: list[str], ignore_index: int,
+                          where: str = "the training data") -> tuple[list[float] | None, dict]:
     """``(weights or None, record for config.json)`` for ``--class-weights option``.
 
     ``label_maps`` is an iterable of the training samples' label arrays; it is only read for
-    ``median-freq`` and ``inverse-log``.
+    ``median-freq`` and ``inverse-log``, which refuse labels without a single labelled pixel
+    (``where`` names them in the message).
     """
     if option is None or option == "none":
         return None, {"method": "none"}
@@ -130,6 +125,10 @@ def resolve_class_weights(option: str | None, label_maps, classes: list[str],
         weights = read_weights_file(option, classes)
         return weights, {"method": "file", "file": str(option), "weights": weights}
     freqs = ClassFrequencies.count(label_maps, len(classes), ignore_index)
+    if sum(freqs.pixels) == 0:
+        raise UserError(f"{where} holds no labelled pixel: every label is the ignore index {ignore_index}, so "
+                        f"there is nothing to learn (and no {option} class weights). Check the dataset's masks: "
+                        f"each pixel's value is its class id, {ignore_index} marks pixels to ignore.")
     weights = freqs.median_frequency() if option == "median-freq" else freqs.inverse_log()
     return weights, {"method": option, "weights": weights, "frequencies": freqs.to_json()}
 
@@ -143,3 +142,14 @@ def store_label_maps(store, views) -> Iterator[np.ndarray]:
     for v in views:
         _, _, labels = store.read_stored_view(int(v), [])
         yield labels[: int(rows[v, h]), : int(rows[v, w])]
+
+
+def require_labelled_pixels(store, views, what: str) -> None:
+    """Refuse a store (``what`` names it: "--val-cache X", "the training store X") whose ``views`` hold no
+    labelled pixel: training on it learns nothing, and its mIoU is undefined. Reads views until the
+    first labelled pixel: one label chunk for any usable store."""
+    ignore = store.spec.ignore_index
+    if not any(bool((labels != ignore).any()) for labels in store_label_maps(store, views)):
+        raise UserError(f"{what} holds no labelled pixel in its {len(views)} views: every label is the ignore "
+                        f"index {ignore}. Check the dataset's masks (each pixel's value is its class id; {ignore} "
+                        "marks pixels to ignore) and extract the store again.")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from fusion_seg.encoder.identity import EncoderIdentity
+from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 
 # Settings that decide how the work is done, not what is learned: a resume may change them.
@@ -85,6 +86,30 @@ class TrainConfig:
         check_class_weights_option(self.class_weights)
         if self.cache_mode not in CACHE_MODES:
             require("--cache-mode", self.cache_mode, f"choose one of {', '.join(CACHE_MODES)}")
+        self._check_decoder()
+
+    def _check_decoder(self) -> None:
+        """The decoder's name and its options' names and value types (``--decoder-opt width=abc``), checked
+        against its constructor before anything is built."""
+        from fusion_seg.decoders import DECODERS
+        from fusion_seg.options import keyword_errors
+
+        if self.decoder not in DECODERS:
+            raise UserError(f"--decoder {self.decoder!r} is not a decoder; choose one of {', '.join(DECODERS)}.")
+        if not isinstance(self.decoder_config, dict):
+            raise UserError(f"TrainConfig decoder_config must be a dict of the decoder's options, not "
+                            f"{type(self.decoder_config).__name__}.")
+        problems = keyword_errors(DECODERS[self.decoder], self.decoder_config, f"decoder {self.decoder!r}",
+                                  keyword_only=True)
+        if problems:
+            raise UserError(f"decoder options ({_options(self.decoder_config)}): {' '.join(problems)}")
+
+
+def _options(config: dict) -> str:
+    """``--decoder-opt`` values as they are typed: ``streams=5 widths=[18,36]``."""
+    import json
+
+    return " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in config.items())
 
 
 @dataclass(frozen=True)
@@ -141,3 +166,4 @@ class TrainResult:
     seconds: float
     peak_memory_mib: float | None = None
     cache: dict | None = None  # the cache tier used, its resident bytes and load time (cache path only)
+    previous_run: str | None = None  # where an earlier run of other settings in the same out was kept ("auto")

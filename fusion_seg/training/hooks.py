@@ -43,8 +43,11 @@ class RunLog:
                                purge_step=step + 1 if step else None) as board:
             yield cls(append, bar, board, run, cfg)
 
-    def start(self, description: str, lr_change: dict | None) -> None:
-        """The run's settings; a learning rate changed on resume is also recorded."""
+    def start(self, description: str, lr_change: dict | None, notices=()) -> None:
+        """The run's settings, after ``notices`` (an earlier run kept under a new name); a learning rate
+        changed on resume is also recorded."""
+        for notice in notices:
+            self.bar.write(notice)
         self.bar.write(description)
         if lr_change is not None:
             self.append({"type": "lr_change", **lr_change})
@@ -103,6 +106,15 @@ def diverged_message(value: float, step: int, epoch: int, cfg: TrainConfig, run:
     return (f"{what} No checkpoint was written yet, so start again with a lower --lr: run the same command "
             f"without --resume and with --lr {lower}, i.e. `fusion-seg train-decoder <the same options> --out "
             f"{run} --lr {lower}`.")
+
+
+def no_labels_message(data, epoch: int, views: int) -> str:
+    """Why a run stops when a whole epoch had no labelled pixel (every label the ignore index)."""
+    where = f"the training store {data.store}" if data.store else f"{data.dataset.get('name')}/{data.dataset.get('split')}"
+    return (f"epoch {epoch + 1} saw no labelled pixel in the {views} training views of {where}: every label is the "
+            f"ignore index {data.ignore_index}, so the loss is 0 and the decoder learns nothing. Check the dataset's "
+            f"masks (each pixel's value is its class id; {data.ignore_index} marks pixels to ignore) and extract "
+            "the store again.")
 
 
 def peak_memory_mib(device: torch.device) -> float:

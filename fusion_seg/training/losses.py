@@ -29,7 +29,8 @@ def _on(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 
 
 class CrossEntropy(nn.Module):
-    """``F.cross_entropy`` with an ignore index and optional class weights."""
+    """``F.cross_entropy`` with an ignore index and optional class weights; a batch without a labelled
+    pixel has loss 0 (with a graph), as in :class:`OhemCrossEntropy`."""
 
     def __init__(self, ignore_index: int = 255, weight: Sequence[float] | None = None):
         super().__init__()
@@ -37,6 +38,8 @@ class CrossEntropy(nn.Module):
         self.register_buffer("weight", _weight_tensor(weight), persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not (target != self.ignore_index).any():
+            return 0 * logits.float().sum()  # F.cross_entropy's mean over no pixel is NaN: not a divergence
         return F.cross_entropy(logits.float(), target, weight=_on(self.weight, logits),
                                ignore_index=self.ignore_index)
 

@@ -20,15 +20,17 @@ from torch import nn
 
 from fusion_seg.cache.resident import choose_tier, resident_bytes
 from fusion_seg.cache.store import FeatureStore
+from fusion_seg.checks import memory_problem
 from fusion_seg.data.datasets import DatasetRef
 from fusion_seg.data.views import Augment, Resize, ViewSource
 from fusion_seg.decoders import DECODERS, build_decoder
 from fusion_seg.device import resolve_device
 from fusion_seg.encoder.build import EncoderSpec, build_image_encoder
-from fusion_seg.errors import UserError
+from fusion_seg.errors import UserError, require_type
+from fusion_seg.files import listing_digest
 from fusion_seg.shapes import ShapeSpec
 from fusion_seg.training import ddp
-from fusion_seg.training.class_weights import resolve_class_weights, store_label_maps
+from fusion_seg.training.class_weights import require_labelled_pixels, resolve_class_weights, store_label_maps
 from fusion_seg.training.config import TrainConfig, TrainingData, TrainResult
 from fusion_seg.training.ddp import DistEnv
 from fusion_seg.training.run_dir import RunDirectory
@@ -38,28 +40,36 @@ from fusion_seg.training.validation import open_val_store, validation_views
 
 
 def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | None = None,
-                  resume: bool = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
+                  resume: bool | str = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
     """Train ``cfg.decoder`` from the feature store ``cache``; the encoder is never loaded.
 
-    A ``val_cache`` that holds the training data (the same store, or one of the same dataset split
-    and augmentation) is refused unless ``allow_val_on_train``, which warns instead.
+    ``resume``: False starts a run in ``out`` (refused if one is there), True continues it (refused with other
+    settings or data), ``"auto"`` continues it when it has these settings and this data and otherwise keeps
+    it as ``OUT.previous-N`` and starts afresh (see run_dir.py). A ``val_cache`` that holds the training
+    data (the same store, or one of the same dataset split and augmentation) is refused unless
+    ``allow_val_on_train``, which warns instead.
 
     Launched by torchrun, each process trains its share of every global batch
     (``cfg.batch_size`` / processes) with DistributedDataParallel (see :mod:`fusion_seg.training.ddp`).
     """
+    cfg, resume = _checked(cfg, resume)
+    run = RunDirectory(out, writes=ddp.is_main_process())
+    run.check_location()  # before reading anything: a file, or a folder that is not a run
     store = FeatureStore.open(cache)
     store.check_complete()
     spec = store.spec
+    _check_crop(cfg.crop, spec)
+    usable = store.usable_views(cfg.views)
+    require_labelled_pixels(store, usable, f"the training store {cache}")
     data = TrainingData(input_shapes=spec.input_shapes(), classes=list(spec.classes), ignore_index=spec.ignore_index,
                         encoder=spec.encoder_identity, dataset=spec.dataset, resize=spec.resize, augment=spec.augment,
                         crop=cfg.crop, image_ids=spec.image_ids,
-                        source={"cache": str(cache), "val_cache": str(val_cache) if val_cache else None},
-                        class_weights=resolve_class_weights(
-                            cfg.class_weights, store_label_maps(store, store.usable_views(cfg.views)),
-                            list(spec.classes), spec.ignore_index)[1])
+                        source={"cache": str(cache), "cache_id": store.content_id(), **_val_source(val_cache)},
+                        class_weights=_class_weights(cfg, store_label_maps(store, usable), list(spec.classes),
+                                                     spec.ignore_index, f"the training store {cache}"))
     val_store = open_val_store(val_cache, data, allow_val_on_train=allow_val_on_train) if val_cache else None
     decoder, names = _make_decoder(cfg, data.input_shapes, len(data.classes))
-    with ddp.session(resolve_device(cfg.device)) as dist:
+    with run.claimed(), ddp.session(resolve_device(cfg.device)) as dist:
         echo = _echo if progress and dist.is_main else None
         tier = choose_cache_tier(cfg, store, names, val_store, dist)
         if echo:
@@ -67,27 +77,32 @@ def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: s
         source, cache_info = cached_source(cache, names, cfg, tier, dist, progress=progress, echo=echo)
         val_views = (validation_views(val_cache, names, tier, dist.device, cfg, progress=progress, echo=echo)
                      if val_cache and dist.is_main else None)
-        trainer = Trainer(source, decoder, RunDirectory(out, writes=dist.is_main), cfg, data, dist=dist,
-                          val_views=val_views, cache_info=cache_info)
+        trainer = Trainer(source, decoder, run, cfg, data, dist=dist, val_views=val_views, cache_info=cache_info)
         return trainer.fit(resume=resume, progress=progress)
 
 
 def train_online(out: str | Path, cfg: TrainConfig, *, dataset: DatasetRef, encoder: EncoderSpec = EncoderSpec(),
                  augment: Augment = Augment(), resize: Resize = Resize(), val_cache: str | None = None,
-                 resume: bool = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
+                 resume: bool | str = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
     """Train the same decoder with the frozen ``encoder`` run every step on ``augment``-ed views of
     ``dataset`` (no cache): the baseline. An end-to-end decoder (hrnet) takes the images themselves.
 
-    A ``val_cache`` of the training split with the same augmentation is refused unless
-    ``allow_val_on_train``, which warns instead.
+    ``resume`` as :func:`train_decoder`'s. A ``val_cache`` of the training split with the same augmentation
+    is refused unless ``allow_val_on_train``, which warns instead.
 
     One process only: under torchrun with several processes this is refused.
     """
+    cfg, resume = _checked(cfg, resume)
+    for name, value, kind in (("dataset", dataset, DatasetRef), ("encoder", encoder, EncoderSpec),
+                              ("augment", augment, Augment), ("resize", resize, Resize)):
+        require_type(f"train_online's {name}", value, kind)
     if ddp.torchrun_world() > 1:
         raise UserError("--online trains in a single process; run it without torchrun, or extract a cache "
                         "(`fusion-seg extract`) and run `train-decoder --cache` under torchrun.")
     if cfg.views is not None:
         raise UserError("--views selects cached views; --online draws a fresh view every epoch and takes no --views.")
+    run = RunDirectory(out)
+    run.check_location()  # before reading anything: a file, or a folder that is not a run
     ds = dataset.build()
     if getattr(DECODERS.get(cfg.decoder), "end_to_end", False):
         enc = build_image_encoder()  # e.g. the HRNet baseline: trains from images with its own stem
@@ -97,30 +112,87 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: DatasetRef, enco
     data = TrainingData(input_shapes=enc.output_shape(), classes=list(ds.classes), ignore_index=ds.ignore_index,
                         encoder=enc.identity, dataset=ds.describe(), resize=resize.to_json(),
                         augment=augment.to_json(), crop=cfg.crop, image_ids=ds.ids,
-                        source={"online": True, "val_cache": str(val_cache) if val_cache else None},
-                        class_weights=resolve_class_weights(
-                            cfg.class_weights, (ds[i].mask for i in range(len(ds))), list(ds.classes),
-                            ds.ignore_index)[1])
+                        source={"online": True, "inputs_id": listing_digest(ds.input_files()), **_val_source(val_cache)},
+                        class_weights=_class_weights(cfg, (ds[i].mask for i in range(len(ds))), list(ds.classes),
+                                                     ds.ignore_index, f"{dataset.name}/{dataset.split}"))
     val_store = open_val_store(val_cache, data, allow_val_on_train=allow_val_on_train) if val_cache else None
     device = resolve_device(cfg.device)
-    source = OnlineSource(views, enc, cfg, device)
     decoder, names = _make_decoder(cfg, data.input_shapes, len(data.classes))
-    val_views = None
-    if val_store is not None:  # held in memory when it fits (no training views compete for it)
-        tier = choose_tier(cfg.cache_mode, 0, resident_bytes(val_store.spec, names, len(val_store.usable_views())),
-                           device)
-        val_views = validation_views(val_cache, names, tier, device, cfg, progress=progress,
-                                     echo=_echo if progress else None)
-    trainer = Trainer(source, decoder, RunDirectory(out), cfg, data, dist=DistEnv(device=device), val_views=val_views)
-    return trainer.fit(resume=resume, progress=progress)
+    with run.claimed():
+        source = OnlineSource(views, enc, cfg, device)
+        val_views = None
+        if val_store is not None:  # held in memory when it fits (no training views compete for it)
+            tier = choose_tier(cfg.cache_mode, 0, resident_bytes(val_store.spec, names, len(val_store.usable_views())),
+                               device)
+            val_views = validation_views(val_cache, names, tier, device, cfg, progress=progress,
+                                         echo=_echo if progress else None)
+        trainer = Trainer(source, decoder, run, cfg, data, dist=DistEnv(device=device), val_views=val_views)
+        return trainer.fit(resume=resume, progress=progress)
+
+
+RESUME_CHOICES = (False, True, "auto")
+
+
+def _checked(cfg: TrainConfig, resume) -> tuple[TrainConfig, bool | str]:
+    """The arguments every training entry point checks first: a TrainConfig (a dict is refused with the fix)
+    and one of the three ``resume`` choices."""
+    require_type("the training config (cfg)", cfg, TrainConfig)
+    if resume not in RESUME_CHOICES or not isinstance(resume, (bool, str)):
+        raise UserError(f"resume={resume!r}: pass False (start a run), True (continue the run in out) or "
+                        "'auto' (continue it when its settings and data are these, else start afresh).")
+    return cfg, resume
+
+
+def _val_source(val_cache: str | None) -> dict:
+    """The validation store's path and content identity, as a run's ``data.source`` records them."""
+    if not val_cache:
+        return {"val_cache": None}
+    return {"val_cache": str(val_cache), "val_cache_id": FeatureStore.open(val_cache).content_id()}
+
+
+def _class_weights(cfg: TrainConfig, label_maps, classes: list[str], ignore_index: int, where: str) -> dict:
+    """The loss's class weights (their record: method, weights, counts). The labels are counted only when
+    the method needs them (median-freq, inverse-log), and a training set without a single labelled pixel
+    is refused then (the trainer refuses it in any case, after its first epoch)."""
+    return resolve_class_weights(cfg.class_weights, label_maps, classes, ignore_index, where=where)[1]
+
+
+TRAINING_COPIES = 4  # a parameter's bytes in training: the weight, its gradient, SGD's momentum, and a spare
 
 
 def _make_decoder(cfg: TrainConfig, input_shapes: dict[str, ShapeSpec], num_classes: int
                   ) -> tuple[nn.Module, list[str]]:
-    """The seeded decoder, and the names of the feature maps it reads (all a source needs to load)."""
+    """The seeded decoder, and the names of the feature maps it reads (all a source needs to load).
+
+    Built first on the ``meta`` device (no memory): a decoder whose parameters cannot fit in memory for
+    training (``--decoder-opt widths=[100000,...]``) is refused, naming its size, before any is allocated.
+    """
+    with torch.device("meta"):
+        check_trainable_size(build_decoder(cfg.decoder, input_shapes, num_classes, **cfg.decoder_config),
+                             cfg.decoder, cfg.decoder_config)
     torch.manual_seed(cfg.seed)
     decoder = build_decoder(cfg.decoder, input_shapes, num_classes, **cfg.decoder_config)
     return decoder, list(decoder.in_features)
+
+
+def check_trainable_size(decoder: nn.Module, name: str, config: dict) -> None:
+    """Refuse a decoder (built on the ``meta`` device: no memory) whose parameters cannot be trained in this
+    machine's memory, naming its size; the recipe check (stages.build_check) refuses it the same way."""
+    params = sum(p.numel() for p in decoder.parameters())
+    problem = memory_problem(params * 4 * TRAINING_COPIES)
+    if problem:
+        shown = " ".join(f"{k}={v}" for k, v in config.items()) or "its defaults"
+        raise UserError(f"decoder {name} ({shown}) has {params / 1e9:,.1f} G parameters: training it needs "
+                        f"{problem}. Choose smaller widths or a smaller preset.")
+
+
+def _check_crop(crop, spec) -> None:
+    """A feature-space crop larger than the store's views would only pad them with nothing (and ask for memory in
+    proportion): refused, naming the views' size."""
+    if crop and (crop[0] > spec.label_shape[0] or crop[1] > spec.label_shape[1]):
+        h, w = spec.label_shape
+        raise UserError(f"--crop {crop[0]}x{crop[1]} is larger than the store's views ({h}x{w}); pass a crop of at "
+                        f"most {h - h % 32}x{w - w % 32} (a multiple of 32), or leave --crop out for whole views.")
 
 
 def _echo(message: str) -> None:

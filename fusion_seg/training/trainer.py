@@ -28,9 +28,9 @@ from fusion_seg.progress import require_tensorboard
 from fusion_seg.training import ddp
 from fusion_seg.training.config import TrainConfig, TrainingData, TrainResult
 from fusion_seg.training.ddp import DistEnv
-from fusion_seg.training.hooks import RunLog, describe_run, diverged_message, peak_memory_mib
+from fusion_seg.training.hooks import RunLog, describe_run, diverged_message, no_labels_message, peak_memory_mib
 from fusion_seg.training.losses import build_loss, decoder_loss
-from fusion_seg.training.run_dir import RunDirectory
+from fusion_seg.training.run_dir import RunDirectory, run_differences
 from fusion_seg.training.validation import ValidationViews, validate
 from fusion_seg.training.warm_start import init_from_checkpoint
 
@@ -63,10 +63,12 @@ class Trainer:
         self.init_info: dict | None = None  # what --init started from (kept across resumes)
         self.lr_changes: list[dict] = []  # explicit --lr changes on resume: {"epoch", "step", "from", "to"}
         self.lr_change: dict | None = None  # the one made by this resume
+        self.notices: list[str] = []  # what the start of the run must tell (an earlier run set aside)
+        self.previous_run = None  # where restore kept an earlier run of other settings ("auto")
         self.losses: list[float] = []  # the loss of every step this fit trains (from the start or the resume)
         self.val: dict | None = None  # the latest validation
 
-    def fit(self, *, resume: bool, progress: bool) -> TrainResult:
+    def fit(self, *, resume: bool | str, progress: bool) -> TrainResult:
         """Train epochs ``start_epoch + 1 .. cfg.epochs``; every process returns once the run directory is complete."""
         self.restore(resume)
         t0 = time.perf_counter()
@@ -75,7 +77,7 @@ class Trainer:
         with RunLog.open(self.run, self.cfg, total_steps=self.total_steps, step=self.step, progress=progress) as log:
             log.start(describe_run(self.run, self.cfg, self.data.source, self.dist, len(self.source),
                                    self.steps_per_epoch, self.total_steps, self.start_epoch, self.step),
-                      self.lr_change)
+                      self.lr_change, self.notices)
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 started = time.perf_counter()
                 losses = self.train_epoch(model, epoch, log)
@@ -89,11 +91,15 @@ class Trainer:
             self.run.plot_curves()
         self.dist.barrier()
         return TrainResult(str(self.run), self.cfg.epochs, self.step, self.losses, self.best, self.val,
-                           time.perf_counter() - t0, peak, self.cache_info)
+                           time.perf_counter() - t0, peak, self.cache_info,
+                           str(self.previous_run) if self.previous_run else None)
 
-    def restore(self, resume: bool) -> None:
+    def restore(self, resume: bool | str) -> None:
         """Continue the run in the run directory from its last.pt, or start one there (from ``--init``'s
-        decoder when given); then record the run's settings in config.json."""
+        decoder when given); then record the run's settings in config.json. ``resume="auto"``: continue
+        the run there only when it has these settings and this data (see :meth:`_continue_or_set_aside`)."""
+        if resume == "auto":
+            resume = self._continue_or_set_aside()
         if resume:
             self.run.require_last()
             self.run.create()
@@ -108,9 +114,30 @@ class Trainer:
                                "encoder": self.data.encoder.to_dict(), "data": self.data.record(),
                                "world_size": self.dist.world})
 
+    def _continue_or_set_aside(self) -> bool:
+        """Whether to continue the run in the run directory: yes when its last.pt was made with exactly these
+        settings and this data (a run stopped part-way; a finished one then trains no step). A run made
+        otherwise (any setting, the lr included, or its data changed), or whose last.pt cannot be read, is
+        kept under a new name and a fresh run starts, which the run's first lines say."""
+        if not self.run.last.exists():
+            return False
+        try:
+            ckpt = self.run.load_last()
+            diffs, _ = run_differences(ckpt, self.record, self.cfg, self.data.classes, self.data.encoder,
+                                       self.data.record())
+        except (UserError, KeyError, TypeError) as exc:
+            diffs = [f"its last.pt cannot be continued ({exc})"]
+        if not diffs:
+            return True
+        kept = self.previous_run = self.run.set_aside()
+        self.notices.append(f"{self.run} held a run with other settings or data ({'; '.join(diffs)}); kept it as "
+                            f"{kept} and training a new run in {self.run}.")
+        return False
+
     def _resume(self) -> None:
         ckpt = self.run.load_last()
-        old_lr = self.run.check_resumable(ckpt, self.record, self.cfg, self.data.classes, self.data.encoder)
+        old_lr = self.run.check_resumable(ckpt, self.record, self.cfg, self.data.classes, self.data.encoder,
+                                          self.data.record())
         self.decoder.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -126,8 +153,9 @@ class Trainer:
     def train_epoch(self, model: nn.Module, epoch: int, log: RunLog) -> list[float]:
         """One pass over the source with ``model`` (the decoder, or its DDP wrapper); its losses, each the
         mean over all processes (the loss of the global batch). A loss of NaN or infinity stops the run."""
-        losses = []
+        losses, labelled = [], 0
         for features, labels in self.source.batches(epoch):
+            labelled += int((labels != self.data.ignore_index).sum())
             loss = decoder_loss(model, self.decoder, features, labels, self.criterion, self.device)
             value = self.dist.mean(loss)
             if not math.isfinite(value):
@@ -141,6 +169,8 @@ class Trainer:
             self.losses.append(value)
             log.after_step(epoch, self.step, value, self.optimizer.param_groups[0]["lr"])
             faults.checkpoint_reached("step")  # a test's pause point (faults.py); nothing when no test set one
+        if losses and self.dist.mean(torch.tensor(float(labelled))) == 0:
+            raise UserError(no_labels_message(self.data, epoch, len(self.source)))
         return losses
 
     def end_epoch(self, epoch: int, losses: list[float], seconds: float, started: float, log: RunLog) -> None:

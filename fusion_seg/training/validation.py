@@ -22,6 +22,7 @@ from fusion_seg.device import autocast, to_device
 from fusion_seg.errors import Failed, UserError
 from fusion_seg.evaluation.metrics import SegEvaluator
 from fusion_seg.training import ddp
+from fusion_seg.training.class_weights import require_labelled_pixels
 from fusion_seg.training.config import TrainConfig, TrainingData
 
 
@@ -78,6 +79,7 @@ def open_val_store(path: str, train: TrainingData, *, allow_val_on_train: bool =
     the training data; a UserError otherwise, except that ``allow_val_on_train`` turns the last into a warning."""
     store = FeatureStore.open(path)
     store.check_complete()
+    require_labelled_pixels(store, store.usable_views(), f"--val-cache {path}")
     _check_matches(store, path, train)
     _check_not_training_data(store, path, train, allow=allow_val_on_train)
     return store

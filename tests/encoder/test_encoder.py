@@ -88,11 +88,38 @@ def test_pretrained_tag_offline_gives_clear_error(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(build, "_create_pretrained", offline)  # the project's own injection point
+    monkeypatch.setattr(build, "hub_unreachable", lambda: None)  # the hub answers; the download fails
     with pytest.raises(UserError, match="--weights FILE") as err:
         build_encoder("resnet18.a1_in1k", strides=(8, 32))
     assert calls == [("resnet18.a1_in1k", (2, 4))]  # the tag as given, the features_only indices of s8 and s32
     message = str(err.value)
     assert "OSError: no network" in message and "--random-init" in message and "\n" not in message
+
+
+def test_an_unreachable_hub_fails_at_once_from_the_cache_alone(monkeypatch, tmp_path):
+    """Issue 20: offline, the default encoder failed only after ~50 s of hub retries, with a many-line message.
+    Now an unreachable hub (one short TCP probe) puts huggingface_hub in offline mode for the load: the local
+    cache only, no request; without cached weights the error is one line naming the offline ways out."""
+    from huggingface_hub import constants
+
+    from fusion_seg.encoder import build
+
+    monkeypatch.setattr(build, "hub_unreachable", lambda: "huggingface.co cannot be reached (test)")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # nothing cached
+    offline_during_load = []
+    real = build._create_pretrained
+
+    def recording(tag, out_indices):
+        offline_during_load.append(constants.is_offline_mode())
+        return real(tag, out_indices)
+
+    monkeypatch.setattr(build, "_create_pretrained", recording)
+    with pytest.raises(UserError) as err:
+        build_encoder("resnet18.a1_in1k", strides=(8, 32))
+    message = str(err.value)
+    assert offline_during_load == [True] and not constants.is_offline_mode()  # only for the load
+    assert "hub is offline" in message and "--weights FILE" in message and "--random-init" in message
+    assert "\n" not in message and "Retry" not in message
 
 
 def test_identity_round_trip_and_differences():

@@ -128,3 +128,15 @@ def test_evaluate_refuses_a_bad_out_before_scoring(checkpoint, tmp_path, no_mode
     with pytest.raises(UserError, match="metrics.json"):
         scoring.evaluate(checkpoint, out=tmp_path / "e", **data)
     assert blocker.read_text() == "keep me"
+
+
+def test_predict_into_its_own_input_folder_is_refused_even_when_no_name_collides(checkpoint, tmp_path, no_model):
+    """Issue 20: a.jpg's results are a.png and a_overlay.png, which overwrite nothing, but they would be written
+    among the images and read as inputs by the next run."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(images / "a.jpg")
+    result = CliRunner().invoke(main, ["predict", "--checkpoint", str(checkpoint), "--input", str(images),
+                                       "--out", str(images)])
+    assert result.exit_code == 2 and "is the --input folder" in result.output, result.output
+    assert sorted(p.name for p in images.iterdir()) == ["a.jpg"]

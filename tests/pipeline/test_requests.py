@@ -8,6 +8,8 @@ import inspect
 from types import SimpleNamespace
 
 import pytest
+
+from fusion_seg.errors import UserError
 from click.testing import CliRunner
 
 from fusion_seg.cli import main
@@ -27,7 +29,8 @@ def calls(monkeypatch):
     import fusion_seg.training.train
 
     seen: dict[str, list] = {"extract": [], "train_online": [], "train_decoder": []}
-    trained = SimpleNamespace(run_dir="r", steps=0, seconds=0.0, best_miou=None, losses=[])
+    trained = SimpleNamespace(run_dir="r", epochs=1, steps=0, seconds=0.0, best_miou=None, losses=[],
+                              previous_run=None)
 
     def record(module, name, result):
         @functools.wraps(getattr(module, name))  # the same signature: the recipe runner reads it
@@ -112,7 +115,9 @@ def test_the_command_line_and_a_recipe_stage_make_the_same_online_request(calls,
     run_stage(ONLINE_STAGE, progress=False)
     (cli_args, from_cli), (stage_args, from_stage) = calls["train_online"]
     assert cli_args == stage_args  # (out, cfg): the same TrainConfig
-    assert from_stage == {**from_cli, "progress": False}
+    # A recipe's train stage continues the run in out only when it has these settings and data (issue 20: it
+    # used to pass resume=True whenever last.pt existed); the command line resumes only with --resume.
+    assert from_stage == {**from_cli, "progress": False, "resume": "auto"}
     assert from_cli == dict(
         dataset=DatasetRef("synthetic", "train", options={"num_images": 2}),
         encoder=EncoderSpec("resnet18", random_init=True, seed=3, strides=(4, 8, 16, 32)),
@@ -151,7 +156,9 @@ def test_builders_make_one_form_of_each_request():
                                                                                         scale_range=(0.5, 1.0))
     assert requests.resize(size=[64, 96]) == Resize(size=(64, 96))
     assert requests.encoder_spec(strides=[4, 8]) == EncoderSpec(strides=(4, 8))
-    assert requests.augment(augment=False, crop=(64, 64)) == Augment(enabled=False)
+    assert requests.augment(augment=False) == Augment(enabled=False)
+    with pytest.raises(UserError, match="--crop 64x64 has no effect with --no-augment"):  # issue 20: not ignored
+        requests.augment(augment=False, crop=(64, 64))
     assert requests.dataset_ref(dataset="camvid", split="val") == DatasetRef("camvid", "val", options={})
     with pytest.raises(TypeError, match="epochs"):
         requests.extract_arguments(dict(dataset="synthetic", split="train", out="s.zarr", epochs=1))

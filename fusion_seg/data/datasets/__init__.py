@@ -5,6 +5,7 @@ import inspect
 from dataclasses import dataclass, field
 
 from fusion_seg.errors import UserError
+from fusion_seg.options import keyword_errors
 from fusion_seg.data.datasets.base import DATASETS, FileSegDataset, SegDataset, SegSample, register_dataset
 # Importing the dataset modules registers them (@register_dataset); DATASETS lists them in this order.
 from fusion_seg.data.datasets.synthetic import SyntheticDataset
@@ -38,6 +39,11 @@ def build_dataset(name: str, root=None, split: str = "train", **options) -> SegD
     if unknown:
         raise UserError(f"dataset {name!r} has no option {', '.join(unknown)}; "
                         f"its options are: {', '.join(accepted) or 'none'}.")
+    problems = keyword_errors(cls, options, f"dataset {name!r}", skip=("root", "split"))  # value types
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        problems.append(f"limit = {limit!r} should be an integer.")
+    if problems:
+        raise UserError(f"--dataset-opt: {' '.join(problems)}")
     dataset = cls(root=root, split=split, **options)
     if limit is not None:
         if not isinstance(dataset, FileSegDataset):

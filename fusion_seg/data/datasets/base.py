@@ -80,6 +80,10 @@ class SegDataset(Sequence, abc.ABC):
         """The files this split's samples are read from (images, masks, annotation files): what tells,
         listed with their sizes and modification times (:func:`fusion_seg.files.file_listing`), whether
         the data changed since a store or a result was made from it. None for generated data."""
+        return [p for i in range(len(self)) for p in self.sample_files(i)]
+
+    def sample_files(self, i: int) -> list[Path]:
+        """The files sample ``i`` is read from (its image and mask files); none for generated data."""
         return []
 
     def _sources(self, i: int) -> tuple[str, str]:
@@ -193,8 +197,9 @@ class FileSegDataset(SegDataset):
         _, image_path, mask_path = self._entries[i]
         return str(image_path), str(mask_path)
 
-    def input_files(self) -> list[Path]:
-        return [p for _, image_path, mask_path in self._entries for p in (image_path, mask_path) if p is not None]
+    def sample_files(self, i: int) -> list[Path]:
+        _, image_path, mask_path = self._entries[i]
+        return [image_path] if mask_path is None else [image_path, mask_path]
 
     def _load(self, i: int) -> SegSample:
         sid, image_path, mask_path = self._entries[i]

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_seg.errors import DataError
-from fusion_seg.data.io import default_palette, image_size, read_image
+from fusion_seg.data.io import default_palette, file_problem, image_size, read_image
 from fusion_seg.data.datasets.base import SegDataset, SegSample, import_optional, register_dataset
 from fusion_seg.data.datasets.voc import CLASSES as VOC_CLASSES
 from fusion_seg.data.datasets.voc import PALETTE as VOC_PALETTE
@@ -115,7 +115,7 @@ class COCODataset(SegDataset):
             cls = cat_to_class.get(ann.get("category_id"))
             if cls is not None:
                 per_image.setdefault(ann.get("image_id"), []).append(ann)
-        present = set(os.listdir(self._image_dir))
+        present = {entry.name: entry for entry in os.scandir(self._image_dir)}  # no stat per plain file
         images, dropped = [], 0
         for info in sorted(data["images"], key=lambda im: im["id"]):
             file_name = str(info.get("file_name", ""))
@@ -131,6 +131,9 @@ class COCODataset(SegDataset):
             if file_name not in present:
                 raise DataError(f"COCO image {self._image_dir / file_name} (listed in {ann_file}) does not exist. "
                                 f"Unpack {self._image_dir.name}.zip completely, or pass another --root.")
+            if not present[file_name].is_file():
+                path = self._image_dir / file_name
+                raise DataError(f"cannot read COCO image {path} (listed in {ann_file}): {file_problem(path)}.")
             kept = [(cat_to_class[a["category_id"]], bool(a.get("iscrowd")), a.get("segmentation"), a.get("id"))
                     for a in anns]
             images.append((file_name, int(info["height"]), int(info["width"]), kept))
@@ -147,7 +150,10 @@ class COCODataset(SegDataset):
         return image_size(self._image_dir / self._images[i][0])
 
     def input_files(self) -> list[Path]:
-        return [self._ann_file, *(self._image_dir / file_name for file_name, _, _, _ in self._images)]
+        return [self._ann_file, *super().input_files()]
+
+    def sample_files(self, i: int) -> list[Path]:
+        return [self._image_dir / self._images[i][0]]  # its mask is made from the annotation file
 
     def _sources(self, i: int) -> tuple[str, str]:
         file_name = self._images[i][0]
