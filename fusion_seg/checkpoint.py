@@ -64,7 +64,8 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"cannot read checkpoint {path}: it is corrupt or truncated ({type(exc).__name__}: {exc}). "
+            f"cannot read checkpoint {path}: it is corrupt or truncated ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}). "
             "Use the previous checkpoint (best.pt / last.pt) or retrain."
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

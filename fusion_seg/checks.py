@@ -29,10 +29,18 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def int_problem(value, minimum: int) -> str | None:
-    if not _is_int(value) or value < minimum:
-        return f"must be an integer >= {minimum}"
+MAX_SEED = 2**32 - 1  # seeds go to numpy's and torch's generators (torch's overflows past 2**63 - 1)
+
+
+def int_problem(value, minimum: int, maximum: int | None = None) -> str | None:
+    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        return f"must be an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
     return None
+
+
+def seed_problem(value) -> str | None:
+    """A seed: an integer in 0..:data:`MAX_SEED`."""
+    return int_problem(value, 0, MAX_SEED)
 
 
 def non_negative_problem(value) -> str | None:

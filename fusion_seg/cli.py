@@ -17,7 +17,8 @@ from pathlib import Path
 
 import click
 
-from fusion_seg.checks import CACHE_MODES, FEATURE_CROP_ALIGN, scale_range_problem, size_problem, strides_problem
+from fusion_seg.checks import (CACHE_MODES, FEATURE_CROP_ALIGN, MAX_SEED, scale_range_problem, size_problem,
+                               strides_problem)
 from fusion_seg.errors import UserError, os_error_message
 from fusion_seg.cache.codecs import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES  # torch-free
 
@@ -224,14 +225,23 @@ def user_errors(fn):
             fail(str(exc))
         except OSError as exc:
             fail(os_error_message(exc))
-        except MemoryError:
-            fail(f"{fn.__name__.replace('_', '-')} ran out of memory: reduce --batch-size, --crop or the image size, "
-                 "or run it on a machine with more memory.")
+        except (MemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            fail(f"{fn.__name__.replace('_', '-')} ran out of memory ({str(exc).splitlines()[0][:160]}): reduce "
+                 "--batch-size, --crop or the image size, or run it on a machine with more memory.")
         except KeyboardInterrupt:
             message = INTERRUPTED.get(fn.__name__, NOT_RESUMED)
             click.secho(message.format(out=kwargs.get("out", "OUT")), fg="yellow", err=True)
             sys.exit(130)
     return wrapper
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, torch's CPU allocator ("can't allocate memory") or CUDA's
+    out-of-memory error (a RuntimeError whose message says so)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def fail(message: str) -> None:
@@ -288,7 +298,7 @@ def encoder_options(fn):
                      help="timm model tag. The default (semi-supervised ResNet-50) is CC-BY-NC 4.0."),
         click.option("--weights", type=click.Path(), default=None, help="Encoder weights (.pth/.safetensors), offline."),
         click.option("--random-init", is_flag=True, help="Explicitly random encoder weights (seeded by --seed)."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                      help="Seed of every random draw: the --random-init weights and each view's augmentation "
                           "(train-decoder: also the decoder's initialisation, the batch order and the "
                           "feature-space crops)."),
@@ -589,7 +599,7 @@ def predict(checkpoint, inputs, out, sliding_window, weights, device):
 @click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True)
 @click.option("--crop", type=HxW(multiple=FEATURE_CROP_ALIGN), default=None,
               help=f"Random feature-space crop, each side a multiple of {FEATURE_CROP_ALIGN} (default: whole views).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the decoders' initialisation, the batch order and the crops.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="DataLoader worker processes.")

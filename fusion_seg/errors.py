@@ -104,3 +104,13 @@ def os_error_message(exc: OSError) -> str:
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
         return str(write_error(path, exc, option="output location"))
     return f"{path}: {exc.strerror or exc}. Check that path and try again."
+
+
+def require_path(name: str, value, what: str) -> None:
+    """Refuse a value that is not a path (a ``str`` or ``os.PathLike``) where the Python API takes a file or
+    folder (``out``, ``checkpoint``, ``cache``), with a UserError that says what to pass."""
+    import os
+
+    if not isinstance(value, (str, os.PathLike)):
+        shown = type(value).__name__ if hasattr(value, "shape") or isinstance(value, (list, tuple)) else repr(value)
+        raise UserError(f"{name}={shown}: pass {what}, a path (str or pathlib.Path).")

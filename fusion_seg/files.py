@@ -18,7 +18,8 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "file_listing", "listing_digest", "temp_path", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_write", "file_listing", "folder_problem", "listing_digest", "temp_path", "write_json_atomic",
+           "write_text_atomic"]
 
 
 def temp_path(path: Path) -> Path:
@@ -116,3 +117,23 @@ def listing_digest(paths) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(file_listing(paths)).encode()).hexdigest()
+
+
+# Suffixes that name a file of some format: a folder named so (``--out model.pt``) is not what its name says.
+FILE_SUFFIXES = frozenset(".pt .pth .ckpt .bin .safetensors .onnx .json .jsonl .toml .yaml .yml .txt .md .csv .log "
+                          ".png .jpg .jpeg .tif .tiff .webp .bmp .gif .pdf .svg .h5 .hdf5 .npz .npy .pkl .zip .tar .gz "
+                          ".tgz".split())
+
+
+def folder_problem(path: str | Path, what: str) -> str | None:
+    """Why ``path`` cannot be the output folder ``what`` ("the run folder"), or None: its name says it is a file
+    (``model.pt``, ``preds.png``), or it lies inside a Zarr store (a folder above it holds ``zarr.json``),
+    among whose arrays it would be written."""
+    path = Path(os.path.abspath(path))
+    if path.suffix.lower() in FILE_SUFFIXES:
+        return (f"{path.name} names a {path.suffix} file, but {what} is a folder; pass a folder name without "
+                f"{path.suffix}")
+    for folder in path.parents:
+        if (folder / "zarr.json").is_file():
+            return f"it lies inside the Zarr store {folder}, among whose arrays it would be written; pass a folder outside it"
+    return None

@@ -14,6 +14,8 @@ import dataclasses
 import difflib
 import inspect
 import json
+import numbers
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -94,16 +96,20 @@ def accepts(value, hint) -> bool:
         return True
     union = _union_args(hint)
     if union is not None:
+        if value is None:  # a Python caller's None for an optional value (TOML has no null)
+            return type(None) in typing.get_args(hint)
         return any(accepts(value, a) for a in union)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, (bool, np_bool()))
+    if hint is int:  # numbers.Integral: numpy's integers too (a size taken from an array's shape)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (str, Path) or (isinstance(hint, type) and issubclass(hint, Path)):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
         return isinstance(value, str)
+    if hint is Path or (isinstance(hint, type) and issubclass(hint, Path)):
+        return isinstance(value, (str, os.PathLike))
     if hint is dict or origin is dict:
         return isinstance(value, dict)
     if hint in (list, tuple) or origin in (list, tuple, Sequence) or hint is Sequence:
@@ -179,3 +185,51 @@ def keyword_errors(fn, options: dict, owner: str, *, skip=(), keyword_only: bool
     if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
         options = {k: v for k, v in options.items() if k in schema}
     return check_keys(options, schema, "option", owner)
+
+
+def np_bool() -> type:
+    """numpy's bool type when numpy is there (always, with fusion-seg), else bool."""
+    try:
+        import numpy
+    except ImportError:
+        return bool
+    return numpy.bool_
+
+
+def check_fields(obj, owner: str) -> None:
+    """Refuse a request or config dataclass ``obj`` whose fields are not of their annotated types (a ``str`` where
+    a size goes, a number where a name goes), one UserError listing each, with what to pass: what a caller of
+    the Python API gets instead of an error deep inside (the command line's types are right by construction)."""
+    from fusion_seg.errors import UserError
+
+    hints = {name: _any_length(hint) for name, hint in type_hints(type(obj)).items()}
+    problems = [f"{f.name}={show_value(getattr(obj, f.name))} should be {describe(hints[f.name])}"
+                for f in dataclasses.fields(obj) if f.name in hints and not accepts(getattr(obj, f.name), hints[f.name])]
+    if problems:
+        raise UserError(f"{owner}: {'; '.join(problems)}.")
+    for f in dataclasses.fields(obj):  # numpy's numbers as Python's: they go into JSON (specs, config.json)
+        object.__setattr__(obj, f.name, plain(getattr(obj, f.name)))
+
+
+def _any_length(hint):
+    """``hint`` with its fixed-length tuples (``tuple[int, int]``) of any length: a size's length is a range check,
+    made with the option's own message (``--crop 64: must be a size HxW ...``) where the request is used."""
+    union = _union_args(hint)
+    if union is not None:
+        args = tuple(_any_length(a) for a in typing.get_args(hint))
+        return typing.Union[args]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and args and args[-1] is not Ellipsis and len(set(args)) == 1:
+        return tuple[args[0], ...]
+    return hint
+
+
+def plain(value):
+    """``value`` with numpy scalars (in lists, tuples and dicts too) as the Python numbers they are."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if not isinstance(value, (bool, int, float, str)) and hasattr(value, "item") and hasattr(value, "dtype"):
+        return value.item()
+    return value

@@ -34,14 +34,15 @@ def cache(tmp_path_factory):
 EXTRACT = [
     ("--views", "0"), ("--crop", "0x64"), ("--crop", "64x-1"),
     ("--scale-range", "2", "0.5"), ("--scale-range", "0", "1"), ("--scale-range", "-1", "2"),
-    ("--short-side", "0"), ("--size", "0x64"), ("--seed", "-1"),
+    ("--short-side", "0"), ("--size", "0x64"), ("--seed", "-1"), ("--seed", "99999999999999999999"),
     ("--strides", "3,8"), ("--strides", "1,4"), ("--strides", "4,64"), ("--strides", "8,4"), ("--strides", "4,4"),
     ("--strides", ""),
     ("--batch-size", "0"), ("--loader-workers", "-1"), ("--workers", "-1"), ("--dask-workers", "0"),
 ]
 TRAIN = [
     ("--crop", "0x64"), ("--crop", "48x64"), ("--scale-range", "2", "0.5"), ("--scale-range", "0", "1"),
-    ("--short-side", "0"), ("--size", "64x0"), ("--seed", "-1"), ("--strides", "4,5"),
+    ("--short-side", "0"), ("--size", "64x0"), ("--seed", "-1"), ("--seed", "99999999999999999999"),
+    ("--strides", "4,5"),
     ("--workers", "-1"), ("--streams", "3"), ("--modules", "0,1"), ("--blocks", "0"), ("--views", "0"),
     ("--epochs", "0"), ("--batch-size", "0"), ("--lr", "0"), ("--lr", "-0.1"),
     ("--ohem-thresh", "0"), ("--ohem-thresh", "1.5"), ("--ohem-min-kept", "0"),
@@ -147,7 +148,8 @@ def test_extract_with_a_corrected_scale_range_after_a_bad_one(tmp_path):
     (dict(poly_power=-1.0), "poly_power"), (dict(crop=[48, 64]), "crop"), (dict(crop=[0, 32]), "crop"),
     (dict(crop=[32]), "crop"), (dict(views=0), "views"), (dict(loss="dice"), "loss"),
     (dict(ohem_thresh=0.0), "ohem-thresh"), (dict(ohem_thresh=1.01), "ohem-thresh"),
-    (dict(ohem_min_kept=0), "ohem-min-kept"), (dict(seed=-1), "seed"), (dict(workers=-1), "workers"),
+    (dict(ohem_min_kept=0), "ohem-min-kept"), (dict(seed=-1), "seed"), (dict(seed=2**63), "seed"),
+    (dict(workers=-1), "workers"),
     (dict(val_every=0), "val-every"), (dict(log_every=0), "log-every"), (dict(cache_mode="disk"), "cache-mode"),
 ])
 def test_train_config_refuses_bad_values(bad, name):
@@ -215,8 +217,9 @@ WRONG_TYPES = [
     ("extract", ("--dataset-opt", "size=64"), "size = 64 should be a list of 2 integers"),
     ("train-decoder", ("--decoder-opt", "widths=abc"), 'widths = "abc" should be a list of integers'),
     ("train-decoder", ("--decoder-opt", "streams=4.5"), "streams = 4.5 should be an integer"),
-    ("train-decoder", ("--decoder-opt", "width=128"), "has no option 'width' (did you mean 'widths'?)"),
+    ("train-decoder", ("--decoder-opt", "width=128"), "has no option(s) width (did you mean widths?)"),
     ("online", ("--dataset-opt", "num_images=two"), 'num_images = "two" should be an integer'),
+    ("plan", ("--decoder-opt", "widths=abc"), 'options (widths="abc"): widths = "abc" should be a list of integers'),
 ]
 
 
@@ -228,6 +231,8 @@ def test_option_values_of_the_wrong_type_are_refused_before_any_work(command, gi
                 "--out", str(out / "x.zarr")]
     elif command == "online":
         line = ["train-decoder", "--online", "--dataset", "synthetic", *given, *ENC, "--out", str(out / "r")]
+    elif command == "plan":
+        line = ["plan", str(cache), "--device", "cpu", "--encoder", "resnet18", *given, "--json", str(out / "p.json")]
     else:
         line = ["train-decoder", "--cache", str(cache), *given, "--device", "cpu", "--out", str(out / "r")]
     result = CliRunner().invoke(main, line)
@@ -319,3 +324,95 @@ def test_extract_refuses_a_str_or_dict_where_a_request_goes(bad, message, tmp_pa
     with pytest.raises(fs.UserError, match=message):
         fs.extract_features(tmp_path / "out" / "x.zarr", **arguments, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_allocation_that_no_check_caught_is_one_line(monkeypatch, tmp_path, cache):
+    """torch's CPU allocator raises a RuntimeError ("can't allocate memory"), not a MemoryError."""
+    import fusion_seg.training.train
+
+    def huge(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 360000000000 bytes.")
+
+    monkeypatch.setattr(fusion_seg.training.train, "train_decoder", huge)
+    result = CliRunner().invoke(main, train_line(tmp_path, cache))
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "ran out of memory" in result.output and "--batch-size" in result.output
+
+
+@pytest.mark.parametrize("command, out, message", [
+    ("extract", "feats.h5", "names a .h5 file"), ("predict", "preds.png", "names a .png file"),
+    ("evaluate", "metrics.json", "names a .json file"), ("compare", "table.md", "names a .md file"),
+])
+def test_an_output_folder_named_as_a_file_is_refused(command, out, message, tmp_path, cache):
+    target = str(tmp_path / out)
+    line = {"extract": ["extract", *DATA, "--split", "train", *ENC, "--out", target],
+            "predict": ["predict", "--checkpoint", str(tmp_path / "c.pt"), "--input", str(tmp_path), "--out", target],
+            "evaluate": ["evaluate", "--checkpoint", str(tmp_path / "c.pt"), *DATA, "--split", "val", "--out", target],
+            "compare": ["compare", "--cache", str(cache), "--decoders", "linear", "--out", target]}[command]
+    if command == "predict":
+        from PIL import Image
+        Image.new("RGB", (32, 32)).save(tmp_path / "a.jpg")
+    result = CliRunner().invoke(main, line)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / out).exists()
+
+
+def test_load_model_refuses_what_is_not_a_path():
+    import fusion_seg as fs
+
+    with pytest.raises(fs.UserError, match="checkpoint=123: pass the checkpoint's path"):
+        fs.load_model(123)
+
+
+def test_a_synthetic_seed_out_of_range_is_refused(tmp_path):
+    result = CliRunner().invoke(main, ["extract", "--dataset", "synthetic", "--split", "train", "--dataset-opt",
+                                       "seed=-1", *ENC, "--out", str(tmp_path / "out" / "x.zarr")])
+    assert result.exit_code == 2 and "synthetic seed -1 must be an integer >= 0" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_checkpoint_or_weights_file_is_one_line(tmp_path):
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+    for line in (["evaluate", "--checkpoint", str(tmp_path / "bad.pt"), *DATA, "--split", "val", "--device", "cpu"],
+                 ["extract", *DATA, "--split", "train", "--encoder", "resnet18", "--weights", str(tmp_path / "bad.pt"),
+                  "--out", str(tmp_path / "x.zarr")]):
+        result = CliRunner().invoke(main, line)
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert str(tmp_path / "bad.pt") in result.output and "Traceback" not in result.output
+
+
+API_TYPES = [  # (call, message): a Python caller's value of the wrong type gets a UserError saying what to pass
+    (lambda fs: fs.TrainConfig(epochs="10"), 'TrainConfig: epochs="10" should be an integer'),
+    (lambda fs: fs.TrainConfig(class_weights=3), "class_weights=3 should be a string"),
+    (lambda fs: fs.DatasetRef("synthetic", options=[1]), "DatasetRef: options=[1] should be a table"),
+    (lambda fs: fs.DatasetRef(3), "DatasetRef: name=3 should be a string"),
+    (lambda fs: fs.EncoderSpec(3), "EncoderSpec: tag=3 should be a string"),
+    (lambda fs: fs.Augment(crop="64x64"), 'Augment: crop="64x64" should be a list of integers'),
+    (lambda fs: fs.Resize(size=64), "Resize: size=64 should be a list of integers"),
+    (lambda fs: fs.ExtractRun(batch_size="4"), 'ExtractRun: batch_size="4" should be an integer'),
+    (lambda fs: fs.StoreFormat(dtype=16), "StoreFormat: dtype=16 should be a string"),
+    (lambda fs: fs.train_decoder("s.zarr", None, fs.TrainConfig()), "out=None: pass the run folder"),
+    (lambda fs: fs.extract_features(None, fs.DatasetRef("synthetic")), "out=None: pass the feature store's folder"),
+]
+
+
+@pytest.mark.parametrize("call, message", API_TYPES, ids=[m for _, m in API_TYPES])
+def test_the_python_api_refuses_values_of_the_wrong_type(call, message):
+    import fusion_seg as fs
+
+    with pytest.raises(fs.UserError) as err:
+        call(fs)
+    assert message in str(err.value)
+
+
+def test_optional_values_and_numpy_integers_are_accepted():
+    import numpy as np
+
+    import fusion_seg as fs
+
+    crop = fs.Augment(crop=(np.int64(64), np.int64(96))).crop
+    assert crop == (64, 96) and all(type(c) is int for c in crop)  # plain ints: they go into a store's JSON spec
+    config = fs.TrainConfig(lr=np.float32(0.5), crop=[np.int64(32), np.int64(64)], seed=np.int64(3))
+    assert type(config.lr) is float and type(config.seed) is int and all(type(c) is int for c in config.crop)
+    assert fs.DatasetRef("folder", root=None).root is None and fs.TrainConfig(init=None, crop=None).init is None

@@ -37,6 +37,7 @@ from pathlib import Path
 import zarr
 
 from fusion_seg.errors import CacheError, UserError
+from fusion_seg.files import folder_problem
 
 # protocol -> (the fsspec implementation it needs, how to install it)
 BACKENDS = {
@@ -226,6 +227,9 @@ def check_out(path) -> None:
     if out.is_dir() and not (out / "zarr.json").exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is a folder of other files, not a fusion-seg feature store, and the store's "
                         f"arrays would be written among them; {fix} (or empty that folder).")
+    problem = None if (out / "zarr.json").exists() else folder_problem(out, "a feature store")
+    if problem:  # a new store named x.h5 or x.zip would be a Zarr folder, not what its name says
+        raise UserError(f"--out {out}: {problem} (e.g. {out.with_suffix('.zarr').name}).")
 
 
 def _require_backend(path) -> None:

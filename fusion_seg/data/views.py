@@ -15,6 +15,7 @@ import torch
 
 from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.errors import Failed, UserError
+from fusion_seg.options import check_fields
 from fusion_seg.data.transforms import hrnet_train_view, resize_pair, to_tensor, view_rng
 
 
@@ -29,6 +30,7 @@ class Augment:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self, "Augment")  # a caller's crop="64x64" is refused here, not deep in a worker
         # One form per augmentation, whoever builds it: a store records to_json(), and equal requests must
         # record equal specs. Without augmentation there is no crop and no flip.
         if not self.enabled:
@@ -51,6 +53,7 @@ class Resize:
     size: tuple[int, int] | None = None
 
     def __post_init__(self):
+        check_fields(self, "Resize")
         _tuples(self, "size")
 
     def to_json(self) -> dict:

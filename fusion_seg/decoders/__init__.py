@@ -11,7 +11,9 @@ logits), ``required_strides`` and ``losses``. Each registers itself in
 """
 from __future__ import annotations
 
+import difflib
 import inspect
+import json
 
 # Importing the decoder modules registers them; DECODERS lists them in this order (what the CLI shows).
 from fusion_seg.decoders.base import DECODERS, Decoder, check_input_shapes, register_decoder
@@ -23,6 +25,7 @@ from fusion_seg.decoders.frm import FRM
 from fusion_seg.decoders.exfuse import ExFuse
 from fusion_seg.decoders.hrnet_baseline import HRNetBaseline
 from fusion_seg.errors import UserError
+from fusion_seg.options import keyword_errors
 from fusion_seg.shapes import ShapeSpec
 
 
@@ -31,20 +34,42 @@ def build_decoder(name: str, input_shapes: dict[str, ShapeSpec], num_classes: in
     """Instantiate the decoder registered as ``name`` for the feature maps ``input_shapes``
     (``{name: ShapeSpec(channels, stride)}``) and ``num_classes`` classes."""
     check_input_shapes(input_shapes, num_classes)
+    check_options(name, config)
+    return DECODERS[name](input_shapes, num_classes, **config)
+
+
+def option_problems(name: str, config: dict) -> list[str]:
+    """What is wrong with ``config`` as the options of the decoder ``name``, one message each: an unknown
+    decoder, an option it does not take (with the closest it does), a value of the wrong type
+    (``widths="abc"``, ``streams=4.5``); checked against its constructor's keyword arguments."""
     if name not in DECODERS:
-        raise UserError(f"unknown decoder {name!r}; known decoders: {', '.join(sorted(DECODERS))}")
-    cls = DECODERS[name]
-    params = inspect.signature(cls).parameters
+        return [f"unknown decoder {name!r}; known decoders: {', '.join(sorted(DECODERS))}."]
+    return keyword_errors(DECODERS[name], config, f"decoder {name!r}", keyword_only=True)
+
+
+def check_options(name: str, config: dict) -> None:
+    """Raise :func:`option_problems` as one UserError, before anything is built: options the decoder does not
+    take, listing those it does (with the closest to a misspelt one), or values of the wrong type, shown as
+    they are typed (``--decoder-opt`` / a recipe's keys)."""
+    if name not in DECODERS:
+        raise UserError(option_problems(name, config)[0])
+    params = inspect.signature(DECODERS[name]).parameters
     options = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(config) - set(options))
     if unknown and not any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values()):
-        raise UserError(f"decoder {name!r} has no option(s) {', '.join(unknown)}; its options: "
+        close = [m for u in unknown for m in difflib.get_close_matches(u, options, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"decoder {name!r} has no option(s) {', '.join(unknown)}{hint}; its options: "
                         f"{', '.join(options) or 'none'}")
-    return cls(input_shapes, num_classes, **config)
+    problems = option_problems(name, config)
+    if problems:
+        shown = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in config.items())
+        raise UserError(f"decoder {name!r} options ({shown}): {' '.join(problems)}")
 
 
 __all__ = ["DECODERS", "Decoder", "ESeg", "ExFuse", "FRM", "HRNetBaseline", "LinearProbe", "ReverseHRNet",
-           "SemanticFPN", "build_decoder", "decoder_from_record", "decoder_record", "register_decoder"]
+           "SemanticFPN", "build_decoder", "decoder_from_record", "decoder_record", "option_problems",
+           "register_decoder"]
 
 
 def decoder_from_record(record: dict) -> Decoder:

@@ -25,6 +25,7 @@ from torch import nn
 from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, state_dict_sha256
 from fusion_seg.encoder.weights import load_weights_strict, read_weights_file
 from fusion_seg.errors import CheckpointError, UserError
+from fusion_seg.options import check_fields
 from fusion_seg.shapes import ShapeSpec, feature_name
 
 
@@ -144,6 +145,7 @@ class EncoderSpec:
     strides: tuple[int, ...] = DEFAULT_STRIDES
 
     def __post_init__(self):
+        check_fields(self, "EncoderSpec")
         if isinstance(self.strides, list):  # as a recipe (TOML) gives them; the order is checked, not changed
             object.__setattr__(self, "strides", tuple(self.strides))
 

@@ -20,7 +20,8 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or not a weights file at all
         raise CheckpointError(
-            f"cannot read weights file {path}: {exc}. "
+            f"cannot read weights file {path} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}). "
             "It must be a .safetensors file or a .pth state dict saved with torch.save; re-download it."
         ) from exc
     # Unwrap the usual containers ({"state_dict": ...}, {"model": ...}).

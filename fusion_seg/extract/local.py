@@ -40,7 +40,7 @@ from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.data.views import Augment, Resize, ViewSource, collate_list
 from fusion_seg.device import memory_format, resolve_device
 from fusion_seg.encoder.build import EncoderSpec, FrozenEncoder
-from fusion_seg.errors import UserError, require_type
+from fusion_seg.errors import UserError, require_path, require_type
 from fusion_seg.extract.encode import (build_spec, check_view_count, check_view_size, encode_batch, handle_failed,
                                        label_shape_for, store_writes)
 from fusion_seg.files import file_listing
@@ -64,27 +64,12 @@ class ExtractResult:
         return self.views_written / self.seconds if self.seconds > 0 else 0.0
 
 
-def check_extract_arguments(**arguments) -> None:
-    """Refuse out-of-range or conflicting :func:`extract` arguments (UserError naming the option), before any work.
+def check_view_requests(augment: Augment, resize: Resize, encoder: EncoderSpec) -> None:
+    """The ranges of how views are made and encoded, as the command line checks them (a UserError naming the
+    option): extraction's, and online training's, which makes the same views every epoch."""
+    from fusion_seg.checks import (int_problem, require, scale_range_problem, seed_problem, size_problem,
+                                   strides_problem)
 
-    Takes ``extract``'s arguments by name (those left out take its defaults); recipes check a stage with it.
-    """
-    import inspect
-
-    from fusion_seg.checks import int_problem, require, scale_range_problem, size_problem, strides_problem
-
-    bound = inspect.signature(extract).bind_partial(**arguments)
-    bound.apply_defaults()
-    a = bound.arguments
-    for name, kind in (("dataset", DatasetRef), ("encoder", EncoderSpec), ("augment", Augment), ("resize", Resize),
-                       ("storage", StoreFormat), ("run", ExtractRun)):
-        if name in a:  # (a recipe's check passes no dataset)
-            require_type(f"extract's {name}", a[name], kind)  # a str or dict from a caller: say what to pass
-    views, augment, resize, encoder = a["views"], a["augment"], a["resize"], a["encoder"]
-    storage, run = a["storage"], a["run"]
-    require("--views", views, int_problem(views, 1))
-    if not augment.enabled and views != 1:
-        raise UserError("--no-augment stores the whole image once; use it with --views 1.")
     if augment.enabled:
         require("--crop", augment.crop, size_problem(augment.crop), sep="x")
     require("--scale-range", augment.scale_range, scale_range_problem(augment.scale_range), sep=" ")
@@ -95,8 +80,34 @@ def check_extract_arguments(**arguments) -> None:
     if resize.size is not None:
         require("--size", resize.size, size_problem(resize.size), sep="x")
     for seed in (encoder.seed, augment.seed):  # one --seed on the command line; two fields here
-        require("--seed", seed, int_problem(seed, 0))
+        require("--seed", seed, seed_problem(seed))
     require("--strides", encoder.strides, strides_problem(encoder.strides))
+
+
+def check_extract_arguments(**arguments) -> None:
+    """Refuse out-of-range or conflicting :func:`extract` arguments (UserError naming the option), before any work.
+
+    Takes ``extract``'s arguments by name (those left out take its defaults); recipes check a stage with it.
+    """
+    import inspect
+
+    from fusion_seg.checks import int_problem, require
+
+    bound = inspect.signature(extract).bind_partial(**arguments)
+    bound.apply_defaults()
+    a = bound.arguments
+    if "out" in a:
+        require_path("out", a["out"], "the feature store's folder or URL, e.g. cache/train.zarr")
+    for name, kind in (("dataset", DatasetRef), ("encoder", EncoderSpec), ("augment", Augment), ("resize", Resize),
+                       ("storage", StoreFormat), ("run", ExtractRun)):
+        if name in a:  # (a recipe's check passes no dataset)
+            require_type(f"extract's {name}", a[name], kind)  # a str or dict from a caller: say what to pass
+    views, augment, resize, encoder = a["views"], a["augment"], a["resize"], a["encoder"]
+    storage, run = a["storage"], a["run"]
+    require("--views", views, int_problem(views, 1))
+    if not augment.enabled and views != 1:
+        raise UserError("--no-augment stores the whole image once; use it with --views 1.")
+    check_view_requests(augment, resize, encoder)
     require("--batch-size", run.batch_size, int_problem(run.batch_size, 1))
     require("--loader-workers", run.loader_workers, int_problem(run.loader_workers, 0))
     require("writers", run.writers, int_problem(run.writers, 1))

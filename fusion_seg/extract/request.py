@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fusion_seg.cache.codecs import DEFAULT_CODEC, DEFAULT_DTYPE
+from fusion_seg.options import check_fields
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class StoreFormat:
 
     dtype: str = DEFAULT_DTYPE
     codec: str | dict = DEFAULT_CODEC
+
+    def __post_init__(self):
+        check_fields(self, "StoreFormat")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class ExtractRun:
     writers: int = 2
     scheduler: str | None = None
     dask_workers: int | None = None
+
+    def __post_init__(self):
+        check_fields(self, "ExtractRun")
 
     @property
     def on_cluster(self) -> bool:

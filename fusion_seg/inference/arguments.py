@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_seg.checks import scales_problem, size_problem
-from fusion_seg.errors import UserError
+from fusion_seg.errors import UserError, require_path
 
 
 def flag(name: str, value) -> bool:
@@ -50,9 +50,7 @@ def path(name: str, value, what: str, *, optional: bool = False) -> Path | None:
     """A file or folder argument (``checkpoint``, ``inputs``, ``out``, ...): a str or Path (or None if ``optional``)."""
     if value is None and optional:
         return None
-    if not isinstance(value, (str, Path)):
-        shown = type(value).__name__ if isinstance(value, (np.ndarray, list, tuple)) else repr(value)
-        raise UserError(f"{name}={shown}: pass {what}, a path (str or pathlib.Path).")
+    require_path(name, value, what)
     return Path(value)
 
 

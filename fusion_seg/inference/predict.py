@@ -15,6 +15,7 @@ from pathlib import Path
 from fusion_seg.data.io import (IMAGE_EXTENSIONS, file_problem, list_images as list_image_files, overlay, read_image,
                                 write_mask_png, write_rgb_png)
 from fusion_seg.errors import UserError, write_error
+from fusion_seg.files import folder_problem
 from fusion_seg.inference import arguments
 from fusion_seg.inference.segmenter import load_model
 from fusion_seg.plots import plot_if_available
@@ -42,6 +43,9 @@ def check_out_folder(out: Path, files: dict[Path, str], option: str = "--out") -
     a folder: each would fail only after the work."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out} is a file, not a folder; pass a folder (it is created if missing).")
+    problem = folder_problem(out, "the output folder")
+    if problem:
+        raise UserError(f"{option} {out}: {problem}.")
     _check_writable(out, out, "the output folder", option)
     for path, what in files.items():
         if path.is_dir():

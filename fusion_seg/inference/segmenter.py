@@ -182,4 +182,7 @@ def as_rgb_array(image) -> np.ndarray:
 def load_model(checkpoint: str | Path, *, weights: str | None = None, device: str = "auto") -> SegmentationModel:
     """The checkpoint as a :class:`SegmentationModel`: its encoder rebuilt from the identity it records
     (``weights``: the encoder's weights file, when the checkpoint was trained on one)."""
+    checkpoint = arguments.path("checkpoint", checkpoint, "the checkpoint's path (best.pt or last.pt of a run)")
+    weights = arguments.path("weights", weights, "the encoder's weights file", optional=True)
+    device = arguments.text("device", device, "cpu")
     return SegmentationModel(*load_segmenter(checkpoint, weights=weights, device=device))

@@ -102,6 +102,9 @@ def load_recipe(path: str | Path, overrides: dict[str, str] | None = None, *, va
             resolved.append(dict(stage))
             unresolved.append(i)
             continue
+        malformed = sorted({v for v in _strings(_substitute(stage, values)) if "${" in v})
+        problems += [f"stage {i}: {v!r} holds '${{' that is no variable reference; write ${{name}} (a name of "
+                     "letters, digits and _, no spaces), or remove the '$'." for v in malformed]
         resolved.append(_resolve_paths(stage, _substitute(stage, values), base, here, from_set))
     recipe = {"name": recipe.get("name", path.stem), "vars": variables, "stages": resolved, "path": str(path),
               "problems": problems, "raw": stages,

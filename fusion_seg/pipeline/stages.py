@@ -14,7 +14,7 @@ import inspect
 from dataclasses import MISSING, fields
 
 from fusion_seg.errors import UserError
-from fusion_seg.options import EMPTY, Option, check_keys, keyword_errors, parameters, show_value, size_hint, type_hints
+from fusion_seg.options import EMPTY, Option, check_keys, parameters, show_value, size_hint, type_hints
 from fusion_seg.pipeline import requests
 
 KINDS = ("extract", "train", "evaluate", "predict")
@@ -178,13 +178,9 @@ def dataset_errors(name, options) -> list[str]:
 
 def decoder_option_errors(name, config: dict) -> list[str]:
     """Whether ``name`` is a registered decoder and ``config`` its options (names and types)."""
-    from fusion_seg.decoders import DECODERS
+    from fusion_seg.decoders import option_problems
 
-    if not isinstance(name, str):
-        return []
-    if name not in DECODERS:
-        return [f"unknown decoder {name!r}; known decoders: {', '.join(sorted(DECODERS))}."]
-    return keyword_errors(DECODERS[name], config, f"decoder {name!r}", keyword_only=True)
+    return option_problems(name, config) if isinstance(name, str) else []
 
 
 def encoder_shapes(tag: str, strides) -> dict:

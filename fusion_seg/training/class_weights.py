@@ -149,6 +149,11 @@ def require_labelled_pixels(store, views, what: str) -> None:
     labelled pixel: training on it learns nothing, and its mIoU is undefined. Reads views until the
     first labelled pixel: one label chunk for any usable store."""
     ignore = store.spec.ignore_index
+    if len(views) == 0:
+        skipped = len(store.skipped_views())
+        why = f"all {skipped} were skipped as bad input" if skipped else "it has none"
+        raise UserError(f"{what} holds no usable view ({why}: `fusion-seg info {store.path}` lists them); fix the "
+                        "inputs and re-run its extract command with --repair.")
     if not any(bool((labels != ignore).any()) for labels in store_label_maps(store, views)):
         raise UserError(f"{what} holds no labelled pixel in its {len(views)} views: every label is the ignore "
                         f"index {ignore}. Check the dataset's masks (each pixel's value is its class id; {ignore} "

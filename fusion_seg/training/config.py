@@ -60,14 +60,18 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Refuse out-of-range settings (a UserError naming the option) before any work is done."""
+        """Refuse settings of the wrong type or out of range (a UserError naming the option) before any work."""
+        from fusion_seg.options import check_fields
+
+        check_fields(self, "TrainConfig")
         from fusion_seg.training.class_weights import check_class_weights_option
         from fusion_seg.checks import (CACHE_MODES, FEATURE_CROP_ALIGN, fraction_problem, int_problem,
-                                       non_negative_problem, require, size_problem)
+                                       non_negative_problem, require, seed_problem, size_problem)
 
-        for name, minimum in (("epochs", 1), ("batch_size", 1), ("ohem_min_kept", 1), ("seed", 0), ("workers", 0),
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("ohem_min_kept", 1), ("workers", 0),
                               ("val_every", 1), ("log_every", 1)):
             require("--" + name.replace("_", "-"), getattr(self, name), int_problem(getattr(self, name), minimum))
+        require("--seed", self.seed, seed_problem(self.seed))
         if self.views is not None:
             require("--views", self.views, int_problem(self.views, 1))
         # The command line also refuses --lr 0; a script may train with lr 0 (weights carried over unchanged).
@@ -91,25 +95,14 @@ class TrainConfig:
     def _check_decoder(self) -> None:
         """The decoder's name and its options' names and value types (``--decoder-opt width=abc``), checked
         against its constructor before anything is built."""
-        from fusion_seg.decoders import DECODERS
-        from fusion_seg.options import keyword_errors
+        from fusion_seg.decoders import DECODERS, check_options
 
         if self.decoder not in DECODERS:
             raise UserError(f"--decoder {self.decoder!r} is not a decoder; choose one of {', '.join(DECODERS)}.")
         if not isinstance(self.decoder_config, dict):
             raise UserError(f"TrainConfig decoder_config must be a dict of the decoder's options, not "
                             f"{type(self.decoder_config).__name__}.")
-        problems = keyword_errors(DECODERS[self.decoder], self.decoder_config, f"decoder {self.decoder!r}",
-                                  keyword_only=True)
-        if problems:
-            raise UserError(f"decoder options ({_options(self.decoder_config)}): {' '.join(problems)}")
-
-
-def _options(config: dict) -> str:
-    """``--decoder-opt`` values as they are typed: ``streams=5 widths=[18,36]``."""
-    import json
-
-    return " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in config.items())
+        check_options(self.decoder, self.decoder_config)
 
 
 @dataclass(frozen=True)

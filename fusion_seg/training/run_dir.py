@@ -23,6 +23,7 @@ log into /dev/null and leave the files alone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Callable, Iterator
 from fusion_seg.checkpoint import load_checkpoint, save_checkpoint
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CheckpointError, UserError, write_error
-from fusion_seg.files import write_json_atomic, write_text_atomic
+from fusion_seg.files import folder_problem, write_json_atomic, write_text_atomic
 from fusion_seg.locks import exclusive_lock
 from fusion_seg.plots import plot_if_available
 from fusion_seg.training.config import TrainConfig
@@ -79,7 +80,8 @@ class RunDirectory:
 
     def check_location(self) -> None:
         """Refuse, before any work, a ``--out`` that cannot be this run's directory: a file, a path under a
-        file, or a folder that holds something other than a fusion-seg run (which the run would write into)."""
+        file, a folder that holds something other than a fusion-seg run (which the run would write into), a
+        name that says it is a file (``model.pt``), or a folder inside a Zarr store."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} is a file, not a folder; pass a run folder (it is created if missing).")
         for parent in self.path.parents:
@@ -88,6 +90,9 @@ class RunDirectory:
                     raise UserError(f"--out {self.path} lies under {parent}, which is a file, not a folder; "
                                     "pass another --out.")
                 break
+        problem = None if self.holds_run() else folder_problem(self.path, "the run folder (its checkpoints go in it)")
+        if problem:
+            raise UserError(f"--out {self.path}: {problem}.")
         if self.path.is_dir() and not self.holds_run():
             entries = sorted(p.name for p in self.path.iterdir())
             if entries:
@@ -257,7 +262,17 @@ def run_differences(ckpt: dict, record: dict, cfg: TrainConfig, classes, encoder
         diffs.append(f"classes {list(ckpt['classes'])} vs {list(classes)}")
     diffs += [f"encoder {d}" for d in EncoderIdentity.from_checkpoint(ckpt).differences(encoder)]
     diffs += _data_differences(ckpt.get("data") or {}, data)
+    started = (ckpt.get("init") or {}).get("sha256")
+    if cfg.init and started and started != _sha256(cfg.init):
+        diffs.append(f"init {cfg.init} (the checkpoint the run started from changed since: retrained)")
     return diffs, changed
+
+
+def _sha256(path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None  # gone: the run's own record is all there is
 
 
 def _data_differences(theirs: dict, ours: dict) -> list[str]:
@@ -267,6 +282,9 @@ def _data_differences(theirs: dict, ours: dict) -> list[str]:
     for key in ("dataset", "resize", "augment"):
         if key in theirs:
             diffs += _differences(theirs[key], ours.get(key), f"data {key}")
+    weights = [(d.get("class_weights") or {}).get("weights") for d in (theirs, ours)]
+    if "class_weights" in theirs and weights[0] != weights[1]:  # e.g. a --class-weights FILE edited since
+        diffs.append(f"class weights {weights[0]} vs {weights[1]}")
     a, b = theirs.get("source") or {}, ours.get("source") or {}
     if "cache_id" not in a and "inputs_id" not in a:
         return diffs  # a checkpoint of an earlier version: no identity recorded

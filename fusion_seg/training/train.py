@@ -26,7 +26,8 @@ from fusion_seg.data.views import Augment, Resize, ViewSource
 from fusion_seg.decoders import DECODERS, build_decoder
 from fusion_seg.device import resolve_device
 from fusion_seg.encoder.build import EncoderSpec, build_image_encoder
-from fusion_seg.errors import UserError, require_type
+from fusion_seg.extract.local import check_view_requests
+from fusion_seg.errors import UserError, require_path, require_type
 from fusion_seg.files import listing_digest
 from fusion_seg.shapes import ShapeSpec
 from fusion_seg.training import ddp
@@ -53,6 +54,8 @@ def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: s
     (``cfg.batch_size`` / processes) with DistributedDataParallel (see :mod:`fusion_seg.training.ddp`).
     """
     cfg, resume = _checked(cfg, resume)
+    require_path("cache", cache, "the training store (a folder made by `fusion-seg extract`, or a URL)")
+    require_path("out", out, "the run folder")
     run = RunDirectory(out, writes=ddp.is_main_process())
     run.check_location()  # before reading anything: a file, or a folder that is not a run
     store = FeatureStore.open(cache)
@@ -93,9 +96,11 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: DatasetRef, enco
     One process only: under torchrun with several processes this is refused.
     """
     cfg, resume = _checked(cfg, resume)
+    require_path("out", out, "the run folder")
     for name, value, kind in (("dataset", dataset, DatasetRef), ("encoder", encoder, EncoderSpec),
                               ("augment", augment, Augment), ("resize", resize, Resize)):
         require_type(f"train_online's {name}", value, kind)
+    check_view_requests(augment, resize, encoder)  # as extract's: the views are the same
     if ddp.torchrun_world() > 1:
         raise UserError("--online trains in a single process; run it without torchrun, or extract a cache "
                         "(`fusion-seg extract`) and run `train-decoder --cache` under torchrun.")

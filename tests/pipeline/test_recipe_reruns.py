@@ -185,3 +185,12 @@ def test_set_values_of_the_wrong_type_are_caught_by_dry_run(recipe, tmp_path, va
     with pytest.raises(UserError, match=message):
         run_recipe(recipe, overrides={"num_images": value}, dry_run=True, echo=lambda s: None)
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("reference", ["${ work }", "${work", "${1work}"])
+def test_a_malformed_variable_reference_is_refused_not_left_in_a_path(tmp_path, reference):
+    path = tmp_path / "r.toml"
+    path.write_text(f'[vars]\nwork = "w"\n[[stage]]\nkind = "extract"\ndataset = "synthetic"\nsplit = "train"\n'
+                    f'random_init = true\nencoder = "resnet18"\nout = "{reference}/s.zarr"\n')
+    with pytest.raises(UserError, match="is no variable reference"):
+        run_recipe(path, dry_run=True, echo=lambda s: None)

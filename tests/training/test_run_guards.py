@@ -233,7 +233,7 @@ def test_the_api_refuses_a_dict_or_str_where_a_config_or_request_goes(stores, tm
 def test_decoder_options_of_the_wrong_type_are_refused_by_train_config():
     with pytest.raises(UserError, match='widths = "abc" should be a list of integers'):
         tiny_config(decoder_config={"widths": "abc"})
-    with pytest.raises(UserError, match="has no option 'width'"):
+    with pytest.raises(UserError, match=r"has no option\(s\) width \(did you mean widths\?\)"):
         tiny_config(decoder_config={"width": 128})
     with pytest.raises(UserError, match="--decoder 'nope' is not a decoder"):
         tiny_config(decoder="nope")
@@ -246,3 +246,39 @@ def test_the_config_json_of_a_run_is_recognised_as_a_run(stores, tmp_path):
         "cache_id"]
     result = train_cli(stores, out)  # a run is there: refused without --resume, as before
     assert result.exit_code == 2 and "already holds a run" in result.output
+
+
+def test_online_training_checks_its_view_requests_as_extract_does(tmp_path):
+    """The command line refuses --scale-range 2 0.5; train_online used to draw views from the reversed range."""
+    from fusion_seg.data.datasets import DatasetRef
+    from fusion_seg.data.views import Augment, Resize
+    from fusion_seg.encoder.build import EncoderSpec
+
+    for bad, option in ((dict(augment=Augment(scale_range=(2.0, 0.5))), "--scale-range"),
+                        (dict(augment=Augment(crop=(0, 64))), "--crop"),
+                        (dict(resize=Resize(short_side=0)), "--short-side"),
+                        (dict(encoder=EncoderSpec(ENCODER, random_init=True, strides=(8, 4))), "--strides")):
+        with pytest.raises(UserError, match=option):
+            train_online(tmp_path / "run", tiny_config(), dataset=DatasetRef("synthetic", "train"), **bad,
+                         progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("out, message", [("model.pt", "names a .pt file"), ("train.zarr/run", "inside the Zarr store")])
+def test_a_run_folder_named_as_a_file_or_inside_a_store_is_refused(stores, tmp_path, out, message):
+    shutil.copytree(stores / "train.zarr", tmp_path / "train.zarr")
+    result = train_cli(stores, tmp_path / out)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / out).exists()
+
+
+def test_resume_after_the_init_checkpoint_was_retrained_is_refused(stores, tmp_path):
+    first = tmp_path / "first"
+    train_decoder(str(stores / "train.zarr"), first, tiny_config(epochs=1), progress=False)
+    init = str(first / "best.pt")
+    train_decoder(str(stores / "train.zarr"), tmp_path / "run", tiny_config(epochs=2, init=init), progress=False)
+    shutil.rmtree(first)
+    train_decoder(str(stores / "train.zarr"), first, tiny_config(epochs=1, seed=1), progress=False)  # retrained
+    with pytest.raises(CheckpointError, match="the checkpoint the run started from changed since"):
+        train_decoder(str(stores / "train.zarr"), tmp_path / "run", tiny_config(epochs=2, init=init), resume=True,
+                      progress=False)

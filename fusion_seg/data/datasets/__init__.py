@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from fusion_seg.errors import UserError
-from fusion_seg.options import keyword_errors
+from fusion_seg.options import check_fields, keyword_errors
 from fusion_seg.data.datasets.base import DATASETS, FileSegDataset, SegDataset, SegSample, register_dataset
 # Importing the dataset modules registers them (@register_dataset); DATASETS lists them in this order.
 from fusion_seg.data.datasets.synthetic import SyntheticDataset
@@ -61,8 +62,11 @@ class DatasetRef:
 
     name: str
     split: str = "train"
-    root: str | None = None
+    root: str | Path | None = None
     options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_fields(self, "DatasetRef")
 
     def build(self) -> SegDataset:
         return build_dataset(self.name, root=self.root, split=self.split, **self.options)

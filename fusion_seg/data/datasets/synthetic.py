@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from fusion_seg.checks import seed_problem
 from fusion_seg.errors import DataError
 from fusion_seg.data.datasets.base import SegDataset, SegSample, register_dataset
 
@@ -34,6 +35,8 @@ class SyntheticDataset(SegDataset):
         h, w = (int(v) for v in size)
         if num_images < 1:
             raise DataError(f"synthetic num_images must be at least 1, got {num_images}.")
+        if seed_problem(seed):
+            raise DataError(f"synthetic seed {seed!r} {seed_problem(seed)}; pass e.g. --dataset-opt seed=0.")
         if min(h, w) < 32:
             raise DataError(f"synthetic size must be at least 32x32 (H, W), got {tuple(size)}.")
         super().__init__(split=split, classes=CLASSES, palette=PALETTE,
