@@ -10,6 +10,7 @@ options list come from torch-free modules or the copies below (tested against th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -235,6 +236,18 @@ def user_errors(fn):
             click.secho(message.format(out=kwargs.get("out", "OUT")), fg="yellow", err=True)
             sys.exit(130)
     return wrapper
+
+
+@contextlib.contextmanager
+def writing(path, what: str, option: str):
+    """A failed write of a file a command writes at its end (``--json`` ...): one line naming it, its option
+    and the fix (:func:`fusion_seg.errors.write_error`), where the last-resort OSError line could not name it."""
+    from fusion_seg.errors import write_error
+
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, exc, what=what, option=option) from None
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -686,7 +699,8 @@ def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_si
 
         from fusion_seg.files import write_json_atomic
 
-        write_json_atomic(json_path, asdict(result))
+        with writing(json_path, "the plan", "--json"):
+            write_json_atomic(json_path, asdict(result))
 
 
 @main.command()
@@ -753,13 +767,16 @@ def bench(device, sections, camvid, encoder, weights, decoder, batch_size, size,
     markdown = render_markdown(results)
     click.echo(markdown)
     if json_path:
-        save_json(results, Path(json_path))
+        with writing(json_path, "the results", "--json"):
+            save_json(results, Path(json_path))
     if markdown_path:
         from fusion_seg.files import write_text_atomic
 
-        write_text_atomic(markdown_path, markdown)
+        with writing(markdown_path, "the tables", "--markdown"):
+            write_text_atomic(markdown_path, markdown)
     if update_path:
-        update_benchmarks(Path(update_path), markdown, heading=device)
+        with writing(update_path, "the tables", "--update"):
+            update_benchmarks(Path(update_path), markdown, heading=device)
         click.echo(f"updated {update_path}")
 
 

@@ -194,3 +194,19 @@ def test_a_malformed_variable_reference_is_refused_not_left_in_a_path(tmp_path, 
                     f'random_init = true\nencoder = "resnet18"\nout = "{reference}/s.zarr"\n')
     with pytest.raises(UserError, match="is no variable reference"):
         run_recipe(path, dry_run=True, echo=lambda s: None)
+
+
+def test_a_stamp_that_cannot_be_written_says_the_stage_finished(recipe, tmp_path, monkeypatch):
+    import errno
+
+    import fusion_seg.pipeline.recipes
+
+    def full(path, obj, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fusion_seg.pipeline.recipes, "write_json_atomic", full)
+    with pytest.raises(UserError) as err:
+        run(recipe)
+    message = str(err.value)
+    assert "cannot write the stage's stamp" in message and "the disk is full" in message
+    assert "The stage itself finished; a re-run repeats it." in message and "\n" not in message

@@ -137,3 +137,20 @@ def test_plan_for_a_dataset_not_extracted_yet(tmp_path):
     assert data["workload"]["images"] == 12 and data["workload"]["views"] == 3 and not data["workload"]["extracted"]
     stream = next(row for row in data["rows"] if row["method"] == "cache-stream")
     assert stream["parts"]["extract_s"] == pytest.approx(12 * 3 / 3.0)  # the bench JSON's rate, same view size
+
+
+def test_the_probe_times_a_batch_larger_than_its_store(tmp_path):
+    """Issue 20: plan on a store of fewer views than --batch-size (its own 8-image sample at --batch-size 16,
+    or a small store) looped for ever: every probe now repeats the views to fill a batch."""
+    import itertools
+
+    import torch
+
+    from fusion_seg.reports.bench.training import cache_loader, endless_positions
+    from pipeline_helpers import extract_synthetic
+
+    batches = list(itertools.islice(endless_positions(2, 8, seed=0), 3))
+    assert [len(b) for b in batches] == [8, 8, 8] and all(set(b) == {0, 1} for b in batches)
+    extract_synthetic(tmp_path / "s.zarr", views=1, num_images=2)
+    features, labels = next(iter(cache_loader(str(tmp_path / "s.zarr"), ["s4"], 8, 0, torch.device("cpu"))))
+    assert labels.shape[0] == 8 and features["s4"].shape[0] == 8

@@ -35,10 +35,13 @@ def cache_loader(store: str, names, batch: int, workers: int, device, epoch_seed
     from fusion_seg.cache.reader import CachedViews, collate_views
 
     views = CachedViews(store, names)
+    # A store of fewer views than a batch (plan's 8-image sample at --batch-size 16) repeats them: the step is
+    # what is timed, and a loader that drops its one short batch would give none, for ever.
+    sampler = torch.utils.data.RandomSampler(views, num_samples=max(len(views), batch),
+                                             generator=torch.Generator().manual_seed(epoch_seed))
     return torch.utils.data.DataLoader(
-        views, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_views, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(epoch_seed), prefetch_factor=4 if workers else None,
+        views, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate_views, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
     )
 
 
@@ -87,7 +90,8 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
     elif mode in ("memory", "cache"):
         step = DecoderStep(decoder, device)
         if mode == "memory":
-            features, labels = collate_views([CachedViews(store, names)[j] for j in range(batch)])
+            views = CachedViews(store, names)  # repeated when fewer than a batch (see cache_loader)
+            features, labels = collate_views([views[j % len(views)] for j in range(batch)])
             features = {k: to_device(v, device).float() for k, v in features.items()}
             labels = to_device(labels, device)
 
@@ -177,7 +181,9 @@ def endless_positions(n: int, batch: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(n, generator=g).tolist()
-        for i in range(0, n - batch + 1, batch):
+        while len(perm) < batch:  # fewer views than a batch: they repeat (see cache_loader)
+            perm += torch.randperm(n, generator=g).tolist()
+        for i in range(0, len(perm) - batch + 1, batch):
             yield perm[i:i + batch]
 
 
