@@ -129,6 +129,8 @@ class Trainer:
             diffs = [f"its last.pt cannot be continued ({exc})"]
         if not diffs:
             return True
+        if not self.run.writes:  # under torchrun rank 0 alone renames; every rank starts afresh alike
+            return False
         kept = self.previous_run = self.run.set_aside()
         self.notices.append(f"{self.run} held a run with other settings or data ({'; '.join(diffs)}); kept it as "
                             f"{kept} and training a new run in {self.run}.")
