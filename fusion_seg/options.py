@@ -5,8 +5,9 @@ are keyword arguments of a library function or class. What each accepts is read 
 (:func:`parameters`: names, defaults, type hints, or the default's type where there is no hint), and
 :func:`check_keys` lists what is wrong with a set of values, one message per problem, before the
 function is called: an unknown name (with the closest known one), a missing required one, a value of
-the wrong type (``num_images = "abc"``, ``streams = 4.5``). Plain data, no torch: the command line
-checks its options with it at parse time.
+the wrong type (``num_images = "abc"``, ``streams = 4.5``). :func:`check_fields` does the same for the
+fields of a request or config dataclass a Python caller builds (``Augment(crop="64x64")``), and holds
+numpy numbers as Python's. Plain data, no torch: the command line checks its options with it at parse time.
 """
 from __future__ import annotations
 
