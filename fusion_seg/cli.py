@@ -18,8 +18,8 @@ from pathlib import Path
 
 import click
 
-from fusion_seg.checks import (CACHE_MODES, FEATURE_CROP_ALIGN, MAX_SEED, scale_range_problem, size_problem,
-                               strides_problem)
+from fusion_seg.checks import (CACHE_MODES, FEATURE_CROP_ALIGN, MAX_SEED, RESIDENT_DTYPES, scale_range_problem,
+                               size_problem, strides_problem)
 from fusion_seg.errors import UserError, os_error_message
 from fusion_seg.cache.codecs import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES  # torch-free
 
@@ -323,10 +323,23 @@ def encoder_options(fn):
     return fn
 
 
-cache_mode_option = click.option(
-    "--cache-mode", type=click.Choice(CACHE_MODES), default="auto", show_default=True,
-    help="Where cached views are read from: decoded once into device memory, into (pinned) host RAM, or streamed "
-         "from the store by DataLoader workers every epoch. auto: the fastest that fits (it says which and why).")
+def cache_options(fn):
+    """train-decoder's and compare's: where cached views are read from, how they are held, and checkpointing."""
+    for opt in reversed([
+        click.option("--cache-mode", type=click.Choice(CACHE_MODES), default="auto", show_default=True,
+                     help="Where cached views are read from: decoded once into device memory, into (pinned) host RAM, "
+                          "or streamed from the store by DataLoader workers every epoch. auto: the fastest that fits "
+                          "(it says which and why)."),
+        click.option("--resident-dtype", type=click.Choice(RESIDENT_DTYPES), default="auto", show_default=True,
+                     help="How the device and ram tiers hold the views, whatever the store's dtype: float16 (as "
+                          "stored), uint8, float8 (e4m3) or int4 (per-channel scale and offset, stochastic rounding), "
+                          "decoded per batch on the device. auto: the most precise that fits (it says which and why)."),
+        click.option("--checkpoint-activations", is_flag=True,
+                     help="Recompute the decoder's activations in the backward pass, per HRNet module, instead of "
+                          "keeping them (torch.utils.checkpoint): less memory, more time, the same gradients."),
+    ]):
+        fn = opt(fn)
+    return fn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -439,7 +452,7 @@ def info(store, as_json):
 # train-decoder's options that only one of its two modes uses, and what to say when the other is given them.
 ONLINE_ONLY = ("dataset", "root", "split", "dataset_opt", "no_augment", "scale_range", "no_flip", "short_side", "size",
                "encoder", "weights", "random_init", "strides")
-CACHE_ONLY = ("cache", "views")
+CACHE_ONLY = ("cache", "views", "resident_dtype")
 UNUSED = {False: "only --online training uses {flags} (from a cache, its views were made by extract); drop {them}, "
                  "or add --online to train from images.",
           True: "--online training does not use {flags} (it draws a fresh view of each image every epoch); drop "
@@ -471,7 +484,7 @@ def refuse_unused_options(ctx: click.Context, online: bool) -> None:
 @encoder_options
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="DataLoader worker processes.")
-@cache_mode_option
+@cache_options
 @click.option("--decoder", type=click.Choice(DECODER_NAMES), default="reverse-hrnet", show_default=True,
               help="Decoder to train (hrnet: the end-to-end HRNet baseline, with --online only).")
 @click.option("--streams", type=click.IntRange(4, 5), default=None, help="[reverse-hrnet] 4 (default) or 5 streams.")
@@ -616,20 +629,21 @@ def predict(checkpoint, inputs, out, sliding_window, weights, device):
               help="Seed of the decoders' initialisation, the batch order and the crops.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="DataLoader worker processes.")
-@cache_mode_option
+@cache_options
 @click.option("--device", default="auto", show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timing repetitions (median).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder, e.g. runs/compare.")
 @user_errors
-def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed, workers, cache_mode, device, repeats,
-            out):
+def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed, workers, cache_mode, resident_dtype,
+            checkpoint_activations, device, repeats, out):
     """Train several decoders from one cache with one schedule and tabulate them."""
     from fusion_seg.reports.compare import compare as run
     from fusion_seg.training.config import TrainConfig
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, crop=list(crop) if crop else None,
-                      seed=seed, workers=workers, device=device, cache_mode=cache_mode)
+                      seed=seed, workers=workers, device=device, cache_mode=cache_mode, resident_dtype=resident_dtype,
+                      checkpoint_activations=checkpoint_activations)
     run(cache, out, cfg, val_cache=val_cache, decoders=decoders,
         repeats=repeats)
     click.echo((Path(out) / "compare.md").read_text())

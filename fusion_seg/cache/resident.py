@@ -8,13 +8,19 @@ Where a training step reads its features from (``--cache-mode``):
   a batch is cut there and copied to the device with ``non_blocking``.
 - ``device``: the same, held in device memory (on CPU that is RAM): a batch is cut on the device.
 - ``auto`` (the default): the fastest tier that fits. Only the arrays the decoder reads (its
-  strides) and the labels are held, in the storage dtype: uint8 stores stay uint8 and are
-  dequantised per batch on the device, so they fit twice the views of a float16 store.
+  strides) and the labels are held.
+
+How the views are held is their resident format (``--resident-dtype``, formats.py): float16 (the
+store's own 16-bit values), uint8, float8 or int4, whatever the store's dtype; the codes are decoded
+per batch, on the device, on the cells the batch's crop cut. ``auto`` takes the most precise format
+that fits, trying the tiers in order for each format before a less precise one. Validation views are
+held as stored (they measure what the model does on the encoder's own features).
 
 A tier that does not fit is refused before anything is loaded, naming the sizes and the
 alternatives. Crops are those of the stream tier (the same ``aligned_crop_box`` draws from
 ``rng([seed, epoch, view])``) and batches are drawn by the same seeded sampler, so with the
-same seed every tier gives the same losses (tested).
+same seed every tier gives the same losses (tested); held in a lossy format (uint8 from a 16-bit
+store, float8, int4), the device and ram tiers give the same batches as each other.
 
 Under torchrun, each process holds only its shard of the views (rank ``r`` of ``w`` holds
 every ``w``-th usable view from ``r``, ``floor(n/w)`` of them) and draws its batches from it;
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fusion_seg.cache import codecs as storage
+from fusion_seg.cache import formats
 from fusion_seg.cache.store import VIEW_FIELDS, FeatureStore
 from fusion_seg.cache.reader import ALIGN, aligned_crop_box
 from fusion_seg.checks import CACHE_MODES
@@ -45,8 +51,6 @@ MEMORY_FRACTION = 0.8
 DEVICE_RESERVE = 2 * 2**30   # CUDA memory left for the decoder's step on top of the fraction
 HOST_RESERVE = 1 * 2**30     # host memory left for the process itself
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
-_BYTES = {"float16": 2, "bfloat16": 2, "uint8": 1}
 
 
 def gib(n: float) -> str:
@@ -54,16 +58,28 @@ def gib(n: float) -> str:
 
 
 # --------------------------------------------------------------------------- sizes and the choice
-def resident_bytes(spec, names: list[str], views: int) -> int:
-    """Bytes that ``views`` views of a store take in memory: the maps ``names`` in the storage dtype,
-    their uint8 scales, and the uint8 labels (arrays are sized for the store's largest view)."""
+def stored_format(spec) -> str:
+    """The format that holds a store's views as stored: float16 (or bfloat16) stores as float16, uint8 as uint8."""
+    return "uint8" if spec.dtype == "uint8" else "float16"
+
+
+def resident_bytes(spec, names: list[str], views: int, fmt: str | None = None) -> int:
+    """Bytes that ``views`` views of a store take in memory: the maps ``names`` in the resident format ``fmt``
+    (None: as stored) with their scales and offsets, and the uint8 labels (arrays are sized for the store's
+    largest view)."""
+    fmt = fmt or stored_format(spec)
     per_view = math.prod(spec.label_shape)  # uint8 labels
-    for name in names:
-        c, h, w = spec.feature_shapes[name]
-        per_view += c * h * w * _BYTES[spec.dtype]
-        if storage.has_scales(spec.dtype):
-            per_view += c * 4
+    per_view += formats.view_bytes(fmt, spec.dtype, [tuple(spec.feature_shapes[n]) for n in names])
     return per_view * views
+
+
+def format_bytes(spec, names: list[str], views: int, resident: str = "auto") -> dict[str, int]:
+    """``{format: bytes}`` of ``views`` views in each format ``--resident-dtype resident`` allows (auto: every
+    format the store can be held in, most precise first); refuses a format the store cannot be held in."""
+    if resident != "auto":
+        formats.check_format(resident, spec.dtype)
+        return {resident: resident_bytes(spec, names, views, resident)}
+    return {fmt: resident_bytes(spec, names, views, fmt) for fmt in formats.formats_for(spec.dtype)}
 
 
 def host_available_bytes() -> int:
@@ -96,20 +112,28 @@ def budget(mode: str, free: int, device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class TierChoice:
-    """Where the training (and validation) views will be read from, and why."""
+    """Where the training (and validation) views will be read from, in which resident format, and why."""
 
     requested: str
     mode: str                 # device, ram or stream
-    train_bytes: int          # resident size of this process's training views
+    train_bytes: int          # resident size of this process's training views, in ``format``
     val_bytes: int            # resident size of the validation views (0: none, or streamed)
     val_resident: bool
     budgets: dict             # {"device": bytes, "ram": bytes} usable by each tier
     where: str                # "cuda:0", "host RAM (pinned)", ...
     reason: str
+    format: str | None = None       # the resident format (formats.py); None when streamed
+    requested_format: str = "auto"  # --resident-dtype
+    format_bytes: dict | None = None  # {format: training bytes} of every format considered
 
     def describe(self) -> str:
         sizes = f"train {gib(self.train_bytes)}" + (f" + val {gib(self.val_bytes)}" if self.val_bytes else "")
-        return (f"cache mode {self.mode} ({'auto' if self.requested == 'auto' else 'requested'}): {sizes}; "
+        held = ""
+        if self.format:
+            requested = "auto" if self.requested_format == "auto" else "requested"
+            others = [f"{f} {gib(b)}" for f, b in (self.format_bytes or {}).items() if f != self.format]
+            held = f", resident {self.format} ({requested}" + (f"; {', '.join(others)}" if others else "") + ")"
+        return (f"cache mode {self.mode} ({'auto' if self.requested == 'auto' else 'requested'}){held}: {sizes}; "
                 f"{self.reason}")
 
 
@@ -120,52 +144,84 @@ def _where(mode: str, device: torch.device) -> str:
     return str(device) if mode == "device" else "pinned host RAM"
 
 
-def choose_tier(requested: str, train_bytes: int, val_bytes: int, device: torch.device,
-                free: dict | None = None, local_processes: int = 1) -> TierChoice:
-    """The tier for ``--cache-mode requested``: refused before loading when it does not fit.
+def choose_tier(requested: str, train_bytes: int | dict, val_bytes: int, device: torch.device,
+                free: dict | None = None, local_processes: int = 1, resident: str = "auto") -> TierChoice:
+    """The tier for ``--cache-mode requested`` and the resident format for ``--resident-dtype resident``:
+    refused before loading when they do not fit.
 
-    ``auto`` takes ``device``, else ``ram``, else ``stream``: the first whose budget holds the
-    training views (and the validation views too, else those are streamed). ``local_processes``
-    processes of this node share its host RAM (torchrun), each holding its own shard.
+    ``train_bytes`` is ``{format: bytes}`` of the training views in each format to consider, most precise
+    first (:func:`format_bytes`), or one size (the store's own format). ``auto`` takes, for the most
+    precise format first, the ``device`` tier, else ``ram``: the first whose budget holds the training
+    views (and the validation views too, else those are streamed); when no format fits anywhere,
+    ``stream``. ``local_processes`` processes of this node share its host RAM (torchrun), each holding
+    its own shard.
     """
     if requested not in CACHE_MODES:
         raise UserError(f"--cache-mode {requested!r}: choose one of {', '.join(CACHE_MODES)}.")
+    sizes = dict(train_bytes) if isinstance(train_bytes, dict) else {None: int(train_bytes)}
     free = free if free is not None else available_memory(device)
     share = {"device": free["device"] // (local_processes if device.type != "cuda" else 1),
              "ram": free["ram"] // local_processes}
     budgets = {m: budget(m, share[m], device) for m in ("device", "ram")}
+    keep = dict(requested_format=resident, format_bytes=sizes if None not in sizes else None)
     if requested == "stream":
-        return TierChoice(requested, "stream", train_bytes, 0, False, budgets, "disk",
-                          "views are read from the store and decompressed every epoch, by --workers loader processes")
+        if resident != "auto":
+            raise UserError(f"--resident-dtype {resident} sets how the device and ram tiers hold the views; "
+                            "--cache-mode stream reads them from the store as stored. Drop one of the two.")
+        return TierChoice(requested, "stream", next(iter(sizes.values())), 0, False, budgets, "disk",
+                          "views are read from the store and decompressed every epoch, by --workers loader processes",
+                          **keep)
     candidates = [requested] if requested != "auto" else ["device", "ram"]
     if device.type != "cuda" and requested == "auto":
         candidates = ["device"]  # on CPU, ram and device are the same memory; device needs no copy
-    for mode in candidates:
-        if train_bytes + val_bytes <= budgets[mode]:
-            return TierChoice(requested, mode, train_bytes, val_bytes, val_bytes > 0, budgets, _where(mode, device),
-                              f"fits in {_where(mode, device)} ({gib(budgets[mode])} usable of "
-                              f"{gib(share[mode])} free)")
-        if train_bytes <= budgets[mode]:
-            return TierChoice(requested, mode, train_bytes, 0, False, budgets, _where(mode, device),
-                              f"training views fit in {_where(mode, device)} ({gib(budgets[mode])} usable); "
-                              f"validation ({gib(val_bytes)}) is streamed")
+    for fmt, train in sizes.items():
+        for mode in candidates:
+            if train + val_bytes <= budgets[mode]:
+                return TierChoice(requested, mode, train, val_bytes, val_bytes > 0, budgets, _where(mode, device),
+                                  f"fits in {_where(mode, device)} ({gib(budgets[mode])} usable of "
+                                  f"{gib(share[mode])} free){_less_precise(sizes, fmt, budgets, candidates)}",
+                                  fmt, **keep)
+        for mode in candidates:
+            if train <= budgets[mode]:
+                return TierChoice(requested, mode, train, 0, False, budgets, _where(mode, device),
+                                  f"training views fit in {_where(mode, device)} ({gib(budgets[mode])} usable); "
+                                  f"validation ({gib(val_bytes)}) is streamed"
+                                  f"{_less_precise(sizes, fmt, budgets, candidates)}", fmt, **keep)
+    smallest = min(sizes.values())
     if requested == "auto":
-        return TierChoice(requested, "stream", train_bytes, 0, False, budgets, "disk",
-                          f"{gib(train_bytes)} does not fit in memory (usable: device {gib(budgets['device'])}, "
+        return TierChoice(requested, "stream", smallest, 0, False, budgets, "disk",
+                          f"{_sizes(sizes)} does not fit in memory (usable: device {gib(budgets['device'])}, "
                           f"host RAM {gib(budgets['ram'])}): streaming from the store. On a GPU the encoder may "
-                          "then be faster than the cache: see `fusion-seg plan`.")
-    others = [m for m in ("device", "ram") if m != requested and train_bytes <= budgets[m]]
-    fixes = [f"--cache-mode {m} (fits)" for m in others] + ["--cache-mode stream",
-                                                           "fewer views (--views K)",
-                                                           "a uint8 store (extract --dtype uint8: half the bytes)"]
+                          "then be faster than the cache: see `fusion-seg plan`.", **keep)
+    others = [m for m in ("device", "ram") if m != requested and smallest <= budgets[m]]
+    fixes = [f"--cache-mode {m} (fits)" for m in others] + ["--cache-mode stream", "fewer views (--views K)"]
+    if resident != "int4":
+        fixes.append("a more compact --resident-dtype (int4: a quarter of float16)")
+    train = next(iter(sizes.values())) if len(sizes) == 1 else smallest
     raise UserError(
-        f"--cache-mode {requested} needs {gib(train_bytes + val_bytes)} (train {gib(train_bytes)}"
+        f"--cache-mode {requested} needs {gib(train + val_bytes)} (train {_sizes(sizes)}"
         + (f", val {gib(val_bytes)}" if val_bytes else "") + f") in {_where(requested, device)}, but only "
         f"{gib(budgets[requested])} is usable ({gib(share[requested])} free, keeping "
         f"{int((1 - MEMORY_FRACTION) * 100)}% and "
         f"{gib(DEVICE_RESERVE if requested == 'device' and device.type == 'cuda' else HOST_RESERVE)} for the "
         f"training step). Use " + ", ".join(fixes) + "."
     )
+
+
+def _sizes(sizes: dict) -> str:
+    """``4.10 GiB`` (one format), or each: ``float16 16.40 GiB, uint8 8.20 GiB, ...``."""
+    if len(sizes) == 1:
+        return gib(next(iter(sizes.values())))
+    return ", ".join(f"{fmt} {gib(b)}" for fmt, b in sizes.items())
+
+
+def _less_precise(sizes: dict, chosen, budgets: dict, modes) -> str:
+    """Why ``chosen`` and not a more precise format: those did not fit (an empty string when it is the first)."""
+    before = [f for f in sizes if f is not None][: list(sizes).index(chosen)] if chosen is not None else []
+    if not before:
+        return ""
+    usable = max(budgets[m] for m in modes)
+    return f"; {', '.join(f'{f} ({gib(sizes[f])})' for f in before)} would not fit in {gib(usable)}"
 
 
 # --------------------------------------------------------------------------- the resident views
@@ -189,12 +245,15 @@ class ResidentViews:
 
     def __init__(self, path: str, names: list[str], device: torch.device, mode: str, *,
                  crop: tuple[int, int] | None = None, seed: int = 0, max_views_per_image: int | None = None,
-                 rank: int = 0, world: int = 1, threads: int | None = None, progress: bool = True, echo=None):
+                 rank: int = 0, world: int = 1, threads: int | None = None, progress: bool = True, echo=None,
+                 fmt: str | None = None):
         if mode not in ("device", "ram"):
             raise ValueError(mode)
         store = FeatureStore.open(path)
         self.path, self.names, self.device, self.mode = str(path), list(names), device, mode
         self.spec = store.spec
+        self.fmt = fmt or stored_format(self.spec)  # the resident format (formats.py)
+        formats.check_format(self.fmt, self.spec.dtype, str(path))
         self.crop = tuple(crop) if crop else None
         if self.crop and any(c % ALIGN for c in self.crop):
             raise UserError(f"--crop {self.crop[0]}x{self.crop[1]} must be a multiple of {ALIGN} for feature-space crops.")
@@ -207,10 +266,10 @@ class ResidentViews:
         self.staged = self.home != device  # batches are cut in host RAM, then copied to the device
         rows = store.rows()[self.views]
         self.valid = rows[:, [VIEW_FIELDS.index("valid_h"), VIEW_FIELDS.index("valid_w")]].astype(np.int64)
-        self.nbytes = resident_bytes(self.spec, self.names, len(self.views))
+        self.nbytes = resident_bytes(self.spec, self.names, len(self.views), self.fmt)
         self.load_seconds = self._load(store, threads, progress)
         if echo is not None:
-            echo(f"loaded {len(self.views)} views ({gib(self.nbytes)}) into {_where(mode, device)} in "
+            echo(f"loaded {len(self.views)} views ({gib(self.nbytes)}, {self.fmt}) into {_where(mode, device)} in "
                  f"{self.load_seconds:.1f}s ({self.nbytes / 1e9 / max(self.load_seconds, 1e-9):.2f} GB/s)")
 
     def __len__(self) -> int:
@@ -220,27 +279,40 @@ class ResidentViews:
         return torch.empty(shape, dtype=dtype, device=self.home, pin_memory=self.pinned)
 
     def _load(self, store: FeatureStore, threads: int | None, progress: bool) -> float:
-        """Decode every view once, in parallel (zarr and its codecs release the GIL), showing progress."""
+        """Read every view once and hold it in the resident format, in parallel (zarr, its codecs and the
+        quantisation's tensor ops release the GIL), showing progress."""
         from fusion_seg.progress import Progress
 
-        n, spec = len(self.views), self.spec
+        n, spec, fmt = len(self.views), self.spec, self.fmt
         t0 = time.perf_counter()
-        self.features = {k: self._empty((n, *spec.feature_shapes[k]), _TORCH_DTYPES[spec.dtype]) for k in self.names}
-        self.scales = ({k: self._empty((n, spec.feature_shapes[k][0]), torch.float32) for k in self.names}
-                       if storage.has_scales(spec.dtype) else {})
+        self.features, self.scales, self.offsets = {}, {}, {}
+        for k in self.names:
+            c, h, w = spec.feature_shapes[k]
+            self.features[k] = self._empty((n, formats.data_channels(fmt, c), h, w), formats.data_dtype(fmt, spec.dtype))
+            if formats.has_scale(fmt, spec.dtype):
+                self.scales[k] = self._empty((n, c), torch.float32)
+            if formats.has_offset(fmt, spec.dtype):
+                self.offsets[k] = self._empty((n, c), torch.float32)
         self.labels = self._empty((n, *spec.label_shape), torch.uint8)
 
         def load(j: int) -> None:
-            features, scales, labels = store.read_stored_view(int(self.views[j]), self.names)
-            for k, a in features.items():
-                self.features[k][j].copy_(_as_tensor(a, spec.dtype))
-            for k, a in scales.items():
-                self.scales[k][j].copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
+            v = int(self.views[j])
+            features, scales, labels = store.read_stored_view(v, self.names)
+            vh, vw = (int(x) for x in self.valid[j])
+            for i, k in enumerate(self.names):
+                s = self.strides[k]
+                codes, scale, offset = formats.encode(fmt, spec.dtype, features[k], scales.get(k),
+                                                      (-(-vh // s), -(-vw // s)), (self.seed, v, i))
+                self.features[k][j].copy_(codes)
+                if scale is not None:
+                    self.scales[k][j].copy_(scale)
+                if offset is not None:
+                    self.offsets[k][j].copy_(offset)
             self.labels[j].copy_(torch.from_numpy(np.asarray(labels, dtype=np.uint8)))
 
         workers = threads or min(16, 2 * (os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool, \
-                Progress(n, f"load {os.path.basename(self.path.rstrip('/'))} -> {self.mode}", "view",
+                Progress(n, f"load {os.path.basename(self.path.rstrip('/'))} -> {self.mode} ({fmt})", "view",
                          enabled=progress) as bar:
             for _ in pool.map(load, range(n)):
                 bar.update(1)
@@ -253,24 +325,21 @@ class ResidentViews:
         """Features (float32) and labels (int64) of the views at ``positions`` (indices into this
         shard), on the device; crops drawn as the stream tier draws them.
 
-        Held where the step runs (the device tier, or any tier on a CPU), a batch is written straight
-        into float32: each item's region is copied once, converting as it goes, and only the padding
-        is zeroed. From pinned host RAM (the ram tier on CUDA) it is cut in the storage dtype, half the
-        bytes to copy, and decoded on the device.
+        Each item's cells are cut in the resident format, padded to the batch's size, into one compact
+        batch (in pinned host RAM for the ram tier on CUDA, then copied to the device: a fraction of the
+        float32 bytes); that batch is decoded on the device (:func:`fusion_seg.cache.formats.decode`), so
+        both tiers give the same batches. Padding decodes to 0 in the features and the ignore index in
+        the labels, as the stream tier pads.
         """
         boxes, (oh, ow) = self._boxes(positions, epoch)
-        staged = self.staged
         b = len(positions)
-        where = dict(device=self.home, pin_memory=self.pinned) if staged else dict(device=self.device)
-        labels = torch.empty((b, oh, ow), dtype=torch.uint8 if staged else torch.int64, **where)
-        features = {}
+        where = dict(device=self.home, pin_memory=self.pinned)
+        labels = torch.empty((b, oh, ow), dtype=torch.uint8, **where)
+        compact, extents = {}, {k: [] for k in self.names}
         for k in self.names:
-            shape = (b, self.features[k].shape[1], -(-oh // self.strides[k]), -(-ow // self.strides[k]))
-            if staged:
-                features[k] = torch.empty(shape, dtype=self.features[k].dtype, **where)
-            else:
-                features[k] = torch.empty(shape, dtype=torch.float32, device=self.device,
-                                          memory_format=memory_format(self.device))
+            s = self.strides[k]
+            compact[k] = torch.empty((b, self.features[k].shape[1], -(-oh // s), -(-ow // s)),
+                                     dtype=self.features[k].dtype, **where)
         for i, (p, (y0, x0)) in enumerate(zip(positions, boxes)):
             vh, vw = (int(x) for x in self.valid[p])
             _copy_padded(labels[i], self.labels[p, y0:y0 + min(oh, vh - y0), x0:x0 + min(ow, vw - x0)],
@@ -278,16 +347,26 @@ class ResidentViews:
             for k in self.names:
                 s = self.strides[k]
                 # The stream tier first cuts a map to the view's valid cells, ceil(valid / s), then crops.
-                fh = min(features[k].shape[2], -(-vh // s) - y0 // s)
-                fw = min(features[k].shape[3], -(-vw // s) - x0 // s)
-                _copy_padded(features[k][i], self.features[k][p, :, y0 // s: y0 // s + fh, x0 // s: x0 // s + fw], 0)
-        if staged:
-            return self._to_device(features, labels, positions)
-        if self.spec.dtype == "uint8":
-            index = torch.as_tensor(positions, device=self.home)
-            for k in self.names:
-                features[k].mul_(self.scales[k][index][:, :, None, None])
-        return features, labels
+                fh = min(compact[k].shape[2], -(-vh // s) - y0 // s)
+                fw = min(compact[k].shape[3], -(-vw // s) - x0 // s)
+                _copy_padded(compact[k][i], self.features[k][p, :, y0 // s: y0 // s + fh, x0 // s: x0 // s + fw], 0)
+                extents[k].append((fh, fw))
+        index = torch.as_tensor(positions, device=self.home)
+        fmt = memory_format(self.device)
+        features = {}
+        for k in self.names:
+            side = [self._on_device(t[k][index]) if k in t else None for t in (self.scales, self.offsets)]
+            x = formats.decode(self.fmt, self._on_device(compact[k]), *side, self.spec.feature_shapes[k][0])
+            for i, (fh, fw) in enumerate(extents[k]):  # an offset decodes the padding's zero codes to the offset
+                if fh < x.shape[2] or fw < x.shape[3]:
+                    x[i, :, fh:, :] = 0
+                    x[i, :, :, fw:] = 0
+            features[k] = x.contiguous(memory_format=fmt)
+        return features, self._on_device(labels).long()
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the training device: copied (non-blocking from pinned memory) when it is held elsewhere."""
+        return t.to(self.device, non_blocking=True) if self.staged else t
 
     def _boxes(self, positions, epoch: int):
         """Each item's crop corner and the batch's (H, W): the crop, or the (equal) valid size."""
@@ -302,21 +381,6 @@ class ResidentViews:
                             "pass --crop HxW (a multiple of 32) or --batch-size 1.")
         return [(0, 0)] * len(positions), sizes.pop()
 
-    def _to_device(self, features, labels, positions):
-        """Copy (non-blocking from pinned memory) and decode on the device: float32 maps, int64 labels."""
-        fmt = memory_format(self.device)
-        out = {}
-        for k, t in features.items():
-            t = t.to(self.device, non_blocking=True)
-            if self.spec.dtype == "uint8":
-                scale = self.scales[k][torch.as_tensor(positions)].to(self.device, non_blocking=True)
-                t = t.float() * scale[:, :, None, None]
-            else:
-                t = t.float()
-            out[k] = t.contiguous(memory_format=fmt)
-        return out, labels.to(self.device, non_blocking=True).long()
-
-
 def _copy_padded(dst: torch.Tensor, src: torch.Tensor, fill) -> None:
     """``dst[..., :h, :w] = src`` (converting its dtype) and ``fill`` in the rest of ``dst``'s last two dims."""
     h, w = src.shape[-2:]
@@ -325,10 +389,3 @@ def _copy_padded(dst: torch.Tensor, src: torch.Tensor, fill) -> None:
         dst[..., h:, :].fill_(fill)
     if w < dst.shape[-1]:
         dst[..., :h, w:].fill_(fill)
-
-
-def _as_tensor(stored: np.ndarray, dtype: str) -> torch.Tensor:
-    """A stored map as a tensor of the resident dtype (bfloat16 is kept as its bit pattern)."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(stored))

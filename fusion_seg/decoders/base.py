@@ -11,13 +11,16 @@ normal(std=0.001) classifier).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar, NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fusion_seg.errors import UserError
 from fusion_seg.registry import Registry
@@ -118,6 +121,55 @@ def check_group_norm(norm: str, **widths: int) -> None:
                             f"(GroupNorm, 32 groups) needs; pick another width or norm='bn'")
 
 
+# --------------------------------------------------------------------------- activation checkpointing
+class RecomputedForward:
+    """A module's forward run under :func:`torch.utils.checkpoint.checkpoint` while it trains: its inputs are
+    kept, its activations recomputed in the backward pass (non-reentrant, so a list of tensors may go in).
+
+    The recomputation runs the module a second time, and BatchNorm in training mode would update its
+    running statistics twice; they are put back after it, so running statistics, like the gradients, are
+    those of a run without checkpointing (tested). In eval mode or without gradients it is the plain forward.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.plain = type(module).forward
+
+    def __call__(self, *args):
+        module = self.module
+        if not (module.training and torch.is_grad_enabled()):
+            return self.plain(module, *args)
+        calls = []
+
+        def run(*inputs):
+            # A fresh list each call: HRNet modules (timm's among them) assign their outputs into the list they
+            # are given, which would change the inputs the recomputation is run on.
+            inputs = [list(a) if isinstance(a, list) else a for a in inputs]
+            if not calls:  # the forward pass
+                calls.append(True)
+                return self.plain(module, *inputs)
+            with _running_stats_kept(module):  # the recomputation in the backward pass
+                return self.plain(module, *inputs)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module):
+    """BatchNorm running statistics of ``module`` as they were before the ``with`` block (also if it is cut
+    short, as the checkpoint's recomputation may be once it has what it needs)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
 # --------------------------------------------------------------------------- the base class
 class FeatureTaps(NamedTuple):
     """What ``fusion-seg visualize`` hooks to show a decoder's multi-scale feature maps.
@@ -189,6 +241,26 @@ class Decoder(nn.Module):
     def classifiers(self) -> list[nn.Conv2d]:
         """The convs that predict classes (``classifier``, plus any auxiliary heads)."""
         return [self.classifier]
+
+    def checkpoint_units(self) -> list[nn.Module]:
+        """The parts whose activations ``--checkpoint-activations`` recomputes in the backward pass instead of
+        keeping them (an HRNet module, a fuse layer); none by default: a decoder without stages has nothing
+        worth recomputing, and refuses the option."""
+        return []
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each of :meth:`checkpoint_units`' activations in the backward pass (mmseg's ``with_cp``):
+        memory for time, the same gradients. The units keep their parameters and state-dict keys; only their
+        ``forward`` is wrapped (:class:`RecomputedForward`), so checkpoints do not depend on it."""
+        units = self.checkpoint_units()
+        if enabled and not units:
+            raise UserError(f"--checkpoint-activations: the {type(self).__name__} decoder has no stages to "
+                            "checkpoint (only reverse-hrnet and hrnet have); drop the option.")
+        for unit in units:
+            if enabled:
+                unit.forward = RecomputedForward(unit)
+            else:
+                unit.__dict__.pop("forward", None)
 
     def init_weights(self, scope: nn.Module | None = None) -> None:
         """Kaiming fan-out convs and unit norms (as ``ReverseHRNet``); tiny normal :meth:`classifiers`.

@@ -75,6 +75,13 @@ class HRNetBaseline(Decoder):
         logits = self.classifier(self.head(fused))
         return logits[..., : -(-h // 4), : -(-w // 4)]
 
+    def checkpoint_units(self) -> list[nn.Module]:
+        """The HRNet modules of its body (timm's ``HighResolutionModule``: each stage's fusing blocks) and its
+        head (``--checkpoint-activations``); timm's own ``set_grad_checkpointing`` does not support HRNet."""
+        from timm.models.hrnet import HighResolutionModule
+
+        return [m for m in self.body.modules() if isinstance(m, HighResolutionModule)] + [self.head]
+
     def feature_taps(self) -> FeatureTaps:
         """The four streams its body returns: the outputs of HRNet's last stage, which has just fused
         all resolutions (the counterpart of the reverse HRNet's first stage), matched by size."""

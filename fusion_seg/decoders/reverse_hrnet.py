@@ -164,6 +164,11 @@ class ReverseHRNet(Decoder):
             xs = stage(xs)
         return self.classifier(self.head(xs[0]))
 
+    def checkpoint_units(self) -> list[nn.Module]:
+        """Each HRNet module of every stage, the 1x1 aligns and the head: everything that keeps activations
+        at the streams' resolutions (``--checkpoint-activations``)."""
+        return [*self.align, *(module for stage in self.stages for module in stage), self.head]
+
     def feature_taps(self) -> FeatureTaps:
         """The **first stage**, the one place where all the streams exist together inside the decoder.
 

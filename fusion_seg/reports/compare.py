@@ -43,8 +43,10 @@ DEFAULT_DECODERS = tuple(name for name, cls in DECODERS.items() if not cls.end_t
 def _train_in_subprocess(cache: str, val_cache: str | None, run_dir: Path, cfg: TrainConfig) -> None:
     args = [sys.executable, "-m", "fusion_seg", "train-decoder", "--cache", cache, "--decoder", cfg.decoder,
             "--epochs", cfg.epochs, "--batch-size", cfg.batch_size, "--lr", cfg.lr, "--loss", cfg.loss,
-            "--seed", cfg.seed, "--workers", cfg.workers, "--cache-mode", cfg.cache_mode, "--device", cfg.device,
-            "--out", run_dir]
+            "--seed", cfg.seed, "--workers", cfg.workers, "--cache-mode", cfg.cache_mode, "--resident-dtype",
+            cfg.resident_dtype, "--device", cfg.device, "--out", run_dir]
+    if cfg.checkpoint_activations:
+        args.append("--checkpoint-activations")
     if val_cache:
         args += ["--val-cache", val_cache]
     if cfg.crop:

@@ -15,7 +15,8 @@ from fusion_seg.errors import UserError
 from fusion_seg.shapes import ShapeSpec
 
 # Settings that decide how the work is done, not what is learned: a resume may change them.
-OPERATIONAL = frozenset({"workers", "device", "log_every", "val_every", "sync_bn", "cache_mode", "tensorboard"})
+OPERATIONAL = frozenset({"workers", "device", "log_every", "val_every", "sync_bn", "cache_mode", "tensorboard",
+                         "checkpoint_activations"})
 
 
 @dataclass
@@ -45,6 +46,13 @@ class TrainConfig:
     # Where cached views are read from (resident.py): auto, device, ram or stream. Operational: every
     # tier gives the same batches in a single process, so a resume may change it.
     cache_mode: str = "auto"
+    # How the device and ram tiers hold the training views (formats.py): auto (the most precise that fits),
+    # float16, uint8, float8 or int4. Not operational: a lossy format changes the features the decoder sees.
+    resident_dtype: str = "auto"
+    # Recompute each HRNet module's activations in the backward pass instead of keeping them
+    # (torch.utils.checkpoint): less memory, more time, the same gradients. Operational, as a resume may
+    # change it without changing what is learned.
+    checkpoint_activations: bool = False
     # SyncBatchNorm across torchrun processes. Operational, like the number of processes (which a
     # resume may change): both only decide over how many samples BatchNorm takes its statistics.
     sync_bn: bool = False
@@ -65,8 +73,8 @@ class TrainConfig:
 
         check_fields(self, "TrainConfig")
         from fusion_seg.training.class_weights import check_class_weights_option
-        from fusion_seg.checks import (CACHE_MODES, FEATURE_CROP_ALIGN, fraction_problem, int_problem,
-                                       non_negative_problem, require, seed_problem, size_problem)
+        from fusion_seg.checks import (CACHE_MODES, FEATURE_CROP_ALIGN, RESIDENT_DTYPES, fraction_problem,
+                                       int_problem, non_negative_problem, require, seed_problem, size_problem)
 
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("ohem_min_kept", 1), ("workers", 0),
                               ("val_every", 1), ("log_every", 1)):
@@ -90,6 +98,8 @@ class TrainConfig:
         check_class_weights_option(self.class_weights)
         if self.cache_mode not in CACHE_MODES:
             require("--cache-mode", self.cache_mode, f"choose one of {', '.join(CACHE_MODES)}")
+        if self.resident_dtype not in RESIDENT_DTYPES:
+            require("--resident-dtype", self.resident_dtype, f"choose one of {', '.join(RESIDENT_DTYPES)}")
         self._check_decoder()
 
     def _check_decoder(self) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from fusion_seg.cache.reader import CachedViews, collate_views
-from fusion_seg.cache.resident import ResidentViews, TierChoice, choose_tier, resident_bytes
+from fusion_seg.cache.resident import ResidentViews, TierChoice, choose_tier, format_bytes, resident_bytes
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.data.views import ViewSource
 from fusion_seg.device import autocast, memory_format, to_device
@@ -101,11 +101,12 @@ def choose_cache_tier(cfg: TrainConfig, store: FeatureStore, names: list[str], v
     """The cache tier for this process: its shard of the training views, plus the validation views on rank 0."""
     usable = len(store.usable_views(cfg.views))
     per_process = usable // dist.world if dist.distributed else usable
-    train_bytes = resident_bytes(store.spec, names, per_process)
+    train_bytes = format_bytes(store.spec, names, per_process, cfg.resident_dtype)
     val_bytes = (resident_bytes(val_store.spec, names, len(val_store.usable_views()))
                  if val_store and dist.is_main else 0)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.distributed else 1
-    return choose_tier(cfg.cache_mode, train_bytes, val_bytes, dist.device, local_processes=local)
+    return choose_tier(cfg.cache_mode, train_bytes, val_bytes, dist.device, local_processes=local,
+                       resident=cfg.resident_dtype)
 
 
 def cached_source(path: str, names: list[str], cfg: TrainConfig, tier: TierChoice, dist: DistEnv, *,
@@ -113,13 +114,14 @@ def cached_source(path: str, names: list[str], cfg: TrainConfig, tier: TierChoic
     """The source of the tier ``tier`` (its views loaded now, for a resident tier, with progress on rank 0
     and the load time told to ``echo``), and what the run's summary records about it: the tier, why, its
     resident bytes and load time."""
-    cache_info = {"mode": tier.mode, "requested": tier.requested, "resident_bytes": 0,
+    cache_info = {"mode": tier.mode, "requested": tier.requested, "format": tier.format,
+                  "requested_format": tier.requested_format, "resident_bytes": 0,
                   "val_resident": tier.val_resident, "load_seconds": 0.0, "reason": tier.reason}
     if tier.mode == "stream":
         return CacheSource(path, names, cfg, dist.device, dist), cache_info
     views = ResidentViews(path, names, dist.device, tier.mode, crop=cfg.crop, seed=cfg.seed,
                           max_views_per_image=cfg.views, rank=dist.rank, world=dist.world,
-                          progress=progress and dist.is_main, echo=echo)
+                          progress=progress and dist.is_main, echo=echo, fmt=tier.format)
     cache_info.update(resident_bytes=views.nbytes, load_seconds=views.load_seconds)
     return ResidentSource(views, cfg, dist), cache_info
 

@@ -106,6 +106,9 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: DatasetRef, enco
                         "(`fusion-seg extract`) and run `train-decoder --cache` under torchrun.")
     if cfg.views is not None:
         raise UserError("--views selects cached views; --online draws a fresh view every epoch and takes no --views.")
+    if cfg.resident_dtype != "auto":
+        raise UserError(f"--resident-dtype {cfg.resident_dtype} sets how cached training views are held; --online "
+                        "computes them every step. Drop it, or train from a cache.")
     run = RunDirectory(out)
     run.check_location()  # before reading anything: a file, or a folder that is not a run
     ds = dataset.build()
@@ -167,7 +170,8 @@ TRAINING_COPIES = 4  # a parameter's bytes in training: the weight, its gradient
 
 def _make_decoder(cfg: TrainConfig, input_shapes: dict[str, ShapeSpec], num_classes: int
                   ) -> tuple[nn.Module, list[str]]:
-    """The seeded decoder, and the names of the feature maps it reads (all a source needs to load).
+    """The seeded decoder (recomputing its activations with ``cfg.checkpoint_activations``), and the names of
+    the feature maps it reads (all a source needs to load).
 
     Built first on the ``meta`` device (no memory): a decoder whose parameters cannot fit in memory for
     training (``--decoder-opt widths=[100000,...]``) is refused, naming its size, before any is allocated.
@@ -177,6 +181,8 @@ def _make_decoder(cfg: TrainConfig, input_shapes: dict[str, ShapeSpec], num_clas
                              cfg.decoder, cfg.decoder_config)
     torch.manual_seed(cfg.seed)
     decoder = build_decoder(cfg.decoder, input_shapes, num_classes, **cfg.decoder_config)
+    if cfg.checkpoint_activations:  # refused here, before any view is loaded, for a decoder without stages
+        decoder.set_activation_checkpointing(True)
     return decoder, list(decoder.in_features)
 
 

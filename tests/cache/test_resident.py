@@ -144,7 +144,8 @@ def test_a_tier_that_does_not_fit_is_refused_with_sizes_and_alternatives():
         choose_tier("device", 30 * GiB, 0, CUDA, {"device": 16 * GiB, "ram": 200 * GiB})
     msg = str(e.value)
     assert "--cache-mode device needs 30.00 GiB" in msg and "16.00 GiB free" in msg
-    assert "--cache-mode ram (fits)" in msg and "--cache-mode stream" in msg and "--dtype uint8" in msg
+    assert "--cache-mode ram (fits)" in msg and "--cache-mode stream" in msg
+    assert "a more compact --resident-dtype (int4" in msg  # held compactly, without extracting again (#21)
 
 
 def test_host_ram_is_shared_by_the_processes_of_a_node():
