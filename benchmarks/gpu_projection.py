@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from fusion_seg.reports.plan import LABELS, Rates, Workload, hms, project, recommend
+from fusion_seg.reports.plan import Rates, Workload, hms, label, project, recommend
 
 GiB = 2**30
 
@@ -61,7 +61,7 @@ def main() -> None:
                 best, _ = recommend(list(rows.values()))
                 print(f"| {f} | {d} | {epochs} | {hms(rows['cache-device'].seconds)} | "
                       f"{hms(rows['cache-stream'].seconds)} | {hms(rows['online'].seconds)} | "
-                      f"{hms(rows['finetune'].seconds)} | {LABELS[best.method]} |")
+                      f"{hms(rows['finetune'].seconds)} | {label(best.method)} |")
 
 
 if __name__ == "__main__":

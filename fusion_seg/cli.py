@@ -690,14 +690,23 @@ def visualize(checkpoints, image, mask, out, weights, device):
 @click.option("--bench-json", type=click.Path(), default=None,
               help="Rates from `fusion-seg bench --json FILE` instead of probing (scaled to this batch and size).")
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="Probe repetitions.")
+@click.option("--images", type=click.IntRange(min=1), default=None,
+              help="[--dataset] its training images, to plan without its data (the view shapes come from the encoder "
+                   "at --size; e.g. 2975 for Cityscapes).")
+@click.option("--device-memory", type=POSITIVE, default=None, metavar="GIB",
+              help="Plan for this much free device memory (another machine's, e.g. 141 for an H200).")
+@click.option("--host-memory", type=POSITIVE, default=None, metavar="GIB",
+              help="Plan for this much host RAM (another machine's).")
 @click.option("--json", "json_path", type=click.Path(), default=None, callback=written_as("JSON", ".json"),
               help="Also write the plan as JSON (a .json file).")
 @user_errors
 def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_size, decoder, decoder_opt, encoder,
-         device, bench_json, repeats, json_path):
-    """Project the whole schedule's time and memory: cache (each tier), online-frozen, fine-tuning; recommend one.
+         device, bench_json, repeats, images, device_memory, host_memory, json_path):
+    """Project the whole schedule's time and memory: cache (each tier and resident format), online-frozen,
+    fine-tuning; recommend one.
 
-    It says so when online-frozen training beats the cache on this hardware.
+    It says so when online-frozen training beats the cache on this hardware. For a machine that is not this one,
+    give its memory (--device-memory, --host-memory); without its rates (--bench-json), the plan is of memory alone.
     """
     from fusion_seg.reports.plan import PlanRequest, plan as run, to_text
 
@@ -705,7 +714,7 @@ def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_si
                       dataset_options=parse_key_values(dataset_opt), size=tuple(size) if size else None, views=views,
                       epochs=epochs, batch_size=batch_size, device=device, decoder=decoder,
                       decoder_config=parse_key_values(decoder_opt), encoder=encoder, bench_json=bench_json,
-                      repeats=repeats)
+                      repeats=repeats, images=images, device_memory=device_memory, host_memory=host_memory)
     result = run(req, echo=lambda m: click.echo(m, err=True))
     click.echo(to_text(result))
     if json_path:

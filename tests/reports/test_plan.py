@@ -109,7 +109,10 @@ def test_plan_command_from_a_bench_json(store, tmp_path):
     assert r.exit_code == 0, r.output
     for label in ("cache, --cache-mode device", "cache, --cache-mode stream", "online-frozen", "full fine-tuning"):
         assert label in r.output
-    assert "recommendation: cache, --cache-mode device is fastest" in r.output
+    # The device tier in the store's own format (float16), the most precise that fits (#21: a row per format)
+    assert "recommendation: cache, --cache-mode device --resident-dtype float16 is fastest" in r.output
+    for fmt in ("uint8", "float8", "int4"):
+        assert f"cache, --cache-mode device --resident-dtype {fmt}" in r.output
     data = json.loads(out.read_text())
     assert data["workload"]["images"] == 4 and data["workload"]["views"] == 2 and data["workload"]["extracted"]
     rows = {row["method"]: row for row in data["rows"]}
@@ -154,3 +157,27 @@ def test_the_probe_times_a_batch_larger_than_its_store(tmp_path):
     extract_synthetic(tmp_path / "s.zarr", views=1, num_images=2)
     features, labels = next(iter(cache_loader(str(tmp_path / "s.zarr"), ["s4"], 8, 0, torch.device("cpu"))))
     assert labels.shape[0] == 8 and features["s4"].shape[0] == 8
+
+
+
+def test_plan_shows_every_format_and_says_when_none_fits_a_device_that_is_not_here():
+    """Issue 21: the paper's Cityscapes schedule planned for a 141 GB GPU and a host of 1000 GB on this CPU machine,
+    without the data (--images) nor the GPU's rates: memory alone, every format of every tier with its bytes a view."""
+    r = CliRunner().invoke(main, ["plan", "--dataset", "cityscapes", "--size", "512x1024", "--views", "4", "--epochs",
+                                  "100", "--device", "cuda", "--images", "2975", "--device-memory", "141",
+                                  "--host-memory", "1000", "--decoder-opt", "streams=5", "--decoder-opt", "preset=w18"])
+    assert r.exit_code == 0, r.output
+    rows = [line for line in r.output.splitlines() if line.startswith("  cache, --cache-mode")]
+    for tier in ("device", "ram"):
+        for fmt in ("float16", "uint8", "float8", "int4"):
+            row = next(line for line in rows if f"--cache-mode {tier} --resident-dtype {fmt} " in line)
+            assert "MiB" in row and "GiB" in row  # its bytes a view, and the whole resident cache
+    device_int4 = next(line for line in rows if "--cache-mode device --resident-dtype int4 " in line)
+    assert device_int4.rstrip().endswith("no")  # 140 GiB of int4: more than a 141 GB GPU's usable share
+    assert "memory alone" in r.output and "n/a" in device_int4
+    assert "cache, --cache-mode ram --resident-dtype float16 is the most precise format that fits" in r.output
+    # a device that is not here needs the memory to plan for
+    r = CliRunner().invoke(main, ["plan", "--dataset", "cityscapes", "--size", "512x1024", "--device", "cuda",
+                                  "--images", "2975"])
+    if not __import__("torch").cuda.is_available():
+        assert r.exit_code == 2 and "--device-memory and --host-memory" in r.output

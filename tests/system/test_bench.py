@@ -62,7 +62,8 @@ def test_format_rows_cover_every_dtype_and_codec_and_measure_error(results):
 def test_training_section_compares_the_same_decoder_three_ways(results):
     t = results["sections"]["training"]
     modes = t["modes"]
-    assert set(modes) == {"memory", "device", "ram", "cache", "online", "finetune"}
+    assert set(modes) == {"memory", "device", "ram", "cache", "online", "finetune",  # and #21's:
+                          "checkpointed", "device-uint8", "device-float8", "device-int4"}
     for m in modes.values():
         assert m["step_s"] > 0 and m["peak_MiB"] > m["baseline_rss_MiB"] > 0 and m["batch"] == 2
     assert t["ratios"]["online/cache"]["time"] == pytest.approx(modes["online"]["step_s"] / modes["cache"]["step_s"])
@@ -78,7 +79,14 @@ def test_training_section_compares_the_same_decoder_three_ways(results):
 def test_training_section_measures_every_cache_tier(results):
     t = results["sections"]["training"]
     modes, rows = t["modes"], {r["tier"]: r for r in t["tiers"]}
-    assert set(rows) == {"device", "ram", "stream"}
+    # the compact resident formats of #21 too, in the device tier (on a CPU the ram tier is the same memory)
+    assert set(rows) == {"device", "ram", "stream", "device-uint8", "device-float8", "device-int4"}
+    for fmt in ("uint8", "float8", "int4"):
+        m = modes[f"device-{fmt}"]
+        assert m["format"] == fmt and m["paired_vs_memory"] > 0
+        assert m["resident_MiB"] < modes["device"]["resident_MiB"]  # fewer bytes than float16 (labels aside)
+    cp = t["checkpointing"]  # --checkpoint-activations: its time and the step memory it saves
+    assert cp["step_s"] > 0 and cp["step_MiB"] > 0 and cp["finetune_over_checkpointed"] > 0
     for tier, key in (("device", "device"), ("ram", "ram"), ("stream", "cache")):
         assert rows[tier]["vs_memory"] == pytest.approx(modes[key]["step_s"] / modes["memory"]["step_s"])
         assert rows[tier]["loader_cpu_ms_per_view"] > 0
@@ -103,6 +111,7 @@ def test_training_section_measures_every_cache_tier(results):
     assert r["resident_vs_bound"] == pytest.approx(r["resident_s"] / r["bound_s"])
     md = render_markdown(results)
     assert "| device |" in md and "| ram |" in md and "bound K·B + E·D" in md
+    assert "| device-int4 | int4 |" in md and "--checkpoint-activations" in md
 
 
 def test_scaling_and_inference(results):

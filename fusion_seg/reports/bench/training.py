@@ -29,6 +29,21 @@ from fusion_seg.reports.timing import median_seconds
 
 MODES = ("memory", "cache", "online", "finetune")
 TIERS = ("device", "ram")  # the resident cache tiers, measured in the training section
+COMPACT = ("uint8", "float8", "int4")  # resident formats other than the store's own (cache/formats.py)
+
+
+def compact_modes(device: str) -> tuple[str, ...]:
+    """The compact resident tiers the bench measures, ``TIER-FORMAT``: the device tier in each compact format, and
+    on CUDA the ram tier too (on a CPU the two tiers are one memory)."""
+    tiers = TIERS if str(device).startswith("cuda") else ("device",)
+    return tuple(f"{t}-{f}" for t in tiers for f in COMPACT)
+
+
+def resident_mode(mode: str) -> tuple[str, str | None] | None:
+    """``("device", None)`` for ``device`` (the store's format), ``("device", "int4")`` for ``device-int4``,
+    None for a mode that is not a resident tier."""
+    tier, _, fmt = mode.partition("-")
+    return (tier, fmt or None) if tier in TIERS and (not fmt or fmt in COMPACT) else None
 
 
 def cache_loader(store: str, names, batch: int, workers: int, device, epoch_seed: int = 0):
@@ -73,10 +88,11 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
     sync = synchronizer(device)
 
     resident = None
-    if mode in TIERS:
+    if resident_mode(mode):
         from fusion_seg.cache.resident import ResidentViews
 
-        resident = ResidentViews(store, names, device, mode, seed=cfg.seed, progress=False)
+        tier, fmt = resident_mode(mode)
+        resident = ResidentViews(store, names, device, tier, seed=cfg.seed, progress=False, fmt=fmt)
         step = DecoderStep(decoder, device)
         order = endless_positions(len(resident), batch, cfg.seed)
         assembly = {"cpu_s": 0.0, "views": 0}
@@ -87,9 +103,11 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
             assembly["cpu_s"] += time.process_time() - c0
             assembly["views"] += batch
             step(features, labels)
-    elif mode in ("memory", "cache"):
+    elif mode in ("memory", "checkpointed", "cache"):
+        if mode == "checkpointed":  # --checkpoint-activations: activations recomputed in backward
+            decoder.set_activation_checkpointing(True)
         step = DecoderStep(decoder, device)
-        if mode == "memory":
+        if mode in ("memory", "checkpointed"):
             views = CachedViews(store, names)  # repeated when fewer than a batch (see cache_loader)
             features, labels = collate_views([views[j % len(views)] for j in range(batch)])
             features = {k: to_device(v, device).float() for k, v in features.items()}
@@ -129,7 +147,7 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
         else:
             raise ValueError(mode)
     # The cheap modes run 8 steps per repetition: a loader that falls behind now and then shows in the mean.
-    cheap = mode in ("memory", "cache", *TIERS)
+    cheap = mode in ("memory", "checkpointed", "cache") or resident_mode(mode) is not None
     paired = None
     if resident is not None:
         # Against the step on one batch already in memory, timed in turn with it in this process
@@ -144,8 +162,8 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
            **peak, "loader_workers_peak_rss_MiB": children_peak_rss_mib() if mode == "cache" else None}
     if resident is not None:
         # Where the resident bytes are counted: in CUDA's allocations (device tier on a GPU), else in the RSS.
-        counted = device.type == "cpu" or mode == "device"
-        out.update(resident_MiB=resident.nbytes / 2**20, load_s=resident.load_seconds,
+        counted = device.type == "cpu" or mode.startswith("device")
+        out.update(format=resident.fmt, resident_MiB=resident.nbytes / 2**20, load_s=resident.load_seconds,
                    load_GB_per_s=resident.nbytes / 1e9 / max(resident.load_seconds, 1e-9),
                    resident_views=len(resident), resident_counted_in_peak=counted,
                    loader_cpu_ms_per_view=1e3 * assembly["cpu_s"] / max(1, assembly["views"]),
@@ -232,7 +250,9 @@ def run_modes(cfg: BenchConfig, size, batch: int, store: str | None, modes=MODES
 
 
 def run(cfg: BenchConfig, store: Path) -> dict:
-    modes = run_modes(cfg, cfg.size, cfg.batch_size, str(store), modes=("memory", *TIERS, "cache", "online", "finetune"))
+    modes = run_modes(cfg, cfg.size, cfg.batch_size, str(store),
+                      modes=("memory", "checkpointed", *TIERS, *compact_modes(cfg.device), "cache", "online",
+                             "finetune"))
     _, names = decoder_for_store(cfg, str(store))
     loader = loader_throughput(cfg, str(store), names, cfg.batch_size)
     consumption = cfg.batch_size / modes["memory"]["step_s"]
@@ -246,11 +266,23 @@ def run(cfg: BenchConfig, store: Path) -> dict:
         "ratios": {f"{m}/cache": {"time": modes[m]["step_s"] / a["step_s"],
                                   "memory": above_baseline(modes[m]) / above_baseline(a)}
                    for m in ("online", "finetune")},
+        "checkpointing": checkpointing_row(modes),
         "tiers": tier_rows(modes, loader), "resident_vs_memory_goal": RESIDENT_GOAL,
     }
 
 
 RESIDENT_GOAL = 1.05  # the resident tiers' step against the step on features already in memory
+CHECKPOINT_GOAL = 3.0  # full fine-tuning's step memory over the checkpointed decoder step's (issue 21)
+
+
+def checkpointing_row(modes: dict) -> dict:
+    """The decoder step on features in memory with and without --checkpoint-activations: the time it costs, the
+    step's own memory it saves, and full fine-tuning's step memory over the checkpointed step's."""
+    plain, cp, finetune = modes["memory"], modes["checkpointed"], modes["finetune"]
+    return {"step_s": cp["step_s"], "plain_step_s": plain["step_s"], "time": cp["step_s"] / plain["step_s"],
+            "step_MiB": above_baseline(cp), "plain_step_MiB": above_baseline(plain),
+            "memory": above_baseline(cp) / above_baseline(plain),
+            "finetune_over_checkpointed": above_baseline(finetune) / above_baseline(cp), "goal": CHECKPOINT_GOAL}
 
 
 def tier_rows(modes: dict, loader: dict) -> list[dict]:
@@ -258,9 +290,10 @@ def tier_rows(modes: dict, loader: dict) -> list[dict]:
     one-off load, and memory with the resident store and the step's own share given apart."""
     memory = modes["memory"]["step_s"]
     rows = []
-    for tier, key in (("device", "device"), ("ram", "ram"), ("stream", "cache")):
+    tiers = [(t, t) for t in TIERS] + [(k, k) for k in modes if resident_mode(k) and "-" in k] + [("stream", "cache")]
+    for tier, key in tiers:
         m = modes[key]
-        rows.append({"tier": tier, "step_s": m["step_s"], "vs_memory": m["step_s"] / memory,
+        rows.append({"tier": tier, "format": m.get("format"), "step_s": m["step_s"], "vs_memory": m["step_s"] / memory,
                      "paired_vs_memory": m.get("paired_vs_memory"),
                      "loader_cpu_ms_per_view": m.get("loader_cpu_ms_per_view", loader.get("cpu_ms_per_view")),
                      "load_s": m.get("load_s", 0.0), "load_GB_per_s": m.get("load_GB_per_s"),
@@ -320,16 +353,26 @@ def to_markdown(r: dict, schedule: list[dict] | None = None, schedule_note: str 
         "| run | step (s) | peak memory (MiB) | time vs (a) | memory vs (a) |",
         "|---|---|---|---|---|",
     ]
-    names = {"memory": "features already in memory (the limit)", "device": "(a) cache, --cache-mode device",
+    names = {"memory": "features already in memory (the limit)",
+             "checkpointed": "features in memory, --checkpoint-activations", "device": "(a) cache, --cache-mode device",
              "ram": "(a) cache, --cache-mode ram", "cache": "(a) cache, --cache-mode stream",
              "online": "(b) --online, frozen encoder every step", "finetune": "(c) full fine-tuning"}
-    for key in ("memory", "device", "ram", "cache", "online", "finetune"):
+    for key in ("memory", "checkpointed", "device", "ram", "cache", "online", "finetune"):
         if key not in m:
             continue
         row = m[key]
         ratio = r["ratios"].get(f"{key}/cache")
         lines.append(f"| {names[key]} | {row['step_s']:.3f} | {above_baseline(row):.0f} | "
                      + (f"**{ratio['time']:.2f}x** | **{ratio['memory']:.2f}x** |" if ratio else "| |"))
+    cp = r.get("checkpointing")
+    if cp:
+        lines += ["", "Activation checkpointing (`--checkpoint-activations`): the decoder step on features in memory, "
+                  "its activations recomputed in the backward pass per HRNet module; memory is the step's own (above "
+                  "the import baseline).", "",
+                  "| step | with checkpointing | without | ratio | full fine-tuning / with | goal |", "|---|---|---|---|---|---|",
+                  f"| time (s) | {cp['step_s']:.3f} | {cp['plain_step_s']:.3f} | {cp['time']:.2f}x | | |",
+                  f"| memory (MiB) | {cp['step_MiB']:.0f} | {cp['plain_step_MiB']:.0f} | {cp['memory']:.2f}x | "
+                  f"**{cp['finetune_over_checkpointed']:.2f}x** | >= {cp['goal']}x |"]
     lo = r["loader"]
     lines += [
         "",
@@ -368,13 +411,16 @@ def tiers_markdown(rows: list[dict], goal: float) -> list[str]:
              "The paired column times each resident tier's step in turn with the step on one batch already in memory, "
              "in one process (A B A B, median of the ratios), which holds when the machine's speed drifts; the "
              "column before it divides by the memory row above, measured in another process.",
-             "", "| tier | step (s) | vs in-memory step | paired (A B A B) | goal | loader CPU (ms/view) | "
+             "A compact tier (`TIER-FORMAT`, `--resident-dtype`) holds the store's float16 views in that format, "
+             "decoded per batch on the device.",
+             "", "| tier | format | step (s) | vs in-memory step | paired (A B A B) | goal | loader CPU (ms/view) | "
              "one-off load (s) | load (GB/s) | resident (MiB) | step's own (MiB) | peak (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in rows:
         resident = t["tier"] != "stream"
         paired = f"**{t['paired_vs_memory']:.2f}x**" if t.get("paired_vs_memory") else ""
-        lines.append(f"| {t['tier']} | {t['step_s']:.3f} | {t['vs_memory']:.2f}x | {paired} | "
+        lines.append(f"| {t['tier']} | {t.get('format') or 'as stored'} | {t['step_s']:.3f} | {t['vs_memory']:.2f}x | "
+                     f"{paired} | "
                      f"{f'<= {goal}x' if resident else ''} | {t['loader_cpu_ms_per_view']:.2f} | "
                      f"{t['load_s']:.2f} | " + (f"{t['load_GB_per_s']:.2f}" if t["load_GB_per_s"] else "") + " | "
                      f"{t['resident_MiB']:.0f} | {t['step_MiB']:.0f} | {t['peak_MiB']:.0f} |")
