@@ -120,7 +120,11 @@ def test_the_clis_names_are_the_registries():
     assert cli.CACHE_DECODER_NAMES == DEFAULT_DECODERS
     assert (cli.DEFAULT_ENCODER, cli.DEFAULT_STRIDES) == (DEFAULT_ENCODER, DEFAULT_STRIDES)
     assert FEATURE_CROP_ALIGN == ALIGN
-    assert tuple(cli.cache_mode_option(lambda: None).__click_params__[0].type.choices) == CACHE_MODES
+    options = {p.name: p for p in cli.cache_options(lambda: None).__click_params__}
+    assert tuple(options["cache_mode"].type.choices) == CACHE_MODES
+    from fusion_seg.cache.formats import FORMATS
+
+    assert tuple(options["resident_dtype"].type.choices) == ("auto", *FORMATS)
 
 
 def test_help_lists_every_dataset_and_decoder_and_no_false_default():
