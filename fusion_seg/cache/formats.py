@@ -38,6 +38,7 @@ FORMATS = ("float16", "uint8", "float8", "int4")
 BITS = {"float16": 16, "uint8": 8, "float8": 8, "int4": 4}
 FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = float(torch.finfo(FLOAT8).max)  # 448
+_FLOAT8_VALUES = torch.arange(256, dtype=torch.uint8).view(FLOAT8).float()  # each e4m3 code's float32 value
 
 
 def formats_for(stored: str) -> tuple[str, ...]:
@@ -131,6 +132,25 @@ def decode(fmt: str, codes: torch.Tensor, scale: torch.Tensor | None, offset: to
     if offset is not None:
         x = x + offset[:, :, None, None]
     return x
+
+
+def decode_into(fmt: str, out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None,
+                offset: torch.Tensor | None) -> None:
+    """One view's codes ``(C', h, w)`` decoded into the float32 ``out`` ``(C, h, w)`` in place: the operations
+    of :func:`decode` (convert, times the scale, plus the offset), so the same values, without temporaries
+    of the batch's size (resident.ResidentViews cuts a CPU's batches this way)."""
+    c = out.shape[0]
+    if fmt == "int4":  # channel 2i in the low nibble of byte i, 2i+1 in the high one
+        out[0::2].copy_(codes[:-(-c // 2)] & 0x0F)
+        out[1::2].copy_(codes[:c // 2] >> 4)
+    elif codes.dtype == FLOAT8 and codes.device.type == "cpu":  # a table lookup: CPUs convert e4m3 in software
+        out.copy_(_FLOAT8_VALUES.index_select(0, codes.view(torch.uint8).reshape(-1).int()).view(codes.shape))
+    else:
+        out.copy_(codes)
+    if scale is not None:
+        out.mul_(scale[:, None, None])
+    if offset is not None:
+        out.add_(offset[:, None, None])
 
 
 def _stored_tensor(array: np.ndarray, stored: str) -> torch.Tensor:

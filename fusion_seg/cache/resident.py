@@ -332,6 +332,8 @@ class ResidentViews:
         the labels, as the stream tier pads.
         """
         boxes, (oh, ow) = self._boxes(positions, epoch)
+        if not self.staged and self.device.type == "cpu":
+            return self._batch_in_place(positions, boxes, (oh, ow))
         b = len(positions)
         where = dict(device=self.home, pin_memory=self.pinned)
         labels = torch.empty((b, oh, ow), dtype=torch.uint8, **where)
@@ -363,6 +365,32 @@ class ResidentViews:
                     x[i, :, :, fw:] = 0
             features[k] = x.contiguous(memory_format=fmt)
         return features, self._on_device(labels).long()
+
+    def _batch_in_place(self, positions, boxes, size) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`batch` on a CPU: each item's cells decoded straight into the float32 batch, in place
+        (:func:`fusion_seg.cache.formats.decode_into`: the same operations as :func:`decode`, so the same
+        values), without the compact batch and the batch-sized temporaries that a device's few large kernels
+        want and a CPU's memory bandwidth pays for."""
+        (oh, ow), b = size, len(positions)
+        labels = torch.empty((b, oh, ow), dtype=torch.uint8)
+        features = {k: torch.empty((b, self.spec.feature_shapes[k][0], -(-oh // self.strides[k]),
+                                    -(-ow // self.strides[k])), dtype=torch.float32) for k in self.names}
+        for i, (p, (y0, x0)) in enumerate(zip(positions, boxes)):
+            vh, vw = (int(x) for x in self.valid[p])
+            _copy_padded(labels[i], self.labels[p, y0:y0 + min(oh, vh - y0), x0:x0 + min(ow, vw - x0)],
+                         self.spec.ignore_index)
+            for k in self.names:
+                s, out = self.strides[k], features[k][i]
+                fh = min(out.shape[1], -(-vh // s) - y0 // s)
+                fw = min(out.shape[2], -(-vw // s) - x0 // s)
+                codes = self.features[k][p, :, y0 // s: y0 // s + fh, x0 // s: x0 // s + fw]
+                formats.decode_into(self.fmt, out[:, :fh, :fw], codes, self.scales[k][p] if k in self.scales else None,
+                                    self.offsets[k][p] if k in self.offsets else None)
+                if fh < out.shape[1]:
+                    out[:, fh:, :].zero_()
+                if fw < out.shape[2]:
+                    out[:, :fh, fw:].zero_()
+        return features, labels.long()
 
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` on the training device: copied (non-blocking from pinned memory) when it is held elsewhere."""

@@ -72,12 +72,34 @@ def children_peak_rss_mib() -> list[float]:
     return peaks
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Count the peak afresh from what is live now (a model, its data, a resident store), so that what a
+    mode's setup touched and freed (building a model, reading a store) does not stand for its step's peak:
+    CUDA's allocator peak, or on a CPU the kernel's VmHWM (``/proc/self/clear_refs``, Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the peak is then the process's since it started
+
+
 def peak_memory(device: torch.device) -> dict:
-    """Peak memory so far, as train-decoder reports it: CUDA's max allocated on GPU, max RSS on CPU."""
+    """Peak memory since :func:`reset_peak_memory` (or the start): CUDA's max allocated on GPU, the
+    process's peak RSS (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return {"kind": "cuda_max_allocated", "peak_MiB": torch.cuda.max_memory_allocated(device) / 2**20}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"kind": "process_max_rss", "peak_MiB": int(line.split()[1]) / 1024}
+    except OSError:
+        pass
     from fusion_seg.training.hooks import peak_memory_mib
 
-    kind = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
-    return {"kind": kind, "peak_MiB": peak_memory_mib(device)}
+    return {"kind": "process_max_rss", "peak_MiB": peak_memory_mib(device)}
 
 
 def run_isolated(fn, *args):

@@ -24,7 +24,7 @@ import torch
 from fusion_seg.progress import format_duration
 from fusion_seg.reports.bench.common import (BenchConfig, DecoderStep, child_pids, decoder_for_store, build_frozen_encoder,
                      children_peak_rss_mib, images,
-                     peak_memory, rss_mib, run_isolated, synchronizer)
+                     peak_memory, reset_peak_memory, rss_mib, run_isolated, synchronizer)
 from fusion_seg.reports.timing import median_seconds
 
 MODES = ("memory", "cache", "online", "finetune")
@@ -146,6 +146,7 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
                 step({k: feats[k] for k in names}, y)
         else:
             raise ValueError(mode)
+    reset_peak_memory(device)  # the peak of the steps, over what is live: not the setup's transients
     # The cheap modes run 8 steps per repetition: a loader that falls behind now and then shows in the mean.
     cheap = mode in ("memory", "checkpointed", "cache") or resident_mode(mode) is not None
     paired = None
