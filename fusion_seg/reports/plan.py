@@ -242,6 +242,11 @@ def plan(req: PlanRequest, echo=print) -> Plan:
     if rates is not None:
         notes.append(f"rates from {req.bench_json} ({rates.device}, batch {rates.batch}, "
                      f"{rates.size[1]}x{rates.size[0]}), scaled by pixels per step")
+        other = _other_decoder(req)
+        if other:
+            notes.append(f"{req.bench_json} timed {other}, not the decoder planned ({req.decoder} "
+                         f"{req.decoder_config or ''}); a decoder's step sets every wall time above and can differ "
+                         "several-fold: plan without --bench-json to probe this decoder")
     with tempfile.TemporaryDirectory(prefix="fusion-seg-plan-") as tmp:
         extracted = bool(req.store)
         store, extract_rate = req.store, None
@@ -432,6 +437,18 @@ def _rates(modes: dict, batch: int, size, extract_rate: float | None, device: st
                                                                                             *compact)},
                  step_MiB={n: step_memory_MiB(modes[k]) for n, k in BENCH_MODES.items()},
                  memory_kind=modes["memory"]["kind"], device=device, source=source)
+
+
+def _other_decoder(req: PlanRequest) -> str | None:
+    """The bench file's decoder, as "name {options}", when it is not the one planned (another name, or an option
+    the plan sets to another value); None when it is."""
+    config = json.loads(Path(req.bench_json).read_text()).get("config", {})
+    name, options = config.get("decoder"), config.get("decoder_config") or {}
+    if name is None:
+        return None
+    if name != req.decoder or any(options.get(k) != v for k, v in req.decoder_config.items()):
+        return f"{name} {options}"
+    return None
 
 
 def rates_from_bench(path: str) -> Rates:

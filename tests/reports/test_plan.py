@@ -119,6 +119,21 @@ def test_plan_command_from_a_bench_json(store, tmp_path):
     assert rows["online"]["seconds"] == pytest.approx(10 * (4 // 2) * 2.0)  # same size and batch: unscaled
 
 
+def test_plan_says_when_the_bench_json_timed_another_decoder(store, tmp_path):
+    """Rates of a bench's `small` decoder say little of a `w18` step: the plan says so (from them it projected
+    100 epochs of camvid-full.toml's w18-5 at 23 min; that run's measured steps, 1.96 s each, make 2 h 27 min)."""
+    path = bench_json(tmp_path / "b.json")
+    data = json.loads(path.read_text())
+    data["config"].update(decoder="reverse-hrnet", decoder_config={"preset": "small", "streams": 4})
+    path.write_text(json.dumps(data))
+    base = ["plan", str(store), "--bench-json", str(path), "--epochs", "2", "--batch-size", "2"]
+    same = CliRunner().invoke(main, [*base, "--decoder-opt", "preset=small"])
+    other = CliRunner().invoke(main, [*base, "--decoder-opt", "preset=w18"])
+    assert same.exit_code == 0 and other.exit_code == 0, same.output + other.output
+    assert "timed reverse-hrnet" not in same.output
+    assert f"{path} timed reverse-hrnet {{'preset': 'small', 'streams': 4}}, not the decoder planned" in other.output
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "either STORE"),
     (["--dataset", "synthetic"], "--size"),
