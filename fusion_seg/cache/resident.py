@@ -343,16 +343,11 @@ class ResidentViews:
             compact[k] = torch.empty((b, self.features[k].shape[1], -(-oh // s), -(-ow // s)),
                                      dtype=self.features[k].dtype, **where)
         for i, (p, (y0, x0)) in enumerate(zip(positions, boxes)):
-            vh, vw = (int(x) for x in self.valid[p])
-            _copy_padded(labels[i], self.labels[p, y0:y0 + min(oh, vh - y0), x0:x0 + min(ow, vw - x0)],
-                         self.spec.ignore_index)
+            label_cells, codes = self._cells(p, y0, x0, (oh, ow))
+            _copy_padded(labels[i], label_cells, self.spec.ignore_index)
             for k in self.names:
-                s = self.strides[k]
-                # The stream tier first cuts a map to the view's valid cells, ceil(valid / s), then crops.
-                fh = min(compact[k].shape[2], -(-vh // s) - y0 // s)
-                fw = min(compact[k].shape[3], -(-vw // s) - x0 // s)
-                _copy_padded(compact[k][i], self.features[k][p, :, y0 // s: y0 // s + fh, x0 // s: x0 // s + fw], 0)
-                extents[k].append((fh, fw))
+                _copy_padded(compact[k][i], codes[k], 0)
+                extents[k].append(tuple(codes[k].shape[-2:]))
         index = torch.as_tensor(positions, device=self.home)
         fmt = memory_format(self.device)
         features = {}
@@ -376,21 +371,29 @@ class ResidentViews:
         features = {k: torch.empty((b, self.spec.feature_shapes[k][0], -(-oh // self.strides[k]),
                                     -(-ow // self.strides[k])), dtype=torch.float32) for k in self.names}
         for i, (p, (y0, x0)) in enumerate(zip(positions, boxes)):
-            vh, vw = (int(x) for x in self.valid[p])
-            _copy_padded(labels[i], self.labels[p, y0:y0 + min(oh, vh - y0), x0:x0 + min(ow, vw - x0)],
-                         self.spec.ignore_index)
+            label_cells, codes = self._cells(p, y0, x0, (oh, ow))
+            _copy_padded(labels[i], label_cells, self.spec.ignore_index)
             for k in self.names:
-                s, out = self.strides[k], features[k][i]
-                fh = min(out.shape[1], -(-vh // s) - y0 // s)
-                fw = min(out.shape[2], -(-vw // s) - x0 // s)
-                codes = self.features[k][p, :, y0 // s: y0 // s + fh, x0 // s: x0 // s + fw]
-                formats.decode_into(self.fmt, out[:, :fh, :fw], codes, self.scales[k][p] if k in self.scales else None,
+                out, (fh, fw) = features[k][i], codes[k].shape[-2:]
+                formats.decode_into(self.fmt, out[:, :fh, :fw], codes[k], self.scales[k][p] if k in self.scales else None,
                                     self.offsets[k][p] if k in self.offsets else None)
                 if fh < out.shape[1]:
                     out[:, fh:, :].zero_()
                 if fw < out.shape[2]:
                     out[:, :fh, fw:].zero_()
         return features, labels.long()
+
+    def _cells(self, p: int, y0: int, x0: int, size) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """View ``p``'s cells under a crop of ``size`` at ``(y0, x0)``: its labels, and each map's codes, cut as the
+        stream tier cuts (a map first to the view's valid cells, ceil(valid / stride), then to the crop)."""
+        (oh, ow), (vh, vw) = size, (int(x) for x in self.valid[p])
+        codes = {}
+        for k in self.names:
+            s = self.strides[k]
+            fh = min(-(-oh // s), -(-vh // s) - y0 // s)
+            fw = min(-(-ow // s), -(-vw // s) - x0 // s)
+            codes[k] = self.features[k][p, :, y0 // s: y0 // s + fh, x0 // s: x0 // s + fw]
+        return self.labels[p, y0:y0 + min(oh, vh - y0), x0:x0 + min(ow, vw - x0)], codes
 
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` on the training device: copied (non-blocking from pinned memory) when it is held elsewhere."""
