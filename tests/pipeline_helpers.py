@@ -72,3 +72,20 @@ def tiny_checkpoint(folder: Path) -> Path:
     extract_synthetic(folder / "s.zarr", views=1, num_images=2)
     train_decoder(str(folder / "s.zarr"), folder / "run", tiny_config(epochs=1), progress=False)
     return folder / "run" / "best.pt"
+
+
+def direct_batch_equal_to_staged(res, positions, epoch: int):
+    """A resident store's batch cut on the CPU's direct path, after checking that the staged path (the ram tier
+    on CUDA: cut in host RAM, decoded on the device; forced here) gives it bit for bit."""
+    import torch
+
+    direct = res.batch(positions, epoch=epoch)
+    res.staged = True
+    try:
+        staged = res.batch(positions, epoch=epoch)
+    finally:
+        res.staged = False
+    assert torch.equal(staged[1], direct[1])
+    for k in direct[0]:
+        assert torch.equal(staged[0][k], direct[0][k]), k
+    return direct

@@ -11,7 +11,7 @@ from fusion_seg.cache.reader import CachedViews, collate_views
 from fusion_seg.errors import UserError
 from fusion_seg.cache.resident import ResidentViews, choose_tier, resident_bytes, shard
 from fusion_seg.training.train import train_decoder
-from pipeline_helpers import extract_synthetic, tiny_config
+from pipeline_helpers import direct_batch_equal_to_staged, extract_synthetic, tiny_config
 
 NAMES = ["s4", "s8", "s16", "s32"]
 GiB = 2**30
@@ -61,12 +61,7 @@ def test_staged_batches_equal_the_direct_ones(stores, store):
     forced here on the CPU, it gives the batches the direct path (and so the stream tier) gives."""
     res = ResidentViews(str(stores / store), NAMES, torch.device("cpu"), "ram", crop=(96, 96), progress=False)
     assert not res.staged
-    direct = res.batch([1, 0, 2], epoch=1)
-    res.staged = True
-    staged = res.batch([1, 0, 2], epoch=1)
-    assert torch.equal(staged[1], direct[1])
-    for k in NAMES:
-        assert torch.equal(staged[0][k], direct[0][k]), k
+    direct_batch_equal_to_staged(res, [1, 0, 2], epoch=1)
 
 
 def test_uint8_stays_uint8_in_memory(stores):
