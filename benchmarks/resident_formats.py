@@ -1,6 +1,6 @@
 """What each resident format costs in CamVid val mIoU (issue 21): the recipe's configuration trained with its
 training views held as float16, uint8, float8 and int4 (`train-decoder --resident-dtype`), the same seed and
-schedule, and float16 and int4 with a second seed, so that a format's difference can be read against the
+schedule, and float16, int4 and uint8 with a second seed, so that a format's difference can be read against the
 spread between seeds.
 
 The configuration is pipelines/camvid.toml's (the half-resolution recipe): images resized to 240x180, 4 views a
@@ -27,7 +27,7 @@ from pathlib import Path
 from camvid_ablation import load_results, run
 
 ROWS = {"float16-s0": ("float16", 0), "uint8-s0": ("uint8", 0), "float8-s0": ("float8", 0),
-        "int4-s0": ("int4", 0), "float16-s1": ("float16", 1), "int4-s1": ("int4", 1)}
+        "int4-s0": ("int4", 0), "float16-s1": ("float16", 1), "int4-s1": ("int4", 1), "uint8-s1": ("uint8", 1)}
 RECIPE = ["--decoder", "reverse-hrnet", "--preset", "w18", "--streams", "5", "--class-weights", "inverse-log"]
 
 

@@ -4,22 +4,29 @@ Chosen when the store is loaded (``train-decoder --resident-dtype``), whatever t
 a lossless float16 store can be held in a quarter of its size without extracting it again:
 
 ========  =====  ==========================================================================================
-format    bits   a view's map of C channels (each view and channel quantised on its own: per map)
+format    bits   a map of C channels
 ========  =====  ==========================================================================================
 float16   16     the stored 16-bit values (a bfloat16 store stays bfloat16): lossless
-uint8     8      ``round((x - lo) / s)``, ``s = (hi - lo) / 255`` over the channel's valid cells;
-                 a uint8 store is held as stored (its own codes and scales, no second rounding)
-float8    8      e4m3 (``torch.float8_e4m3fn``) of ``x / s``, ``s = max|x| / 448`` (e4m3's largest value)
-int4      4      ``floor((x - lo) / s + u)``, ``s = (hi - lo) / 15``, ``u`` uniform in [0, 1): stochastic
-                 rounding, so that the mean of a value over draws is the value itself (round-to-nearest
-                 would be biased wherever values crowd one side of a step, as post-ReLU maps do near 0);
-                 two channels a byte (channel 2i in the low nibble, 2i+1 in the high one)
+uint8     8      ``round((x - lo) / s)``, ``s = (hi - lo) / 255``, ``lo`` and ``hi`` the channel's minimum and
+                 maximum over the view's valid cells (per view and channel); a uint8 store is held as stored
+                 (its own codes and scales, no second rounding)
+float8    8      e4m3 (``torch.float8_e4m3fn``) of ``x / s``, ``s = max|x| / 448`` (e4m3's largest value) over
+                 the view's valid cells (per view and channel)
+int4      4      ``floor((x - lo) / s + u)``, ``s = (hi - lo) / 15``, ``lo`` and ``hi`` the channel's minimum and
+                 maximum over the valid cells of *every* view held (per channel, computed from the store by
+                 a scan before packing: :func:`channel_ranges`), ``u`` uniform in [0, 1): stochastic rounding,
+                 so that the mean of a value over draws is the value itself (round-to-nearest would be
+                 biased wherever values crowd one side of a step, as post-ReLU maps do near 0); two channels
+                 a byte (channel 2i in the low nibble, 2i+1 in the high one)
 ========  =====  ==========================================================================================
 
-``lo`` and ``hi`` are the channel's minimum and maximum over the view's valid cells, kept as float32 with
-the codes (the scales and offsets: 8 bytes a channel and view). Zeros stay zeros where ``lo`` is 0, as
-it is for most channels of post-ReLU maps. The draws of ``u`` come from a generator seeded by
-``(seed, view, map)``, so a view is quantised the same in every tier, process and run of the same seed.
+Scales and offsets are float32: uint8 and float8 keep theirs with each view (4 or 8 bytes a channel and
+view: 8.01-8.15 bits a value for ResNet-50 maps), int4 keeps one scale and offset a channel for the whole
+store, so that a view costs 4 bits a value and nothing more (per-view ranges would add 0.01-0.15 bits: the
+issue's goal is at most 4); its steps are then those of the store's range, coarser for a view whose own
+range is narrower. Zeros stay zeros where ``lo`` is 0, as it is for most channels of post-ReLU maps. The
+draws of ``u`` come from a generator seeded by ``(seed, view, map)``, so a view is quantised the same in
+every tier, process and run of the same seed.
 
 Decoding happens per batch, on the device, on the cells a batch's crop cut: :func:`decode` turns a
 batch of codes (and its views' scales and offsets) into float32 maps. Nothing decodes the whole store.
@@ -78,34 +85,70 @@ def has_scale(fmt: str, stored: str) -> bool:
     return fmt in ("uint8", "float8", "int4")
 
 
+def ranges_per_store(fmt: str) -> bool:
+    """Whether a format's scales and offsets are one a channel for the whole store (int4), not one a view."""
+    return fmt == "int4"
+
+
+def side_bytes(fmt: str, stored: str, channels: int) -> int:
+    """Bytes of the float32 scales and offsets of one map of ``channels`` channels (one view's, or the store's)."""
+    return 4 * channels * (int(has_scale(fmt, stored)) + int(has_offset(fmt, stored)))
+
+
 def view_bytes(fmt: str, stored: str, shapes) -> int:
     """Bytes one view's maps of ``shapes`` (``[(C, h, w), ...]``) take in format ``fmt``: the codes, and the
-    per-channel scales and offsets (float32). Labels are not counted here (resident.resident_bytes adds them)."""
+    view's own scales and offsets (none for int4: see :func:`store_bytes`). Labels are not counted here
+    (resident.resident_bytes adds them)."""
     total = 0
     for c, h, w in shapes:
         total += math.ceil(c * h * w * BITS[fmt] / 8)
-        total += 4 * c * (int(has_scale(fmt, stored)) + int(has_offset(fmt, stored)))
+        total += 0 if ranges_per_store(fmt) else side_bytes(fmt, stored, c)
     return total
 
 
+def store_bytes(fmt: str, stored: str, shapes) -> int:
+    """Bytes held once for all views in format ``fmt``: int4's scales and offsets, a channel each."""
+    return sum(side_bytes(fmt, stored, c) for c, _h, _w in shapes) if ranges_per_store(fmt) else 0
+
+
+def channel_ranges(array: np.ndarray, stored: str, scale: np.ndarray | None,
+                   cells: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stored map's per-channel minimum and maximum (float32 ``(C,)`` each) over its valid ``cells``:
+    what int4's ranges are taken over, view by view (the store's range is their envelope)."""
+    valid = _valid(torch.from_numpy(_decoded(array, stored, scale)), cells)
+    return valid.amin(dim=1), valid.amax(dim=1)
+
+
+def _valid(x: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
+    """A map's valid cells, ``(C, h*w)``."""
+    return x[:, :max(1, cells[0]), :max(1, cells[1])].reshape(x.shape[0], -1)
+
+
 def encode(fmt: str, stored: str, array: np.ndarray, scale: np.ndarray | None, cells: tuple[int, int],
-           seed: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+           seed: tuple[int, ...], ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One stored map ``array`` (``(C, h, w)`` in the store's dtype; ``scale``: a uint8 store's) as
     ``(codes, scale, offset)`` of ``fmt``: codes ``(C', h, w)``, scale and offset ``(C,)`` float32 or None.
 
-    ``cells`` is the (h, w) of its valid cells (the statistics are taken there); ``seed`` seeds int4's draws.
+    ``cells`` is the (h, w) of its valid cells (a view's statistics are taken there); ``seed`` seeds int4's
+    draws; ``ranges`` is int4's ``(lo, hi)`` per channel over the whole store (required for int4).
     """
     if held_as_stored(fmt, stored):
         codes = _stored_tensor(array, stored)
         return codes, (torch.from_numpy(np.asarray(scale, dtype=np.float32)) if scale is not None else None), None
     x = torch.from_numpy(_decoded(array, stored, scale))  # float32 (C, h, w)
-    valid = x[:, :max(1, cells[0]), :max(1, cells[1])].reshape(x.shape[0], -1)
     if fmt == "float8":
-        s = valid.abs().amax(dim=1) / FLOAT8_MAX
+        s = _valid(x, cells).abs().amax(dim=1) / FLOAT8_MAX
         s = torch.where(s > 0, s, torch.ones_like(s))
         codes = (x / s[:, None, None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
         return codes, s, None
-    lo, hi = valid.amin(dim=1), valid.amax(dim=1)
+    if fmt == "int4":
+        if ranges is None:
+            raise ValueError("int4 is quantised over the store's per-channel ranges: pass ranges=channel_ranges(...)")
+        lo, hi = ranges
+    else:
+        valid = _valid(x, cells)
+        lo, hi = valid.amin(dim=1), valid.amax(dim=1)
     levels = 255 if fmt == "uint8" else 15
     s = (hi - lo) / levels
     s = torch.where(s > 0, s, torch.ones_like(s))

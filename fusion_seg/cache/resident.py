@@ -65,12 +65,12 @@ def stored_format(spec) -> str:
 
 def resident_bytes(spec, names: list[str], views: int, fmt: str | None = None) -> int:
     """Bytes that ``views`` views of a store take in memory: the maps ``names`` in the resident format ``fmt``
-    (None: as stored) with their scales and offsets, and the uint8 labels (arrays are sized for the store's
-    largest view)."""
+    (None: as stored) with their scales and offsets (a view's, or int4's one set for all views), and the
+    uint8 labels (arrays are sized for the store's largest view)."""
     fmt = fmt or stored_format(spec)
-    per_view = math.prod(spec.label_shape)  # uint8 labels
-    per_view += formats.view_bytes(fmt, spec.dtype, [tuple(spec.feature_shapes[n]) for n in names])
-    return per_view * views
+    shapes = [tuple(spec.feature_shapes[n]) for n in names]
+    per_view = math.prod(spec.label_shape) + formats.view_bytes(fmt, spec.dtype, shapes)  # + uint8 labels
+    return per_view * views + (formats.store_bytes(fmt, spec.dtype, shapes) if views else 0)
 
 
 def format_bytes(spec, names: list[str], views: int, resident: str = "auto") -> dict[str, int]:
@@ -279,20 +279,26 @@ class ResidentViews:
         return torch.empty(shape, dtype=dtype, device=self.home, pin_memory=self.pinned)
 
     def _load(self, store: FeatureStore, threads: int | None, progress: bool) -> float:
-        """Read every view once and hold it in the resident format, in parallel (zarr, its codecs and the
-        quantisation's tensor ops release the GIL), showing progress."""
+        """Read every view and hold it in the resident format, in parallel (zarr, its codecs and the
+        quantisation's tensor ops release the GIL), showing progress; int4 reads the views twice, first for
+        the store's channel ranges (:meth:`_store_ranges`)."""
         from fusion_seg.progress import Progress
 
         n, spec, fmt = len(self.views), self.spec, self.fmt
         t0 = time.perf_counter()
+        workers = threads or min(16, 2 * (os.cpu_count() or 1))
+        name = os.path.basename(self.path.rstrip('/'))
+        self.per_store = formats.ranges_per_store(fmt)  # one scale and offset a channel for all views (int4)
+        ranges = self._store_ranges(store, workers, progress, name) if self.per_store else {}
         self.features, self.scales, self.offsets = {}, {}, {}
         for k in self.names:
             c, h, w = spec.feature_shapes[k]
             self.features[k] = self._empty((n, formats.data_channels(fmt, c), h, w), formats.data_dtype(fmt, spec.dtype))
+            rows = () if self.per_store else (n,)
             if formats.has_scale(fmt, spec.dtype):
-                self.scales[k] = self._empty((n, c), torch.float32)
+                self.scales[k] = self._empty((*rows, c), torch.float32)
             if formats.has_offset(fmt, spec.dtype):
-                self.offsets[k] = self._empty((n, c), torch.float32)
+                self.offsets[k] = self._empty((*rows, c), torch.float32)
         self.labels = self._empty((n, *spec.label_shape), torch.uint8)
 
         def load(j: int) -> None:
@@ -302,23 +308,53 @@ class ResidentViews:
             for i, k in enumerate(self.names):
                 s = self.strides[k]
                 codes, scale, offset = formats.encode(fmt, spec.dtype, features[k], scales.get(k),
-                                                      (-(-vh // s), -(-vw // s)), (self.seed, v, i))
+                                                      (-(-vh // s), -(-vw // s)), (self.seed, v, i), ranges.get(k))
                 self.features[k][j].copy_(codes)
-                if scale is not None:
-                    self.scales[k][j].copy_(scale)
-                if offset is not None:
-                    self.offsets[k][j].copy_(offset)
+                for side, t in ((self.scales, scale), (self.offsets, offset)):
+                    if t is not None and not self.per_store:
+                        side[k][j].copy_(t)
+                    elif t is not None and j == 0:  # the store's, the same for every view: kept once
+                        side[k].copy_(t)
             self.labels[j].copy_(torch.from_numpy(np.asarray(labels, dtype=np.uint8)))
 
-        workers = threads or min(16, 2 * (os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool, \
-                Progress(n, f"load {os.path.basename(self.path.rstrip('/'))} -> {self.mode} ({fmt})", "view",
-                         enabled=progress) as bar:
+                Progress(n, f"load {name} -> {self.mode} ({fmt})", "view", enabled=progress) as bar:
             for _ in pool.map(load, range(n)):
                 bar.update(1)
         if self.home.type == "cuda":
             torch.cuda.synchronize(self.home)
         return time.perf_counter() - t0
+
+    def _store_ranges(self, store: FeatureStore, workers: int, progress: bool, name: str) -> dict[str, tuple]:
+        """int4's ranges: each map's per-channel minimum and maximum over the valid cells of every view held, from a
+        first read of the views (formats.channel_ranges), so that one scale and offset a channel serve all."""
+        from fusion_seg.progress import Progress
+
+        def scan(j: int) -> list:
+            features, scales, _labels = store.read_stored_view(int(self.views[j]), self.names)
+            vh, vw = (int(x) for x in self.valid[j])
+            return [formats.channel_ranges(features[k], self.spec.dtype, scales.get(k),
+                                           (-(-vh // self.strides[k]), -(-vw // self.strides[k]))) for k in self.names]
+
+        lo, hi = {}, {}
+        with ThreadPoolExecutor(max_workers=workers) as pool, \
+                Progress(len(self.views), f"scan {name} for int4's channel ranges", "view", enabled=progress) as bar:
+            for found in pool.map(scan, range(len(self.views))):
+                for k, (a, b) in zip(self.names, found):
+                    lo[k] = torch.minimum(lo[k], a) if k in lo else a
+                    hi[k] = torch.maximum(hi[k], b) if k in hi else b
+                bar.update(1)
+        return {k: (lo[k], hi[k]) for k in lo}
+
+    def _side(self, side: dict, k: str, index):
+        """Map ``k``'s scales (or offsets) for the views at ``index`` (positions, or one position): held a view each,
+        or (int4) one set for all views, expanded to the batch; None where the format has none."""
+        if k not in side:
+            return None
+        if not self.per_store:
+            return side[k][index]
+        t = side[k]
+        return t if isinstance(index, int) else t.expand(len(index), -1)
 
     # ----------------------------------------------------------------- batches
     def batch(self, positions, epoch: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -352,7 +388,8 @@ class ResidentViews:
         fmt = memory_format(self.device)
         features = {}
         for k in self.names:
-            side = [self._on_device(t[k][index]) if k in t else None for t in (self.scales, self.offsets)]
+            side = [self._side(t, k, index) for t in (self.scales, self.offsets)]
+            side = [None if t is None else self._on_device(t) for t in side]
             x = formats.decode(self.fmt, self._on_device(compact[k]), *side, self.spec.feature_shapes[k][0])
             for i, (fh, fw) in enumerate(extents[k]):  # an offset decodes the padding's zero codes to the offset
                 if fh < x.shape[2] or fw < x.shape[3]:
@@ -375,8 +412,8 @@ class ResidentViews:
             _copy_padded(labels[i], label_cells, self.spec.ignore_index)
             for k in self.names:
                 out, (fh, fw) = features[k][i], codes[k].shape[-2:]
-                formats.decode_into(self.fmt, out[:, :fh, :fw], codes[k], self.scales[k][p] if k in self.scales else None,
-                                    self.offsets[k][p] if k in self.offsets else None)
+                formats.decode_into(self.fmt, out[:, :fh, :fw], codes[k], self._side(self.scales, k, int(p)),
+                                    self._side(self.offsets, k, int(p)))
                 if fh < out.shape[1]:
                     out[:, fh:, :].zero_()
                 if fw < out.shape[2]:

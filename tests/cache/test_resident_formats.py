@@ -54,7 +54,8 @@ def post_relu(shape, seed=0) -> np.ndarray:
 @pytest.mark.parametrize("fmt, bound", [("uint8", 0.5 / 255), ("float8", None), ("int4", 1 / 15)])
 def test_each_format_holds_a_map_within_its_step(fmt, bound):
     x = post_relu((6, 16, 16))
-    codes, scale, offset = formats.encode(fmt, "float16", x.astype(np.float16), None, (16, 16), (0, 0, 0))
+    codes, scale, offset = formats.encode(fmt, "float16", x.astype(np.float16), None, (16, 16), (0, 0, 0),
+                                          ranges_of(x))
     y = formats.decode(fmt, codes[None], None if scale is None else scale[None],
                        None if offset is None else offset[None], 6)[0].numpy()
     x = x.astype(np.float16).astype(np.float32)  # what the store holds
@@ -65,8 +66,16 @@ def test_each_format_holds_a_map_within_its_step(fmt, bound):
     else:  # uint8 rounds to the nearest of 256 levels; int4 to one of the two around it (stochastic)
         assert np.all(err <= span * bound * (1 + 1e-5) + 1e-6)
     assert np.all(y[x == 0] == 0)  # post-ReLU zeros stay zeros (lo = 0 in every channel here)
-    assert codes.element_size() * codes.numel() == formats.view_bytes(fmt, "float16", [(6, 16, 16)]) - 4 * 6 * (
-        int(scale is not None) + int(offset is not None))
+    side = 4 * 6 * (int(scale is not None) + int(offset is not None))  # float32 scales and offsets of 6 channels
+    assert codes.element_size() * codes.numel() == 6 * 16 * 16 * formats.BITS[fmt] // 8
+    per_view, per_store = (0, side) if fmt == "int4" else (side, 0)  # int4's are the store's: kept once
+    assert formats.view_bytes(fmt, "float16", [(6, 16, 16)]) == codes.element_size() * codes.numel() + per_view
+    assert formats.store_bytes(fmt, "float16", [(6, 16, 16)]) == per_store
+
+
+def ranges_of(x: np.ndarray):
+    """int4's ranges for a store of this one map (its channels' minimum and maximum)."""
+    return formats.channel_ranges(x.astype(np.float16), "float16", None, x.shape[1:])
 
 
 def test_int4_rounding_is_unbiased_where_rounding_to_nearest_is_not():
@@ -74,7 +83,8 @@ def test_int4_rounding_is_unbiased_where_rounding_to_nearest_is_not():
     x = np.random.default_rng(1).integers(0, 15, (2, 100, 100)).astype(np.float32) + 0.3
     x[0, 0, 0], x[0, 0, 1] = 0.0, 15.0  # channel 0: lo 0, hi 15, so its levels are the integers (step 1)
     x[1] = np.where(np.arange(100) < 50, 0.0, 15.0)[None, :]  # channel 1: only exact levels
-    codes, scale, offset = formats.encode("int4", "float16", x.astype(np.float16), None, (100, 100), (0, 1, 2))
+    codes, scale, offset = formats.encode("int4", "float16", x.astype(np.float16), None, (100, 100), (0, 1, 2),
+                                          ranges_of(x))
     y = formats.decode("int4", codes[None], scale[None], offset[None], 2)[0].numpy()
     x = x.astype(np.float16).astype(np.float32)
     step = float(scale[0])
@@ -86,11 +96,42 @@ def test_int4_rounding_is_unbiased_where_rounding_to_nearest_is_not():
 
 def test_int4_is_seeded_per_view_and_map_and_packs_two_channels_a_byte():
     x = post_relu((5, 8, 8)).astype(np.float16)
-    a = formats.encode("int4", "float16", x, None, (8, 8), (0, 3, 1))[0]
-    b = formats.encode("int4", "float16", x, None, (8, 8), (0, 3, 1))[0]
-    c = formats.encode("int4", "float16", x, None, (8, 8), (1, 3, 1))[0]
+    a = formats.encode("int4", "float16", x, None, (8, 8), (0, 3, 1), ranges_of(x))[0]
+    b = formats.encode("int4", "float16", x, None, (8, 8), (0, 3, 1), ranges_of(x))[0]
+    c = formats.encode("int4", "float16", x, None, (8, 8), (1, 3, 1), ranges_of(x))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (3, 8, 8) and a.dtype == torch.uint8  # 5 channels: 3 bytes a cell, the last half unused
+    with pytest.raises(ValueError, match="store's per-channel ranges"):
+        formats.encode("int4", "float16", x, None, (8, 8), (0, 3, 1))
+
+
+def test_int4_quantises_every_view_over_the_stores_channel_ranges(stores):
+    """One scale and offset a channel for all views (4 bits a value, nothing a view besides): the envelope of
+    the views' own ranges over their valid cells, so that every value lies on or between two levels of it."""
+    res = ResidentViews(str(stores / "whole.zarr"), NAMES, CPU, "device", fmt="int4", progress=False)
+    store = FeatureStore.open(stores / "whole.zarr")
+    for k in NAMES:
+        c, s = store.spec.feature_shapes[k][0], res.strides[k]
+        assert res.scales[k].shape == res.offsets[k].shape == (c,)
+        views = []
+        for j, v in enumerate(res.views):
+            features, _scales, _labels = store.read_stored_view(int(v), [k])
+            vh, vw = (-(-int(x) // s) for x in res.valid[j])
+            views.append(np.asarray(features[k], dtype=np.float32)[:, :vh, :vw].reshape(c, -1))
+        lo = np.min([x.min(1) for x in views], axis=0)
+        hi = np.max([x.max(1) for x in views], axis=0)
+        assert np.array_equal(res.offsets[k].numpy(), lo)
+        assert np.allclose(res.scales[k].numpy(), np.where(hi > lo, (hi - lo) / 15, 1), rtol=1e-6)
+        narrow = [x.max(1) - x.min(1) for x in views]  # the two image sizes' views have ranges of their own
+        assert any((r < hi - lo - 1e-3).any() for r in narrow)
+        features, labels = res.batch([0, 1])
+        step = res.scales[k].numpy()[None, :, None, None]
+        for i in range(2):
+            vh, vw = (-(-int(x) // s) for x in res.valid[i])
+            got = features[k][i, :, :vh, :vw].numpy()
+            assert np.all(np.abs(got - views[i].reshape(got.shape)) <= step[0] * (1 + 1e-5) + 1e-6)
+        assert formats.view_bytes("int4", "float16", [store.spec.feature_shapes[k]]) * 8 == \
+            4 * np.prod(store.spec.feature_shapes[k])  # 4 bits a value, exactly
 
 
 # --------------------------------------------------------------------------- held views
