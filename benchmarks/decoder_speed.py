@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fusion_seg.reports.bench.common import DecoderStep
+from fusion_seg.reports.bench.common import decoder_step
 from fusion_seg.decoders import build_decoder
 from fusion_seg.shapes import ShapeSpec
 
@@ -45,12 +45,12 @@ def main() -> None:
 
     def make():
         torch.manual_seed(0)
-        return DecoderStep(build_decoder("reverse-hrnet", SHAPES, 11, preset="small"), cpu)
+        return decoder_step(build_decoder("reverse-hrnet", SHAPES, 11, preset="small"), cpu)
 
     variants = {"eager": make(), "channels_last": make(), "torch.compile": make()}
     variants["channels_last"].decoder.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    variants["torch.compile"].decoder = torch.compile(variants["torch.compile"].decoder)
+    variants["torch.compile"].model = torch.compile(variants["torch.compile"].decoder)
     variants["torch.compile"](feats, labels)
     print(f"torch.compile: first step (compilation) {time.perf_counter() - t0:.1f} s")
     results = {k: [] for k in variants}

@@ -13,7 +13,7 @@ not depend on how many are held) are loaded into the device tier (on a CPU: RAM)
 resident step (the next batch cut and decoded from memory at a seeded crop, then one optimisation step) and
 the in-memory step (one fixed batch, decoded once) are timed in turn, A B A B
 (`fusion_seg.reports.bench.training.paired_ratio`: median over `--repeats` pairs of the ratio of `--calls`
-steps each). The step is `fusion_seg.reports.bench.common.DecoderStep`, the bench's. Time it on an idle
+steps each). The step is `fusion_seg.reports.bench.common.decoder_step`, the bench's. Time it on an idle
 machine.
 
     python benchmarks/resident_step.py --json benchmarks/resident_step.json
@@ -32,7 +32,7 @@ from fusion_seg.cache import formats
 from fusion_seg.cache.resident import ResidentViews
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.decoders import build_decoder
-from fusion_seg.reports.bench.common import DecoderStep
+from fusion_seg.reports.bench.common import decoder_step
 from fusion_seg.reports.bench.training import endless_positions, paired_ratio
 
 
@@ -44,7 +44,7 @@ def measure(store: str, fmt: str, args) -> dict:
     device = torch.device("cpu")
     views = ResidentViews(store, decoder.in_features, device, "device", crop=args.crop, seed=0,
                           max_views_per_image=args.views_per_image, progress=False, fmt=fmt)
-    step = DecoderStep(decoder, device)
+    step = decoder_step(decoder, device)
     order, epoch = endless_positions(len(views), args.batch_size, 0), {"n": 0}
     cut = {"cpu_s": 0.0, "views": 0}
 

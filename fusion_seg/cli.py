@@ -342,6 +342,36 @@ def cache_options(fn):
     return fn
 
 
+def schedule_options(fn):
+    """train-decoder's and compare's: the views, the schedule, the loss and where training starts from."""
+    for opt in reversed([
+        click.option("--views", type=click.IntRange(min=1), default=None,
+                     help="Use only each image's first N cached views (default: all); e.g. to see how many a task "
+                          "needs."),
+        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="The global batch."),
+        click.option("--lr", type=POSITIVE, default=0.01, show_default=True, help="Initial learning rate (poly decay)."),
+        click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True),
+        click.option("--ohem-thresh", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+                     help="[ohem] Pixels whose true class has a lower predicted probability are kept as hard."),
+        click.option("--ohem-min-kept", type=click.IntRange(min=1), default=131072, show_default=True,
+                     help="[ohem] Keep at least this many hardest pixels per batch."),
+        click.option("--class-weights", default="none", show_default=True, metavar="none|median-freq|inverse-log|FILE",
+                     help="Per-class loss weights: SegNet's median frequency balancing, ENet's 1/ln(1.02 + p), or a "
+                          "JSON file (a list in class order, or {class: weight}); counted from the training store's "
+                          "labels."),
+        click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Validate every N epochs."),
+        click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Log the loss every N steps."),
+        click.option("--init", "init", type=click.Path(), default=None,
+                     help="Start from a decoder checkpoint trained on another dataset (classifier re-initialised "
+                          "when the class sets differ)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fusion-seg")
 def main():
@@ -496,26 +526,7 @@ def refuse_unused_options(ctx: click.Context, online: bool) -> None:
 @click.option("--decoder-opt", "decoder_opt", multiple=True, metavar="KEY=VALUE",
               help=f"Any other decoder option as KEY=VALUE, the value in JSON, e.g. {DECODER_OPT_EXAMPLE} "
                    "(repeatable).")
-@click.option("--views", type=click.IntRange(min=1), default=None,
-              help="Use only each image's first N cached views (default: all); e.g. to see how many a task needs.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="The global batch.")
-@click.option("--lr", type=POSITIVE, default=0.01, show_default=True, help="Initial learning rate (poly decay).")
-@click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True)
-@click.option("--ohem-thresh", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
-              help="[ohem] Pixels whose true class has a lower predicted probability are kept as hard.")
-@click.option("--ohem-min-kept", type=click.IntRange(min=1), default=131072, show_default=True,
-              help="[ohem] Keep at least this many hardest pixels per batch.")
-@click.option("--class-weights", default="none", show_default=True, metavar="none|median-freq|inverse-log|FILE",
-              help="Per-class loss weights: SegNet's median frequency balancing, ENet's 1/ln(1.02 + p), or a JSON "
-                   "file (a list in class order, or {class: weight}); counted from the training store's labels.")
-@click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Validate every N epochs.")
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Log the loss every N steps.")
-@click.option("--init", "init", type=click.Path(), default=None,
-              help="Start from a decoder checkpoint trained on another dataset (classifier re-initialised "
-                   "when the class sets differ).")
+@schedule_options
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last.pt (with the same settings; an explicit --lr may change).")
 @click.option("--tensorboard", is_flag=True,
@@ -619,10 +630,7 @@ def predict(checkpoint, inputs, out, sliding_window, weights, device):
 @click.option("--decoders", type=NameList(CACHE_DECODER_NAMES), default=",".join(CACHE_DECODER_NAMES),
               show_default=True, help="Comma-separated decoder names, each trained with its defaults (not hrnet, "
                                       "which trains end to end: train-decoder --online).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--lr", type=POSITIVE, default=0.01, show_default=True)
-@click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True)
+@schedule_options
 @click.option("--crop", type=HxW(multiple=FEATURE_CROP_ALIGN), default=None,
               help=f"Random feature-space crop, each side a multiple of {FEATURE_CROP_ALIGN} (default: whole views).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
@@ -633,19 +641,23 @@ def predict(checkpoint, inputs, out, sliding_window, weights, device):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timing repetitions (median).")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write each decoder's scalars to OUT/DECODER/tensorboard (pip install 'fusion-seg[tensorboard]').")
 @click.option("--out", required=True, type=click.Path(), help="Output folder, e.g. runs/compare.")
 @user_errors
-def compare(cache, val_cache, decoders, epochs, batch_size, lr, loss, crop, seed, workers, cache_mode, resident_dtype,
-            checkpoint_activations, device, repeats, out):
-    """Train several decoders from one cache with one schedule and tabulate them."""
-    from fusion_seg.reports.compare import compare as run
-    from fusion_seg.training.config import TrainConfig
+def compare(**params):
+    """Train several decoders from one cache with one schedule and tabulate them.
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, crop=list(crop) if crop else None,
-                      seed=seed, workers=workers, device=device, cache_mode=cache_mode, resident_dtype=resident_dtype,
-                      checkpoint_activations=checkpoint_activations)
-    run(cache, out, cfg, val_cache=val_cache, decoders=decoders,
-        repeats=repeats)
+    Each decoder trains with its defaults and every other setting given here, as train-decoder would train it
+    (the whole configuration goes to its training process as data), and its run folder OUT/DECODER continues
+    a run of the same settings or keeps one of other settings aside, as a recipe's does."""
+    from fusion_seg.pipeline.stages import train_config
+    from fusion_seg.reports.compare import compare as run
+
+    options = option_values(params)
+    cache, val_cache, decoders, repeats, out = (options.pop(k) for k in ("cache", "val_cache", "decoders", "repeats",
+                                                                        "out"))
+    run(cache, out, train_config(options), val_cache=val_cache, decoders=decoders, repeats=repeats)
     click.echo((Path(out) / "compare.md").read_text())
     click.echo(f"written to {out}/compare.json, compare.md" + (", compare.png" if (Path(out) / "compare.png").exists()
                                                                  else ""))

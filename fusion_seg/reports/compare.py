@@ -1,8 +1,9 @@
 """``fusion-seg compare``: several decoders trained from one cache with one schedule, side by side.
 
 This is what the cache buys: one encoder pass, then as many decoders as you like.
-Each decoder trains in its own process (so its peak memory is its own), then is
-measured here on the same cached batch:
+Each decoder trains with its defaults and the rest of the given ``TrainConfig`` (the schedule, the loss,
+class weights, views, crop, seed, --init, the cache tier), handed whole to ``train_decoder`` in its own
+spawned process (so its peak memory is its own), then is measured here on the same cached batch:
 
 - mIoU and pixel accuracy on the validation cache (the best epoch's);
 - parameters, and decoder GFLOPs for one view at the cache's view size
@@ -17,7 +18,7 @@ Results go to ``OUT/compare.json``, ``OUT/compare.md`` and, with matplotlib,
 from __future__ import annotations
 
 import json
-import subprocess
+import multiprocessing
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,35 +30,38 @@ from fusion_seg.cache.store import FeatureStore
 from fusion_seg.cache.reader import CachedViews, collate_views
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import Failed, UserError, write_error
-from fusion_seg.training.losses import build_loss
 from fusion_seg.decoders import DECODERS, decoder_from_record
 from fusion_seg.files import write_json_atomic, write_text_atomic
 from fusion_seg.inference.predict import check_out_folder
 from fusion_seg.plots import plot_if_available
 from fusion_seg.reports.timing import median_seconds
 from fusion_seg.training.config import TrainConfig
+from fusion_seg.training.step import TrainingStep
 
 DEFAULT_DECODERS = tuple(name for name, cls in DECODERS.items() if not cls.end_to_end)  # those a cache can train
 
 
-def _train_in_subprocess(cache: str, val_cache: str | None, run_dir: Path, cfg: TrainConfig) -> None:
-    args = [sys.executable, "-m", "fusion_seg", "train-decoder", "--cache", cache, "--decoder", cfg.decoder,
-            "--epochs", cfg.epochs, "--batch-size", cfg.batch_size, "--lr", cfg.lr, "--loss", cfg.loss,
-            "--seed", cfg.seed, "--workers", cfg.workers, "--cache-mode", cfg.cache_mode, "--resident-dtype",
-            cfg.resident_dtype, "--device", cfg.device, "--out", run_dir]
-    if cfg.checkpoint_activations:
-        args.append("--checkpoint-activations")
-    if val_cache:
-        args += ["--val-cache", val_cache]
-    if cfg.crop:
-        args += ["--crop", f"{cfg.crop[0]}x{cfg.crop[1]}"]
-    for key, value in cfg.decoder_config.items():
-        args += ["--decoder-opt", f"{key}={json.dumps(value)}"]
-    if (run_dir / "last.pt").exists():
-        args.append("--resume")  # finishes an interrupted comparison, or no-ops on a finished one
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise UserError(f"training {cfg.decoder} failed:\n{result.stderr.strip()[-2000:]}")
+def _train_in_own_process(cache: str, val_cache: str | None, run_dir: Path, cfg: TrainConfig, progress: bool) -> None:
+    """Train one decoder with :func:`~fusion_seg.training.train.train_decoder` in a fresh (spawned) process, so
+    that its peak memory is its own; the whole ``cfg`` goes to it as data. The run folder is continued when it
+    holds a run of these settings and data (finished: nothing trains), and kept aside otherwise
+    (``resume="auto"``, as a recipe's train stage)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        error = pool.apply(_train_one, (cache, val_cache, str(run_dir), cfg, progress))
+    if error:
+        raise UserError(f"training {cfg.decoder} failed: {error}")
+
+
+def _train_one(cache: str, val_cache: str | None, run_dir: str, cfg: TrainConfig, progress: bool) -> str | None:
+    """The child's work: a user error comes back as its message (the parent raises it), a bug as its traceback."""
+    from fusion_seg.training.train import train_decoder
+
+    try:
+        train_decoder(cache, run_dir, cfg, val_cache=val_cache, resume="auto", progress=progress)
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 def check_decoders(decoders, input_shapes: dict, num_classes: int, *, cache: str = "the cache") -> None:
@@ -87,22 +91,16 @@ def check_decoders(decoders, input_shapes: dict, num_classes: int, *, cache: str
                         + "\n".join(f"compare --decoders: {e}" for e in errors))
 
 
-def measure_decoder(record: dict, features: dict, labels: torch.Tensor, *, loss: str, ignore_index: int,
+def measure_decoder(record: dict, features: dict, labels: torch.Tensor, cfg: TrainConfig, *, ignore_index: int,
                     repeats: int = 5) -> dict:
-    """Parameters, GFLOPs per view, train step time and inference images/s of a decoder on one batch."""
+    """Parameters, GFLOPs per view, train step time and inference images/s of a decoder on one batch; the step
+    is the trainer's (training/step.py) with ``cfg``'s loss and optimiser, on the CPU."""
     decoder = decoder_from_record(record)
-    criterion = build_loss(loss, ignore_index)
-    optimizer = torch.optim.SGD(decoder.parameters(), lr=1e-6, momentum=0.9)
+    train_step = TrainingStep(decoder, cfg, torch.device("cpu"), ignore_index=ignore_index)
     batch = labels.shape[0]
 
-    def train_step():
-        value = sum(decoder.losses(decoder(features), labels, criterion).values())
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-
     decoder.train()
-    step = median_seconds(train_step, repeats)
+    step = median_seconds(lambda: train_step(features, labels), repeats)
     decoder.eval()
     one = {k: v[:1] for k, v in features.items()}
     with torch.inference_mode():
@@ -135,7 +133,7 @@ def compare(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | N
         run_dir = out / name
         if progress:
             print(f"compare: training {name} -> {run_dir}", file=sys.stderr, flush=True)
-        _train_in_subprocess(cache, val_cache, run_dir, replace(cfg, decoder=name, decoder_config={}))
+        _train_in_own_process(cache, val_cache, run_dir, replace(cfg, decoder=name, decoder_config={}), progress)
         best = load_checkpoint(run_dir / "best.pt")
         summary = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                    if '"summary"' in line][-1]
@@ -147,8 +145,8 @@ def compare(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | N
                "miou": (best.get("val") or {}).get("miou"), "pixel_acc": (best.get("val") or {}).get("pixel_acc"),
                "peak_memory_MiB": summary["peak_memory_MiB"], "peak_memory_kind": summary["peak_memory_kind"],
                "train_seconds": summary["seconds"], "view_hw": list(labels.shape[-2:])}
-        row.update(measure_decoder(best["decoder"], features, labels, loss=cfg.loss,
-                                   ignore_index=store.spec.ignore_index, repeats=repeats))
+        row.update(measure_decoder(best["decoder"], features, labels, cfg, ignore_index=store.spec.ignore_index,
+                                   repeats=repeats))
         rows.append(row)
     table = out / "compare.json"
     try:

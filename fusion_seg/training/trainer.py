@@ -29,8 +29,8 @@ from fusion_seg.training import ddp
 from fusion_seg.training.config import TrainConfig, TrainingData, TrainResult
 from fusion_seg.training.ddp import DistEnv
 from fusion_seg.training.hooks import RunLog, describe_run, diverged_message, no_labels_message, peak_memory_mib
-from fusion_seg.training.losses import build_loss, decoder_loss
 from fusion_seg.training.run_dir import RunDirectory, run_differences
+from fusion_seg.training.step import TrainingStep
 from fusion_seg.training.validation import ValidationViews, validate
 from fusion_seg.training.warm_start import init_from_checkpoint
 
@@ -48,15 +48,13 @@ class Trainer:
         self.val_views, self.cache_info = val_views, cache_info
         self.device = dist.device
         self.decoder = _placed(decoder, cfg, dist)  # checkpoints and validation use it, never the DDP wrapper
-        # OHEM keeps at least min_kept pixels of the (global) batch: each process keeps its share of them.
-        self.criterion = build_loss(cfg.loss, data.ignore_index, thresh=cfg.ohem_thresh,
-                                    min_kept=-(-cfg.ohem_min_kept // dist.world), weight=data.loss_weights)
-        self.optimizer = torch.optim.SGD(self.decoder.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
         self.steps_per_epoch = len(source) // cfg.batch_size if len(source) >= cfg.batch_size else 1
         self.total_steps = max(1, self.steps_per_epoch * cfg.epochs)
-        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=self.total_steps,
-                                                               power=cfg.poly_power)
+        # OHEM keeps at least min_kept pixels of the (global) batch: each process keeps its share of them.
+        self.training_step = TrainingStep(self.decoder, cfg, self.device, ignore_index=data.ignore_index,
+                                          loss_weights=data.loss_weights, world=dist.world,
+                                          total_steps=self.total_steps)
+        self.optimizer, self.scheduler = self.training_step.optimizer, self.training_step.scheduler
         self.record = decoder_record(cfg.decoder, self.decoder, data.input_shapes, len(data.classes))
         # Where the run stands: set by restore, advanced by every step and validation.
         self.start_epoch, self.step, self.best = 0, 0, None
@@ -72,7 +70,7 @@ class Trainer:
         """Train epochs ``start_epoch + 1 .. cfg.epochs``; every process returns once the run directory is complete."""
         self.restore(resume)
         t0 = time.perf_counter()
-        model = _distributed(self.decoder, self.dist)
+        model = self.training_step.model = _distributed(self.decoder, self.dist)
         model.train()
         with RunLog.open(self.run, self.cfg, total_steps=self.total_steps, step=self.step, progress=progress) as log:
             log.start(describe_run(self.run, self.cfg, self.data.source, self.dist, len(self.source),
@@ -80,7 +78,7 @@ class Trainer:
                       self.lr_change, self.notices)
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 started = time.perf_counter()
-                losses = self.train_epoch(model, epoch, log)
+                losses = self.train_epoch(epoch, log)
                 if self.dist.is_main:  # rank 0 alone validates (no collectives there) and writes; the others wait
                     self.end_epoch(epoch, losses, time.perf_counter() - t0, started, log)
                 self.dist.barrier()
@@ -152,20 +150,18 @@ class Trainer:
             self.lr_changes.append(self.lr_change)
         self.run.truncate_log(self.start_epoch, self.step)
 
-    def train_epoch(self, model: nn.Module, epoch: int, log: RunLog) -> list[float]:
-        """One pass over the source with ``model`` (the decoder, or its DDP wrapper); its losses, each the
-        mean over all processes (the loss of the global batch). A loss of NaN or infinity stops the run."""
+    def train_epoch(self, epoch: int, log: RunLog) -> list[float]:
+        """One pass over the source with the training step (its forward: the decoder, or its DDP wrapper); its
+        losses, each the mean over all processes (the loss of the global batch). A loss of NaN or infinity
+        stops the run."""
         losses, labelled = [], 0
         for features, labels in self.source.batches(epoch):
             labelled += int((labels != self.data.ignore_index).sum())
-            loss = decoder_loss(model, self.decoder, features, labels, self.criterion, self.device)
+            loss = self.training_step.loss(features, labels)
             value = self.dist.mean(loss)
             if not math.isfinite(value):
                 raise UserError(diverged_message(value, self.step, epoch, self.cfg, self.run))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP this averages the gradients over the processes
-            self.optimizer.step()
-            self.scheduler.step()
+            self.training_step.update(loss)
             self.step += 1
             losses.append(value)
             self.losses.append(value)

@@ -15,7 +15,7 @@ def test_compare_checks_the_whole_decoder_list_before_training(tmp_path, monkeyp
 
     extract_synthetic(tmp_path / "t.zarr", views=1, crop=(64, 64), num_images=2)
     trained = []
-    monkeypatch.setattr(cmp, "_train_in_subprocess", lambda *a: trained.append(a) or 1 / 0)
+    monkeypatch.setattr(cmp, "_train_in_own_process", lambda *a: trained.append(a) or 1 / 0)
     with pytest.raises(UserError) as err:
         cmp.compare(str(tmp_path / "t.zarr"), tmp_path / "cmp", tiny_config(epochs=1),
                     decoders=("linear", "fake-decoder", "linear", "fpn", "hrnet"), progress=False)

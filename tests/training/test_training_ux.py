@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import fusion_seg.checkpoint
-import fusion_seg.training.trainer
+import fusion_seg.training.step
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
 from fusion_seg.data.datasets import DatasetRef
@@ -190,14 +190,14 @@ def test_tensorboard_missing_is_refused_before_training(stores, tmp_path, monkey
 # --------------------------------------------------------------------------- NaN, and an lr change on resume
 def test_nan_advice_is_a_resume_the_tool_accepts(stores, tmp_path, monkeypatch):
     cache, run = str(stores / "train.zarr"), tmp_path / "run"
-    real_loss, calls = fusion_seg.training.trainer.decoder_loss, []
+    real_loss, calls = fusion_seg.training.step.decoder_loss, []
 
     def diverge_in_epoch_2(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 9 else loss
 
-    monkeypatch.setattr(fusion_seg.training.trainer, "decoder_loss", diverge_in_epoch_2)
+    monkeypatch.setattr(fusion_seg.training.step, "decoder_loss", diverge_in_epoch_2)
     with pytest.raises(UserError) as err:
         train_decoder(cache, run, tiny_config(epochs=2), progress=False)
     monkeypatch.undo()

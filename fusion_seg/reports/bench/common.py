@@ -180,24 +180,13 @@ def decoder_for_store(cfg: BenchConfig, store: str):
     return decoder, decoder.in_features
 
 
-class DecoderStep:
-    """One optimisation step of the decoder, with train-decoder's loss (OHEM on upsampled logits) and SGD."""
+def decoder_step(decoder, device: torch.device, extra_params=()):
+    """The trainer's step (:class:`fusion_seg.training.step.TrainingStep`) with train-decoder's defaults (OHEM,
+    SGD at lr 0.01, no decay over the few steps timed), on ``decoder`` placed and in train mode as training
+    places it (channels_last on CUDA)."""
+    from fusion_seg.device import memory_format
+    from fusion_seg.training.config import TrainConfig
+    from fusion_seg.training.step import TrainingStep
 
-    def __init__(self, decoder, device: torch.device, extra_params=()):
-        from fusion_seg.training.losses import build_loss
-        from fusion_seg.device import memory_format
-
-        self.device = device
-        self.decoder = decoder.to(device).to(memory_format=memory_format(device)).train()
-        self.criterion = build_loss("ohem", 255)
-        params = list(self.decoder.parameters()) + list(extra_params)
-        self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-    def __call__(self, features: dict, labels: torch.Tensor) -> float:
-        from fusion_seg.training.losses import decoder_loss
-
-        loss = decoder_loss(self.decoder, self.decoder, features, labels, self.criterion, self.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+    decoder = decoder.to(device).to(memory_format=memory_format(device)).train()
+    return TrainingStep(decoder, TrainConfig(), device, extra_params=extra_params)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fusion_seg.progress import format_duration
-from fusion_seg.reports.bench.common import (BenchConfig, DecoderStep, child_pids, decoder_for_store, build_frozen_encoder,
+from fusion_seg.reports.bench.common import (BenchConfig, decoder_step, child_pids, decoder_for_store, build_frozen_encoder,
                      children_peak_rss_mib, images,
                      peak_memory, reset_peak_memory, rss_mib, run_isolated, synchronizer)
 from fusion_seg.reports.timing import median_seconds
@@ -93,7 +93,7 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
 
         tier, fmt = resident_mode(mode)
         resident = ResidentViews(store, names, device, tier, seed=cfg.seed, progress=False, fmt=fmt)
-        step = DecoderStep(decoder, device)
+        step = decoder_step(decoder, device)
         order = endless_positions(len(resident), batch, cfg.seed)
         assembly = {"cpu_s": 0.0, "views": 0}
 
@@ -106,7 +106,7 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
     elif mode in ("memory", "checkpointed", "cache"):
         if mode == "checkpointed":  # --checkpoint-activations: activations recomputed in backward
             decoder.set_activation_checkpointing(True)
-        step = DecoderStep(decoder, device)
+        step = decoder_step(decoder, device)
         if mode in ("memory", "checkpointed"):
             views = CachedViews(store, names)  # repeated when fewer than a batch (see cache_loader)
             features, labels = collate_views([views[j % len(views)] for j in range(batch)])
@@ -126,7 +126,7 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
         x, y = images(cfg, size, batch, encoder)
         x, y = to_device(x, device), to_device(y, device)
         if mode == "online":
-            step = DecoderStep(decoder, device)
+            step = decoder_step(decoder, device)
             encoder = encoder.to(device, memory_format=memory_format(device))
 
             def one():
@@ -138,7 +138,7 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
             for p in model.parameters():
                 p.requires_grad_(True)
             model.eval()  # BN in eval: running statistics frozen, as when fine-tuning at a small batch
-            step = DecoderStep(decoder, device, extra_params=model.parameters())
+            step = decoder_step(decoder, device, extra_params=model.parameters())
 
             def one():
                 with autocast(device):
