@@ -16,7 +16,7 @@ import numbers
 
 from fusion_seg.errors import UserError
 
-FEATURE_CROP_ALIGN = 32  # a feature-space crop is cut at the coarsest stride (cached_views.ALIGN)
+FEATURE_CROP_ALIGN = 32  # a feature-space crop is cut at the coarsest stride (cache.reader.ALIGN)
 STRIDES = (2, 4, 8, 16, 32)  # the strides a feature map may have
 CACHE_MODES = ("auto", "device", "ram", "stream")  # train-decoder --cache-mode (resident.py)
 RESIDENT_DTYPES = ("auto", "float16", "uint8", "float8", "int4")  # train-decoder --resident-dtype (formats.py)

@@ -2,7 +2,7 @@
 
 Where a training step reads its features from (``--cache-mode``):
 
-- ``stream``: DataLoader workers read, decompress and crop every view every epoch (cached_views.py).
+- ``stream``: DataLoader workers read, decompress and crop every view every epoch (reader.py).
   Costs 20-40 ms of CPU a view: on a GPU that outruns the encoder it would replace.
 - ``ram``: every view the decoder reads is decompressed once into host memory (pinned on CUDA);
   a batch is cut there and copied to the device with ``non_blocking``.

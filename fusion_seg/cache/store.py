@@ -10,7 +10,7 @@ Layout of a store::
       views                (views, 9) float64, one view per chunk: per-view metadata, see VIEW_FIELDS
       inputs               (n,) uint8: the listing of the input files, as JSON (file datasets only)
 
-Every chunk is compressed (the codec is a store setting, see storage.py) and carries a
+Every chunk is compressed (the codec is a store setting, see codecs.py) and carries a
 crc32c checksum, so a flipped bit is an error rather than a silently wrong feature.
 
 Arrays are sized for the largest view; a smaller view (a whole image of a smaller
@@ -63,9 +63,9 @@ import numpy as np
 import zarr
 from zarr.storage import WrapperStore
 
-from fusion_seg.cache import codecs as storage
+from fusion_seg.cache import codecs
 
-from fusion_seg.cache import locations as store_url
+from fusion_seg.cache import locations
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CacheError, UserError
 from fusion_seg.locks import exclusive_lock
@@ -155,8 +155,8 @@ class CacheSpec:
     resize: dict                      # {"short_side", "size"}
     label_shape: tuple[int, int]      # (H, W) of the labels array
     feature_shapes: dict              # {name: [C, h, w]} of the feature arrays
-    dtype: str = storage.DEFAULT_DTYPE   # storage dtype: float16, bfloat16 or uint8 (see storage.py)
-    codec: dict = field(default_factory=lambda: storage.codec_spec(storage.DEFAULT_CODEC))
+    dtype: str = codecs.DEFAULT_DTYPE   # storage dtype: float16, bfloat16 or uint8 (see codecs.py)
+    codec: dict = field(default_factory=lambda: codecs.codec_spec(codecs.DEFAULT_CODEC))
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -213,7 +213,7 @@ class FeatureStore:
         data = lambda name: arrays[name].with_config({"write_empty_chunks": True})  # noqa: E731
         self._arrays = {name: data(name) for name in spec.feature_shapes}
         self._scales = ({name: data(f"scale_{name}") for name in spec.feature_shapes}
-                        if storage.has_scales(spec.dtype) else {})
+                        if codecs.has_scales(spec.dtype) else {})
         self._labels = data("labels")
         self._views = arrays["views"]
         self._strides = {name: spec.input_shapes()[name].stride for name in spec.feature_shapes}
@@ -224,10 +224,10 @@ class FeatureStore:
         """Open an existing store, checking that it is one, that its schema is readable and that its arrays'
         metadata is what its settings make (:class:`StoreMetadataError` otherwise).
 
-        ``path`` is a folder or a URL (``s3://bucket/x.zarr``, ``file:///abs/x.zarr``), see store_url.py.
+        ``path`` is a folder or a URL (``s3://bucket/x.zarr``, ``file:///abs/x.zarr``), see locations.py.
         """
-        if not store_url.exists(path):
-            store_url.require_bucket(path)
+        if not locations.exists(path):
+            locations.require_bucket(path)
             raise CacheError(
                 f"{path} is not a fusion-seg feature store (no zarr.json). "
                 "Create it with `fusion-seg extract ... --out STORE`."
@@ -244,12 +244,12 @@ class FeatureStore:
         in a new store, for :meth:`check_inputs`. With ``repair``, the metadata of any array that does not
         match the store's settings is first rewritten from them (:func:`_rewrite_metadata`).
         """
-        if not store_url.exists(path):
+        if not locations.exists(path):
             attributes = {ATTRS_KEY: spec.to_json(), **({INPUTS_KEY: _inputs_record(inputs)} if inputs else {})}
             try:
                 # The attributes go in with the group, and any array a killed creation left out is made
                 # on the next open: a store is never stranded half-created.
-                group = store_url.create_group(path, attributes)
+                group = locations.create_group(path, attributes)
             except FileExistsError:
                 pass  # another process created it first: resume it, checking its settings
             else:
@@ -324,7 +324,7 @@ class FeatureStore:
         for name, arr in features.items():
             c, h, w = arr.shape
             target = self._arrays[name]
-            stored, scale = storage.encode(arr, self.spec.dtype)
+            stored, scale = codecs.encode(arr, self.spec.dtype)
             if (h, w) != tuple(target.shape[2:]):
                 full = np.zeros(target.shape[1:], dtype=stored.dtype)
                 full[:, :h, :w] = stored
@@ -465,7 +465,7 @@ class FeatureStore:
     def chunk_path(self, name: str, v: int) -> str:
         """Where view ``v``'s chunk of array ``name`` is: a file, or an object of a remote store."""
         ndim = len(self.group[name].shape)
-        return store_url.join(self.path, name, "c", v, *["0"] * (ndim - 1))
+        return locations.join(self.path, name, "c", v, *["0"] * (ndim - 1))
 
     def read_view(self, v: int, names: list[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
         """Features (cropped to the view's valid region), labels and metadata of view ``v``."""
@@ -484,7 +484,7 @@ class FeatureStore:
             arr = self._read(lambda: self._arrays[name][v], name, v)
             scale = self._read(lambda: self._scales[name][v], f"scale_{name}", v) if self._scales else None
             stride = self._strides[name]
-            features[name] = storage.decode(arr[:, : -(-vh // stride), : -(-vw // stride)], self.spec.dtype, scale)
+            features[name] = codecs.decode(arr[:, : -(-vh // stride), : -(-vw // stride)], self.spec.dtype, scale)
         return features, labels, meta
 
     def read_stored_view(self, v: int, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
@@ -526,7 +526,7 @@ class FeatureStore:
         """Schema, size on disk, compression ratio and encoder identity."""
         raw = sum(math.prod(a.shape) * 2 for a in self._arrays.values())  # as raw fp16
         raw += math.prod(self._labels.shape)
-        stored = store_url.bytes_used(self.path)  # files, or a remote store's objects
+        stored = locations.bytes_used(self.path)  # files, or a remote store's objects
         done = int(self.completed().sum())
         return {
             "path": self.path,
@@ -560,13 +560,13 @@ def writer_lock(path: str | Path):
     workers do not hold: a re-run right after a kill or an OOM just works. The file sits beside the
     store because Zarr treats unknown files inside it as errors.
 
-    A remote store (``s3://…``) has no lock: its creation is exclusive (see store_url.create_group),
+    A remote store (``s3://…``) has no lock: its creation is exclusive (see locations.create_group),
     so two runs with different settings cannot both make it, but two concurrent extractions into the
     same remote store are the user's to avoid. Each chunk is still written whole and both runs
     write the same views, so the store stays usable, but the work is done twice and the store may
     not be bit-identical to one run's (features can differ in the last bit with the batch size).
     """
-    if not store_url.is_local(path):
+    if not locations.is_local(path):
         yield
         return
 
@@ -574,7 +574,7 @@ def writer_lock(path: str | Path):
         return CacheError(f"{path} is being written by another fusion-seg process (pid {owner}). Wait for it to "
                           "finish or stop it, then re-run this command: the views it wrote are kept.")
 
-    with exclusive_lock(store_url.local_path(path), busy):
+    with exclusive_lock(locations.local_path(path), busy):
         yield
 
 
@@ -602,23 +602,23 @@ def _open_root(path, mode: str) -> tuple[zarr.Group, dict]:
     """The store's root group and its attributes. A root ``zarr.json`` that is read but is not a Zarr group
     document (truncated, not JSON, not an object) is a CacheError naming it and the fix."""
     try:
-        group = zarr.open_group(_ChunksRequired(store_url.zarr_store(path, mode)), mode=mode, zarr_format=3)
+        group = zarr.open_group(_ChunksRequired(locations.zarr_store(path, mode)), mode=mode, zarr_format=3)
         return group, group.attrs.asdict()
     except UserError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise CacheError(
-            f"{store_url.join(path, 'zarr.json')} is not a valid Zarr group document ({_one_line(exc)}). It holds "
+            f"{locations.join(path, 'zarr.json')} is not a valid Zarr group document ({_one_line(exc)}). It holds "
             f"the store's settings, without which its views cannot be read: restore it from a copy of the store, "
             f"or delete {path} and extract again."
         ) from None
     except Exception as exc:  # not read: the file system's or the network's error
-        raise store_url.reach_error(path, "open", exc) from exc
+        raise locations.reach_error(path, "open", exc) from exc
 
 
 def _spec_of(attrs: dict, path) -> CacheSpec:
     """The store's settings, from its root attributes: refused when absent, of a newer schema, or invalid."""
-    root = store_url.join(path, "zarr.json")
+    root = locations.join(path, "zarr.json")
     stored = attrs.get(ATTRS_KEY)
     if stored is None:
         raise CacheError(f"{path} is a Zarr group but not a fusion-seg feature store (no '{ATTRS_KEY}' attributes "
@@ -642,8 +642,8 @@ def _spec_of(attrs: dict, path) -> CacheSpec:
 def _layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], str, float]]:
     """Every array of a store of ``spec``: ``{name: (shape, dtype, fill value)}``, each chunked one view a chunk."""
     n = spec.num_views
-    out = {name: ((n, *shape), storage.array_dtype(spec.dtype), 0) for name, shape in spec.feature_shapes.items()}
-    if storage.has_scales(spec.dtype):
+    out = {name: ((n, *shape), codecs.array_dtype(spec.dtype), 0) for name, shape in spec.feature_shapes.items()}
+    if codecs.has_scales(spec.dtype):
         out |= {f"scale_{name}": ((n, shape[0]), "float32", 0) for name, shape in spec.feature_shapes.items()}
     out["labels"] = ((n, *spec.label_shape), "uint8", spec.ignore_index)
     out["views"] = ((n, len(VIEW_FIELDS)), "float64", math.nan)
@@ -653,7 +653,7 @@ def _layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], str, float]]:
 def _create_array(group: zarr.Group, name: str, spec: CacheSpec) -> zarr.Array:
     shape, dtype, fill = _layout(spec)[name]
     return group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
-                              compressors=storage.compressors(spec.codec), fill_value=fill)
+                              compressors=codecs.compressors(spec.codec), fill_value=fill)
 
 
 def _read_array(group: zarr.Group, name: str, path: str) -> zarr.Array | None:
@@ -668,7 +668,7 @@ def _read_array(group: zarr.Group, name: str, path: str) -> zarr.Array | None:
     except (ValueError, TypeError, AttributeError) as exc:
         raise _InvalidMetadata(f"not valid array metadata ({_one_line(exc)})") from None
     except Exception as exc:  # not read: the file system's or the network's error
-        raise store_url.reach_error(path, "read", exc) from exc
+        raise locations.reach_error(path, "read", exc) from exc
     if not isinstance(node, zarr.Array):
         raise _InvalidMetadata("a group's metadata, not an array's")
     return node
@@ -694,7 +694,7 @@ def _open_arrays(group: zarr.Group, spec: CacheSpec, path: str) -> dict[str, zar
         except _InvalidMetadata as exc:
             problem = str(exc)
         if problem:
-            problems.append({"array": name, "file": store_url.join(path, name, "zarr.json"), "error": problem})
+            problems.append({"array": name, "file": locations.join(path, name, "zarr.json"), "error": problem})
         else:
             arrays[name] = array
     if problems:
@@ -733,7 +733,7 @@ def _rewrite_metadata(group: zarr.Group, spec: CacheSpec, path: str) -> None:
     scratch = zarr.open_group(zarr.storage.MemoryStore(documents), mode="w", zarr_format=3)
     for name in names:
         _create_array(scratch, name, spec)
-        store_url.put(path, f"{name}/zarr.json", documents[f"{name}/zarr.json"].to_bytes())
+        locations.put(path, f"{name}/zarr.json", documents[f"{name}/zarr.json"].to_bytes())
 
 
 def _listing_json(listing: list) -> bytes:
@@ -750,5 +750,5 @@ def _write_listing(group: zarr.Group, listing: list) -> None:
     """Store ``listing`` in the ``inputs`` array, replacing any earlier one: JSON bytes, zstd-compressed."""
     data = np.frombuffer(_listing_json(listing), dtype=np.uint8)
     array = group.create_array(INPUTS_ARRAY, shape=data.shape, chunks=data.shape, dtype="uint8", fill_value=0,
-                               compressors=storage.compressors(storage.codec_spec("zstd")), overwrite=True)
+                               compressors=codecs.compressors(codecs.codec_spec("zstd")), overwrite=True)
     array[:] = data

@@ -14,7 +14,7 @@ encodes them (:class:`~fusion_seg.extract.request.StoreFormat`) and how the work
 recipes build them from their option values in one place (fusion_seg/pipeline/requests.py).
 
 Everything a request can get wrong is refused before the store or its lock file is made: the
-arguments' ranges, an ``--out`` that cannot become a store (store_url.check_out), an empty
+arguments' ranges, an ``--out`` that cannot become a store (locations.check_out), an empty
 dataset, and sizes that cannot fit in this machine's memory (encode.check_view_count,
 check_view_size). A store is extended only with the settings and from the input files it was
 made with (FeatureStore.create_or_resume, check_inputs). A failed write of the store (a full or
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fusion_seg import faults
-from fusion_seg.cache import locations as store_url
+from fusion_seg.cache import locations
 from fusion_seg.cache.codecs import check_dtype, codec_spec
 from fusion_seg.cache.store import FeatureStore, writer_lock
 from fusion_seg.data.datasets import DatasetRef
@@ -152,7 +152,7 @@ def extract(
     """
     arguments = dict(locals())
     check_extract_arguments(**arguments)
-    store_url.check_out(out)
+    locations.check_out(out)
     ds = dataset.build()
     if len(ds) == 0:
         raise UserError(f"dataset {dataset.name!r} split {dataset.split!r} has no images; nothing to extract.")

@@ -106,10 +106,10 @@ def _check_not_training_data(val_store: FeatureStore, path: str, train: Training
     """Refuse (or with ``allow``, warn about) a validation store that holds the training data: the training
     store itself, or a store of the same dataset split with the same augmentation (its seed aside: other
     random crops of the same images) that shares images with it."""
-    from fusion_seg.cache import locations as store_url
+    from fusion_seg.cache import locations
 
     def where(p) -> str:
-        return os.path.realpath(store_url.local_path(p)) if store_url.is_local(p) else str(p).rstrip("/")
+        return os.path.realpath(locations.local_path(p)) if locations.is_local(p) else str(p).rstrip("/")
 
     val, dataset = val_store.spec, train.dataset
     strip = lambda a: {k: v for k, v in (a or {}).items() if k != "seed"}  # noqa: E731

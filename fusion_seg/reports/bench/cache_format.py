@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import zarr
 
-from fusion_seg.cache import codecs as storage
+from fusion_seg.cache import codecs
 from fusion_seg.reports.bench.common import BenchConfig, build_frozen_encoder, data_label, images
 
 CODEC_ORDER = ("none", "zstd", "blosc-zstd", "blosc-lz4", "lz4")
@@ -36,10 +36,10 @@ def measure(views: list[dict[str, np.ndarray]], dtype: str, codec: str, workdir:
     root = workdir / f"format-{dtype}-{codec}.zarr"
     shutil.rmtree(root, ignore_errors=True)
     group = zarr.open_group(str(root), mode="w")
-    compressors = storage.compressors(storage.codec_spec(codec))
+    compressors = codecs.compressors(codecs.codec_spec(codec))
     n = len(views)
     arrays = {name: group.create_array(name, shape=(n, *a.shape), chunks=(1, *a.shape),
-                                       dtype=storage.array_dtype(dtype), compressors=compressors, fill_value=0)
+                                       dtype=codecs.array_dtype(dtype), compressors=compressors, fill_value=0)
               for name, a in views[0].items()}
     raw_fp16 = sum(a.size * 2 for a in views[0].values()) * n
     write, read = [], []
@@ -49,12 +49,12 @@ def measure(views: list[dict[str, np.ndarray]], dtype: str, codec: str, workdir:
         t0 = time.perf_counter()
         for v, feats in enumerate(views):
             for name, a in feats.items():
-                stored, scale = storage.encode(a, dtype)
+                stored, scale = codecs.encode(a, dtype)
                 arrays[name][v] = stored
                 scales[(v, name)] = scale
         write.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        decoded = [{name: storage.decode(arrays[name][v], dtype, scales[(v, name)]) for name in feats}
+        decoded = [{name: codecs.decode(arrays[name][v], dtype, scales[(v, name)]) for name in feats}
                    for v, feats in enumerate(views)]
         read.append(time.perf_counter() - t0)
     for v, feats in enumerate(views):
@@ -64,7 +64,7 @@ def measure(views: list[dict[str, np.ndarray]], dtype: str, codec: str, workdir:
             max_rel = max(max_rel, err / max(float(np.abs(a).max()), 1e-12))
     on_disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
     shutil.rmtree(root, ignore_errors=True)
-    return {"dtype": dtype, "codec": codec, "codec_label": storage.codec_label(storage.codec_spec(codec)),
+    return {"dtype": dtype, "codec": codec, "codec_label": codecs.codec_label(codecs.codec_spec(codec)),
             "bytes_per_view": on_disk / n, "ratio_to_raw_fp16": raw_fp16 / on_disk,
             "write_MB_per_s": raw_fp16 / np.median(write) / 1e6, "read_MB_per_s": raw_fp16 / np.median(read) / 1e6,
             "read_ms_per_view": np.median(read) / n * 1e3, "write_ms_per_view": np.median(write) / n * 1e3,
@@ -76,7 +76,7 @@ def run(cfg: BenchConfig, workdir: Path) -> dict:
     views = feature_views(cfg)
     zeros = {name: float(np.mean([(v[name] == 0).mean() for v in views])) for name in views[0]}
     raw = sum(a.size * 2 for a in views[0].values())
-    rows = [measure(views, dtype, codec, workdir) for dtype in storage.DTYPES for codec in CODEC_ORDER]
+    rows = [measure(views, dtype, codec, workdir) for dtype in codecs.DTYPES for codec in CODEC_ORDER]
     torch.set_grad_enabled(True)
     return {"size": list(cfg.size), "data": data_label(cfg), "views": len(views), "raw_fp16_bytes_per_view": raw,
             "zero_fraction": zeros, "rows": rows}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fusion_seg.cache import codecs as storage
+from fusion_seg.cache import codecs
 from fusion_seg.reports.bench.common import BenchConfig, build_frozen_encoder, data_label, dataset_args, images, synchronizer
 from fusion_seg.reports.timing import median_seconds
 
@@ -73,7 +73,7 @@ def run(cfg: BenchConfig, workdir: Path, keep_store: Path) -> dict:
     raw = extract_views_per_second(cfg, cfg.size, cfg.views, workdir, batch, codec="none")
     return {"size": list(cfg.size), "batch": batch, "data": data_label(cfg), "bare_forward_views_per_s": bare,
             "extract_views_per_s": ext["views_per_second"], "extract_runs": ext["runs"], "views": ext["views"],
-            "codec": storage.codec_label(storage.codec_spec(storage.DEFAULT_CODEC)),
+            "codec": codecs.codec_label(codecs.codec_spec(codecs.DEFAULT_CODEC)),
             "extract_uncompressed_views_per_s": raw["views_per_second"],
             "ratio": ext["views_per_second"] / bare, "ratio_uncompressed": raw["views_per_second"] / bare, "goal": 0.9,
             "forward_sizes": forward, "forward_precision": forward_precision(device), "forward_repeats": cfg.repeats}
