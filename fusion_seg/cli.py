@@ -342,6 +342,19 @@ def cache_options(fn):
     return fn
 
 
+def tta_options(fn):
+    """evaluate's and predict's: test-time augmentation."""
+    for opt in reversed([
+        click.option("--flip", is_flag=True, help="Test-time augmentation: also predict the mirrored image and "
+                     "average the logits (as HRNet's and mmsegmentation's evaluations)."),
+        click.option("--scales", type=Scales(), default="1.0", show_default=True,
+                     help="Test-time scales, e.g. 0.75,1.0,1.25: the image is resized by each and the logits "
+                          "averaged."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 def schedule_options(fn):
     """train-decoder's and compare's: the views, the schedule, the loss and where training starts from."""
     for opt in reversed([
@@ -585,10 +598,7 @@ def train_decoder(ctx, **params):
               help="Output folder (default: one beside the checkpoint per evaluation setting, e.g. "
                    "eval-best-camvid-val-flip-1a2b3c4d: checkpoint, dataset, split, TTA, a hash of root and options).")
 @click.option("--sliding-window", is_flag=True, help="Sliding-window inference with the training crop.")
-@click.option("--flip", is_flag=True, help="Test-time augmentation: also predict the mirrored image and average "
-              "the logits (as HRNet's and mmsegmentation's evaluations).")
-@click.option("--scales", type=Scales(), default="1.0", show_default=True,
-              help="Test-time scales, e.g. 0.75,1.0,1.25: the image is resized by each and the logits averaged.")
+@tta_options
 @click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
 @click.option("--device", default="auto", show_default=True)
 @user_errors
@@ -613,14 +623,16 @@ def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window,
 @click.option("--input", "inputs", required=True, type=click.Path(), help="An image file or a folder of images.")
 @click.option("--out", required=True, type=click.Path())
 @click.option("--sliding-window", is_flag=True, help="Sliding-window inference with the training crop.")
+@tta_options
 @click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
 @click.option("--device", default="auto", show_default=True)
 @user_errors
-def predict(checkpoint, inputs, out, sliding_window, weights, device):
+def predict(checkpoint, inputs, out, sliding_window, flip, scales, weights, device):
     """Image(s) to label PNGs and colour overlays, end to end."""
     from fusion_seg.inference.predict import predict as run
 
-    r = run(checkpoint, inputs, out, sliding_window=sliding_window, weights=weights, device=device)
+    r = run(checkpoint, inputs, out, sliding_window=sliding_window, flip=flip, scales=scales, weights=weights,
+            device=device)
     click.echo(f"{r['images']} image(s) -> {r['out']}")
 
 

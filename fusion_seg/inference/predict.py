@@ -145,7 +145,8 @@ def _file_id(path: Path) -> tuple[int, int]:
 
 
 def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, sliding_window: bool = False,
-            weights: str | None = None, device: str = "auto", progress: bool = True) -> dict:
+            flip: bool = False, scales=(1.0,), weights: str | None = None, device: str = "auto",
+            progress: bool = True) -> dict:
     """Write ``<stem>.png`` (palette label mask) and ``<stem>_overlay.png`` for each input image, and
     ``legend.png`` (the palette's colours with the class names; needs matplotlib, the ``plots`` extra).
 
@@ -154,6 +155,8 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
     ``out`` that is (or lies under) a file or cannot be written, and an argument the command line
     would refuse. A write that fails all the same (a full disk) is a one-line :class:`UserError`.
     With ``progress``, a progress line per image (and over the windows of a long sliding window).
+    ``flip`` and ``scales`` are test-time augmentation, as ``evaluate``'s (the logits of the mirrored and
+    rescaled images averaged).
     """
     checkpoint = arguments.path("checkpoint", checkpoint, "the checkpoint's path")
     inputs = arguments.path("inputs", inputs, "an image file or a folder of images (to predict several files, "
@@ -161,6 +164,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
     out = arguments.path("out", out, "the output folder")
     arguments.path("weights", weights, "the encoder's weights file", optional=True)
     sliding_window = arguments.flag("sliding_window", sliding_window)
+    flip, scales = arguments.flag("flip", flip), arguments.scales(scales)
     progress = arguments.flag("progress", progress)
     device = arguments.text("device", device, "cpu")
     targets = prediction_targets(inputs, out)
@@ -176,7 +180,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
     with Progress(len(files), "predict", "image", enabled=progress) as bar:
         for path in files:
             image = read_image(path)
-            mask = model.predict(image, sliding_window=sliding_window, progress=progress)
+            mask = model.predict(image, sliding_window=sliding_window, flip=flip, scales=scales, progress=progress)
             label_map, overlaid = out / f"{path.stem}.png", out / f"{path.stem}_overlay.png"
             with reporting_write_errors(label_map, f"the label map of {path.name}"):
                 write_mask_png(label_map, mask, palette)

@@ -19,7 +19,7 @@ OPERATIONAL = frozenset({"workers", "device", "log_every", "val_every", "sync_bn
                          "checkpoint_activations"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     decoder: str = "reverse-hrnet"
     decoder_config: dict = field(default_factory=dict)  # the decoder's own options; {} = its defaults

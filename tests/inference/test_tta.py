@@ -13,8 +13,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return load_segmenter(tiny_checkpoint(tmp_path_factory.mktemp("tta")), device="cpu")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tta"))
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_segmenter(checkpoint, device="cpu")
 
 
 @pytest.fixture
@@ -93,3 +98,32 @@ def test_evaluate_refuses_bad_scales_before_loading(tmp_path):
 
     with pytest.raises(UserError, match="--scales"):
         evaluate(tmp_path / "missing.pt", dataset="synthetic", split="val", scales=(0.0,), device="cpu")
+
+
+def test_predict_writes_the_tta_masks(tmp_path, image, checkpoint, monkeypatch):
+    """Issue 22: predict takes --flip/--scales as evaluate does: they reach the model, and its masks are
+    SegmentationModel.predict's with them (this tiny model's argmax is the same with and without: the calls
+    are recorded to show which ran)."""
+    from click.testing import CliRunner
+
+    from fusion_seg.cli import main
+    from fusion_seg.data.io import read_mask, write_rgb_png
+    from fusion_seg.inference.segmenter import load_model
+
+    ckpt = checkpoint
+    (tmp_path / "in").mkdir()
+    write_rgb_png(tmp_path / "in" / "a.png", image)
+    from fusion_seg.inference.segmenter import SegmentationModel
+
+    model = load_model(ckpt, device="cpu")
+    tta = model.predict(image, flip=True, scales=(0.75, 1.0))
+    calls, real = [], SegmentationModel.predict
+    monkeypatch.setattr(SegmentationModel, "predict", lambda self, img, **kw: calls.append(kw) or real(self, img, **kw))
+    result = CliRunner().invoke(main, ["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--out",
+                                       str(tmp_path / "out"), "--flip", "--scales", "0.75,1.0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(read_mask(tmp_path / "out" / "a.png"), tta)
+    assert [(c["flip"], c["scales"]) for c in calls] == [(True, (0.75, 1.0))]
+    result = CliRunner().invoke(main, ["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--out",
+                                       str(tmp_path / "bad"), "--scales", "0,1", "--device", "cpu"])
+    assert result.exit_code == 2 and "--scales" in result.output and not (tmp_path / "bad").exists()
