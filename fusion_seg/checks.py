@@ -113,6 +113,13 @@ def show(value, sep: str = ",") -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def require_feature_crop(crop) -> None:
+    """The one check of a feature-space crop (``--crop`` from a cache): None, or HxW with each side a multiple of
+    :data:`FEATURE_CROP_ALIGN`. TrainConfig, the stream reader and the resident views all call it."""
+    if crop is not None:
+        require("--crop", crop, size_problem(crop, FEATURE_CROP_ALIGN), sep="x")
+
+
 def require(option: str, value, problem: str | None, sep: str = ",") -> None:
     """Raise ``problem`` (from a ``*_problem`` function) as a UserError naming ``option``."""
     if problem:

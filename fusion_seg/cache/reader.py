@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from fusion_seg.cache.store import FeatureStore
+from fusion_seg.checks import FEATURE_CROP_ALIGN as ALIGN, require_feature_crop
 from fusion_seg.errors import Failed, UserError
-
-ALIGN = 32
 
 
 def aligned_crop_box(valid_hw: tuple[int, int], crop_hw: tuple[int, int], rng: np.random.Generator,
@@ -77,8 +76,7 @@ class CachedViews(torch.utils.data.Dataset):
         self.spec = store.spec
         self.views = store.usable_views(max_views_per_image)
         self.strides = {n: s.stride for n, s in store.spec.input_shapes().items()}
-        if self.crop and any(c % ALIGN for c in self.crop):
-            raise UserError(f"--crop {self.crop[0]}x{self.crop[1]} must be a multiple of {ALIGN} for feature-space crops.")
+        require_feature_crop(self.crop)
         self._store, self._pid = None, None
 
     def set_epoch(self, epoch: int) -> None:

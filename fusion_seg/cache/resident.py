@@ -40,8 +40,8 @@ import torch
 
 from fusion_seg.cache import formats
 from fusion_seg.cache.store import VIEW_FIELDS, FeatureStore
-from fusion_seg.cache.reader import ALIGN, aligned_crop_box
-from fusion_seg.checks import CACHE_MODES
+from fusion_seg.cache.reader import aligned_crop_box
+from fusion_seg.checks import CACHE_MODES, require_feature_crop
 from fusion_seg.device import memory_format
 from fusion_seg.errors import UserError
 
@@ -255,8 +255,7 @@ class ResidentViews:
         self.fmt = fmt or stored_format(self.spec)  # the resident format (formats.py)
         formats.check_format(self.fmt, self.spec.dtype, str(path))
         self.crop = tuple(crop) if crop else None
-        if self.crop and any(c % ALIGN for c in self.crop):
-            raise UserError(f"--crop {self.crop[0]}x{self.crop[1]} must be a multiple of {ALIGN} for feature-space crops.")
+        require_feature_crop(self.crop)
         self.seed = seed
         self.all_views = store.usable_views(max_views_per_image)
         self.views = shard(self.all_views, rank, world)

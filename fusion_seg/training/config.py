@@ -73,8 +73,8 @@ class TrainConfig:
 
         check_fields(self, "TrainConfig")
         from fusion_seg.training.class_weights import check_class_weights_option
-        from fusion_seg.checks import (CACHE_MODES, FEATURE_CROP_ALIGN, RESIDENT_DTYPES, fraction_problem,
-                                       int_problem, non_negative_problem, require, seed_problem, size_problem)
+        from fusion_seg.checks import (CACHE_MODES, RESIDENT_DTYPES, fraction_problem, int_problem,
+                                       non_negative_problem, require, require_feature_crop, seed_problem)
 
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("ohem_min_kept", 1), ("workers", 0),
                               ("val_every", 1), ("log_every", 1)):
@@ -91,8 +91,7 @@ class TrainConfig:
             if name == "momentum" and not problem and not value < 1:
                 problem = "must be a number in [0, 1)"
             require(f"TrainConfig {name}", value, problem)
-        if self.crop is not None:  # from a cache: a feature-space crop
-            require("--crop", self.crop, size_problem(self.crop, FEATURE_CROP_ALIGN), sep="x")
+        require_feature_crop(self.crop)  # from a cache: a feature-space crop
         if self.loss not in ("ohem", "ce"):
             require("--loss", self.loss, "choose ohem or ce")
         check_class_weights_option(self.class_weights)

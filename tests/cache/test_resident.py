@@ -174,3 +174,19 @@ def test_shards_are_disjoint_equal_and_cover_floor_n_over_world():
 def test_unknown_mode_refused():
     with pytest.raises(UserError, match="--cache-mode"):
         choose_tier("gpu", 1, 0, CPU, {"device": GiB, "ram": GiB})
+
+
+def test_every_reader_of_a_cache_refuses_a_crop_off_the_coarsest_stride_with_one_message(stores):
+    """Issue 22: the feature-space crop rule lives in one function (checks.require_feature_crop): the stream
+    reader, the resident views and TrainConfig give the same one-line error, naming the option and a size that
+    works."""
+    messages = []
+    for make in (lambda: CachedViews(str(stores / "train.zarr"), NAMES, crop=(40, 64)),
+                 lambda: ResidentViews(str(stores / "train.zarr"), NAMES, torch.device("cpu"), "device",
+                                       crop=(40, 64), progress=False),
+                 lambda: tiny_config(crop=[40, 64])):
+        with pytest.raises(UserError) as err:
+            make()
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1 and messages[0].startswith("--crop 40x64: a feature-space crop must be a "
+                                                              "multiple of 32") and "e.g. 64x64" in messages[0]
