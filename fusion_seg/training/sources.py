@@ -96,12 +96,17 @@ class OnlineSource:
             yield ({k: v.float().clone() for k, v in features.items()}, to_device(labels, self.device))
 
 
-def choose_cache_tier(cfg: TrainConfig, store: FeatureStore, names: list[str], val_store: FeatureStore | None,
+def choose_cache_tier(cfg: TrainConfig, store: FeatureStore | None, names: list[str], val_store: FeatureStore | None,
                       dist: DistEnv) -> TierChoice:
-    """The cache tier for this process: its shard of the training views, plus the validation views on rank 0."""
-    usable = len(store.usable_views(cfg.views))
-    per_process = usable // dist.world if dist.distributed else usable
-    train_bytes = format_bytes(store.spec, names, per_process, cfg.resident_dtype)
+    """The cache tier for this process: its shard of the training views (``store``; None online, where only
+    the validation views are held, with nothing competing for the memory), plus the validation views on rank 0.
+    Both training entries choose it here."""
+    if store is None:
+        train_bytes = 0
+    else:
+        usable = len(store.usable_views(cfg.views))
+        per_process = usable // dist.world if dist.distributed else usable
+        train_bytes = format_bytes(store.spec, names, per_process, cfg.resident_dtype)
     val_bytes = (resident_bytes(val_store.spec, names, len(val_store.usable_views()))
                  if val_store and dist.is_main else 0)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.distributed else 1

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusion_seg.cache.resident import choose_tier, resident_bytes
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.checks import memory_problem
 from fusion_seg.data.datasets import DatasetRef
@@ -124,17 +123,15 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: DatasetRef, enco
                         class_weights=_class_weights(cfg, (ds[i].mask for i in range(len(ds))), list(ds.classes),
                                                      ds.ignore_index, f"{dataset.name}/{dataset.split}"))
     val_store = open_val_store(val_cache, data, allow_val_on_train=allow_val_on_train) if val_cache else None
-    device = resolve_device(cfg.device)
+    dist = DistEnv(device=resolve_device(cfg.device))
     decoder, names = _make_decoder(cfg, data.input_shapes, len(data.classes))
     with run.claimed():
-        source = OnlineSource(views, enc, cfg, device)
+        source = OnlineSource(views, enc, cfg, dist.device)
         val_views = None
-        if val_store is not None:  # held in memory when it fits (no training views compete for it)
-            tier = choose_tier(cfg.cache_mode, 0, resident_bytes(val_store.spec, names, len(val_store.usable_views())),
-                               device)
-            val_views = validation_views(val_cache, names, tier, device, cfg, progress=progress,
-                                         echo=_echo if progress else None)
-        trainer = Trainer(source, decoder, run, cfg, data, dist=DistEnv(device=device), val_views=val_views)
+        if val_store is not None:  # held in memory when it fits
+            val_views = validation_views(val_cache, names, choose_cache_tier(cfg, None, names, val_store, dist),
+                                         dist.device, cfg, progress=progress, echo=_echo if progress else None)
+        trainer = Trainer(source, decoder, run, cfg, data, dist=dist, val_views=val_views)
         return trainer.fit(resume=resume, progress=progress)
 
 
