@@ -9,17 +9,25 @@ previous target, if any, is left as it was.
 
 Errors are not reworded here: the caller knows what the file is and what the user should
 do (a checkpoint's full disk says to resume), so it wraps the exception it gets.
+
+Also the checks of an output location that predict, evaluate, visualize and compare share: refused before
+any work when it cannot be written (:func:`check_out_folder`, :func:`check_out_file`), and a write that
+fails all the same (a full disk) reported as one line naming the file (:func:`reporting_write_errors`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "file_listing", "folder_problem", "listing_digest", "temp_path", "write_json_atomic",
-           "write_text_atomic"]
+from fusion_seg.errors import UserError, write_error
+
+__all__ = ["atomic_write", "check_out_file", "check_out_folder", "file_listing", "folder_problem", "listing_digest",
+           "reporting_write_errors", "temp_path", "write_json_atomic", "write_text_atomic"]
 
 
 def temp_path(path: Path) -> Path:
@@ -137,3 +145,51 @@ def folder_problem(path: str | Path, what: str) -> str | None:
         if (folder / "zarr.json").is_file():
             return f"it lies inside the Zarr store {folder}, among whose arrays it would be written; pass a folder outside it"
     return None
+
+
+# --------------------------------------------------------------------------- output locations
+def check_out_folder(out: Path, files: dict[Path, str], option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a file, lies under one or cannot be written (a
+    read-only file system, no permission), and an output path (``files``: path -> what goes there) that is
+    a folder: each would fail only after the work."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is a file, not a folder; pass a folder (it is created if missing).")
+    problem = folder_problem(out, "the output folder")
+    if problem:
+        raise UserError(f"{option} {out}: {problem}.")
+    _check_writable(out, out, "the output folder", option)
+    for path, what in files.items():
+        if path.is_dir():
+            raise UserError(f"{path} is a folder, where {what} would be written; move it, or pass another {option}.")
+
+
+def check_out_file(path: Path, what: str, option: str = "--out") -> None:
+    """Refuse, before any work, an output file (``what``: "the figure") that is a folder, lies under a file
+    or cannot be written (a read-only file system, no permission)."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder, where {what} would be written; pass a file name, "
+                        f"e.g. {path / 'figure.png'}.")
+    _check_writable(path, path.parent, what, option)
+
+
+def _check_writable(shown: Path, folder: Path, what: str, option: str) -> None:
+    """Refuse ``shown`` (written in ``folder``, which is made if missing) when the nearest existing folder at
+    or above ``folder`` is a file, or is on a read-only file system or not writable for this user."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # ends at "/" or "."
+    if not existing.is_dir():
+        raise UserError(f"{option} {shown} lies under {existing}, which is a file, not a folder; "
+                        f"pass another {option}.")
+    code = (errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY
+            else errno.EACCES if not os.access(existing, os.W_OK | os.X_OK) else None)
+    if code is not None:
+        raise write_error(shown, OSError(code, os.strerror(code)), what=what, option=option)
+
+
+@contextmanager
+def reporting_write_errors(path: Path, what: str, option: str = "--out"):
+    """Turn a failed write of ``path`` (an ``OSError``: a full disk, a file system gone read-only) into
+    :func:`~fusion_seg.errors.write_error`'s one-line :class:`UserError` naming it, ``what`` it is, and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, exc, what=what, option=option) from exc

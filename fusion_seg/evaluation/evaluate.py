@@ -15,7 +15,7 @@ from fusion_seg.errors import UserError
 from fusion_seg.evaluation.metrics import SegEvaluator
 from fusion_seg.files import write_json_atomic
 from fusion_seg.inference import arguments
-from fusion_seg.inference.predict import check_out_folder, reporting_write_errors
+from fusion_seg.files import check_out_folder, reporting_write_errors
 from fusion_seg.inference.segmenter import load_model
 from fusion_seg.plots import plot_if_available
 from fusion_seg.progress import Progress

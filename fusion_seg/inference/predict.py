@@ -1,21 +1,18 @@
 """``predict``: images in, masks and overlays out, never over an input or another result.
 
-Also the checks of an output location that ``evaluate`` and ``visualize`` share: refused before any work
-when it cannot be written (:func:`check_out_folder`, :func:`check_out_file`), and a write that fails all
-the same (a full disk) reported as one line naming the file (:func:`reporting_write_errors`).
+Its output folder is checked before any work (:func:`fusion_seg.files.check_out_folder`), and a write that
+fails all the same (a full disk) is one line naming the file (:func:`fusion_seg.files.reporting_write_errors`).
 """
 from __future__ import annotations
 
-import errno
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from fusion_seg.data.io import (IMAGE_EXTENSIONS, file_problem, list_images as list_image_files, overlay, read_image,
                                 write_mask_png, write_rgb_png)
-from fusion_seg.errors import UserError, write_error
-from fusion_seg.files import folder_problem
+from fusion_seg.errors import UserError
+from fusion_seg.files import check_out_folder, reporting_write_errors
 from fusion_seg.inference import arguments
 from fusion_seg.inference.segmenter import load_model
 from fusion_seg.plots import plot_if_available
@@ -35,53 +32,6 @@ def list_images(path: str | Path) -> list[Path]:
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {path}.")
     return files
-
-
-def check_out_folder(out: Path, files: dict[Path, str], option: str = "--out") -> None:
-    """Refuse, before any work, an output folder that is a file, lies under one or cannot be written (a
-    read-only file system, no permission), and an output path (``files``: path -> what goes there) that is
-    a folder: each would fail only after the work."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{option} {out} is a file, not a folder; pass a folder (it is created if missing).")
-    problem = folder_problem(out, "the output folder")
-    if problem:
-        raise UserError(f"{option} {out}: {problem}.")
-    _check_writable(out, out, "the output folder", option)
-    for path, what in files.items():
-        if path.is_dir():
-            raise UserError(f"{path} is a folder, where {what} would be written; move it, or pass another {option}.")
-
-
-def check_out_file(path: Path, what: str, option: str = "--out") -> None:
-    """Refuse, before any work, an output file (``what``: "the figure") that is a folder, lies under a file
-    or cannot be written (a read-only file system, no permission)."""
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder, where {what} would be written; pass a file name, "
-                        f"e.g. {path / 'figure.png'}.")
-    _check_writable(path, path.parent, what, option)
-
-
-def _check_writable(shown: Path, folder: Path, what: str, option: str) -> None:
-    """Refuse ``shown`` (written in ``folder``, which is made if missing) when the nearest existing folder at
-    or above ``folder`` is a file, or is on a read-only file system or not writable for this user."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())  # ends at "/" or "."
-    if not existing.is_dir():
-        raise UserError(f"{option} {shown} lies under {existing}, which is a file, not a folder; "
-                        f"pass another {option}.")
-    code = (errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY
-            else errno.EACCES if not os.access(existing, os.W_OK | os.X_OK) else None)
-    if code is not None:
-        raise write_error(shown, OSError(code, os.strerror(code)), what=what, option=option)
-
-
-@contextmanager
-def reporting_write_errors(path: Path, what: str, option: str = "--out"):
-    """Turn a failed write of ``path`` (an ``OSError``: a full disk, a file system gone read-only) into
-    :func:`~fusion_seg.errors.write_error`'s one-line :class:`UserError` naming it, ``what`` it is, and the fix."""
-    try:
-        yield
-    except OSError as exc:
-        raise write_error(path, exc, what=what, option=option) from exc
 
 
 LEGEND = "legend.png"  # predict's colour legend (class names), beside the overlays

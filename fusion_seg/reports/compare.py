@@ -32,7 +32,7 @@ from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import Failed, UserError, write_error
 from fusion_seg.decoders import DECODERS, decoder_from_record
 from fusion_seg.files import write_json_atomic, write_text_atomic
-from fusion_seg.inference.predict import check_out_folder
+from fusion_seg.files import check_out_folder
 from fusion_seg.plots import plot_if_available
 from fusion_seg.reports.timing import median_seconds
 from fusion_seg.training.config import TrainConfig

@@ -61,7 +61,7 @@ from fusion_seg.decoders.base import Decoder
 from fusion_seg.errors import UserError
 from fusion_seg.data.io import default_palette, overlay, read_image, read_mask
 from fusion_seg.inference import arguments
-from fusion_seg.inference.predict import check_out_file, reporting_write_errors
+from fusion_seg.files import check_out_file, reporting_write_errors
 from fusion_seg.inference.segmenter import Segmenter, load_model
 from fusion_seg.data.transforms import resize_pair, to_tensor
 
