@@ -38,6 +38,7 @@ import zarr
 
 from fusion_seg.errors import CacheError, UserError
 from fusion_seg.files import folder_problem
+from fusion_seg.locks import exclusive_lock
 
 # protocol -> (the fsspec implementation it needs, how to install it)
 BACKENDS = {
@@ -165,7 +166,7 @@ def create_group(path, attributes: dict) -> zarr.Group:
     so of two processes creating the same store exactly one succeeds and the other sees
     FileExistsError. Elsewhere remote creation is zarr's mode ``"w-"`` (check, then write),
     which does not exclude a concurrent creator. Local stores are created with mode ``"a"``:
-    their callers hold :func:`fusion_seg.cache.store.writer_lock`.
+    their callers hold :func:`writer_lock`.
     """
     if is_local(path):
         return zarr.open_group(zarr_store(path, "a"), mode="a", attributes=attributes, zarr_format=3)
@@ -266,3 +267,30 @@ def reach_error(path, action: str, exc: Exception) -> CacheError:
 
 def _hint(path) -> str:
     return HINTS.get(BACKENDS.get(protocol(path), ("", ""))[0], "")
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path):
+    """Exclusive right to write a local store: a lock on ``STORE.lock`` (:func:`fusion_seg.locks.exclusive_lock`).
+
+    A second extraction into the same store is refused rather than interleaved. The lock is a POSIX
+    record lock, which the kernel drops the moment its holder dies and which its forked DataLoader
+    workers do not hold: a re-run right after a kill or an OOM just works. The file sits beside the
+    store because Zarr treats unknown files inside it as errors.
+
+    A remote store (``s3://…``) has no lock: its creation is exclusive (see :func:`create_group`),
+    so two runs with different settings cannot both make it, but two concurrent extractions into the
+    same remote store are the user's to avoid. Each chunk is still written whole and both runs
+    write the same views, so the store stays usable, but the work is done twice and the store may
+    not be bit-identical to one run's (features can differ in the last bit with the batch size).
+    """
+    if not is_local(path):
+        yield
+        return
+
+    def busy(owner: str) -> CacheError:
+        return CacheError(f"{path} is being written by another fusion-seg process (pid {owner}). Wait for it to "
+                          "finish or stop it, then re-run this command: the views it wrote are kept.")
+
+    with exclusive_lock(local_path(path), busy):
+        yield

@@ -52,7 +52,6 @@ attributes (:data:`SKIPPED_KEY`) only add why, when the run lived to record it.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -68,7 +67,6 @@ from fusion_seg.cache import codecs
 from fusion_seg.cache import locations
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CacheError, UserError
-from fusion_seg.locks import exclusive_lock
 from fusion_seg.shapes import ShapeSpec
 
 SCHEMA_VERSION = 1
@@ -549,33 +547,6 @@ class FeatureStore:
             "resize": self.spec.resize,
             "skipped": self.skipped_report(),
         }
-
-
-@contextlib.contextmanager
-def writer_lock(path: str | Path):
-    """Exclusive right to write a local store: a lock on ``STORE.lock`` (:func:`fusion_seg.locks.exclusive_lock`).
-
-    A second extraction into the same store is refused rather than interleaved. The lock is a POSIX
-    record lock, which the kernel drops the moment its holder dies and which its forked DataLoader
-    workers do not hold: a re-run right after a kill or an OOM just works. The file sits beside the
-    store because Zarr treats unknown files inside it as errors.
-
-    A remote store (``s3://…``) has no lock: its creation is exclusive (see locations.create_group),
-    so two runs with different settings cannot both make it, but two concurrent extractions into the
-    same remote store are the user's to avoid. Each chunk is still written whole and both runs
-    write the same views, so the store stays usable, but the work is done twice and the store may
-    not be bit-identical to one run's (features can differ in the last bit with the batch size).
-    """
-    if not locations.is_local(path):
-        yield
-        return
-
-    def busy(owner: str) -> CacheError:
-        return CacheError(f"{path} is being written by another fusion-seg process (pid {owner}). Wait for it to "
-                          "finish or stop it, then re-run this command: the views it wrote are kept.")
-
-    with exclusive_lock(locations.local_path(path), busy):
-        yield
 
 
 def verify_store(path: str | Path, progress: bool = False) -> dict:

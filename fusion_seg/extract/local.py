@@ -34,7 +34,7 @@ import torch
 from fusion_seg import faults
 from fusion_seg.cache import locations
 from fusion_seg.cache.codecs import check_dtype, codec_spec
-from fusion_seg.cache.store import FeatureStore, writer_lock
+from fusion_seg.cache.store import FeatureStore
 from fusion_seg.data.datasets import DatasetRef
 from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.data.views import Augment, Resize, ViewSource, collate_list
@@ -161,7 +161,7 @@ def extract(
     enc = encoder.build()
     check_view_size(enc.output_shape(), label_shape, augment, resize, batch_size=run.batch_size,
                     num_views=len(ds) * views, dtype=storage.dtype)  # before the probe forward of build_spec
-    with writer_lock(out):
+    with locations.writer_lock(out):
         return _extract_locked(out, ds, enc, label_shape, encoder, views=views, augment=augment, resize=resize,
                                storage=storage, run=run, repair=repair, skip_bad=skip_bad, progress=progress)
 

@@ -18,7 +18,8 @@ import zarr
 from click.testing import CliRunner
 
 from fusion_seg import locks as locks_module
-from fusion_seg.cache.store import FeatureStore, writer_lock
+from fusion_seg.cache.locations import writer_lock
+from fusion_seg.cache.store import FeatureStore
 from fusion_seg.cli import main
 from fusion_seg.data.datasets import DatasetRef
 from fusion_seg.encoder.build import EncoderSpec
@@ -271,7 +272,7 @@ def test_a_killed_holders_children_do_not_keep_the_lock(tmp_path):
     out = tmp_path / "s.zarr"
     script = textwrap.dedent(f"""
         import os, time
-        from fusion_seg.cache.store import writer_lock
+        from fusion_seg.cache.locations import writer_lock
         with writer_lock({str(out)!r}):
             if os.fork() == 0:  # a worker, forked while the lock is held
                 time.sleep(60); os._exit(0)

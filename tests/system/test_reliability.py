@@ -21,7 +21,8 @@ from PIL import Image
 
 from fusion_seg import faults
 from fusion_seg.cache import store as store_module
-from fusion_seg.cache.store import FeatureStore, writer_lock
+from fusion_seg.cache.locations import writer_lock
+from fusion_seg.cache.store import FeatureStore
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
 from fusion_seg.errors import CacheError, CheckpointError, UserError
