@@ -12,9 +12,11 @@ Where a training step reads its features from (``--cache-mode``):
 
 How the views are held is their resident format (``--resident-dtype``, formats.py): float16 (the
 store's own 16-bit values), uint8, float8 or int4, whatever the store's dtype; the codes are decoded
-per batch, on the device, on the cells the batch's crop cut. ``auto`` takes the most precise format
-that fits, trying the tiers in order for each format before a less precise one. Validation views are
-held as stored (they measure what the model does on the encoder's own features).
+per batch, on the device, on the cells the batch's crop cut. int4's scales and offsets are one set a
+channel for all the views held (under torchrun: this process's shard), found by a first read of them.
+``auto`` takes the most precise format that fits, trying the tiers in order for each format before a
+less precise one. Validation views are held as stored (they measure what the model does on the
+encoder's own features).
 
 A tier that does not fit is refused before anything is loaded, naming the sizes and the
 alternatives. Crops are those of the stream tier (the same ``aligned_crop_box`` draws from
