@@ -14,6 +14,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -35,6 +36,37 @@ class SegSample:
     image: np.ndarray
     mask: np.ndarray | None
     id: str
+
+
+@dataclass(frozen=True)
+class RootLayout:
+    """What an official dataset's ``--root`` holds: the one root check every such dataset makes (:meth:`check`).
+
+    ``find`` returns the dataset's folder under a candidate root (the root itself, or one inside it, as VOC's
+    ``VOCdevkit/VOC2012``), or None; ``inside`` tells a folder inside the root passed by mistake, so the error
+    can suggest its parent.
+    """
+
+    title: str                               # "Cityscapes": "Cityscapes root R does not exist: ..."
+    missing: str                             # the message when no root is given at all
+    layout: str                              # what a root must hold: "expected LAYOUT."
+    fix: str                                 # the sentence that follows: "Pass the folder that contains ..."
+    find: Callable[[Path], Path | None]
+    kind: str = ""                           # "is not a KIND root" (default: the title), and why
+    inside: Callable[[Path], bool] | None = None
+
+    def check(self, root) -> Path:
+        """The dataset's folder under ``root``; a DataError naming the root, its layout and the fix otherwise."""
+        if root is None:
+            raise DataError(self.missing)
+        root = Path(root).expanduser()
+        found = self.find(root)
+        if found is not None:
+            return found
+        problem = "does not exist" if not root.exists() else f"is not a {self.kind or self.title + ' root'}"
+        hint = (f" It looks like you passed a folder inside the root: try --root {root.parent}."
+                if self.inside is not None and self.inside(root) else "")
+        raise DataError(f"{self.title} root {root} {problem}: expected {self.layout}. {self.fix}{hint}")
 
 
 class SegDataset(Sequence, abc.ABC):

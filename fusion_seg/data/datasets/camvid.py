@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_seg.errors import DataError
-from fusion_seg.data.datasets.base import FileSegDataset, register_dataset, safe_relative
+from fusion_seg.data.datasets.base import FileSegDataset, RootLayout, register_dataset, safe_relative
 from fusion_seg.data.io import list_images
 
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -50,7 +50,7 @@ class CamVidDataset(FileSegDataset):
     label_map = _label_map()
 
     def __init__(self, root=None, split: str = "train", *, require_masks: bool = True):
-        root = _check_root(root, split)
+        root = _root_layout(split).check(root)
         existing = [s for s in SPLITS if _split_exists(root, s, require_masks)]
         if split not in existing:
             raise DataError(
@@ -76,19 +76,13 @@ class CamVidDataset(FileSegDataset):
                          options={"require_masks": require_masks})
 
 
-def _check_root(root, split: str) -> Path:
-    """``root`` must be a folder holding at least one CamVid split."""
-    if root is None:
-        raise DataError(f"the camvid dataset needs its folder: pass --root /path/to/CamVid "
-                        f"(layout: {_layout(split)}).")
-    root = Path(root).expanduser()
-    if not root.is_dir() or not any(_split_exists(root, s, False) for s in SPLITS):
-        problem = "does not exist" if not root.exists() else "is not a CamVid root"
-        raise DataError(
-            f"CamVid root {root} {problem}: expected {_layout(split)} (likewise for the other splits: "
-            f"{', '.join(SPLITS)}). Pass the folder that contains them with --root."
-        )
-    return root
+def _root_layout(split: str) -> RootLayout:
+    """A CamVid root holds at least one split; the messages show ``split``'s layout."""
+    return RootLayout(
+        "CamVid", f"the camvid dataset needs its folder: pass --root /path/to/CamVid (layout: {_layout(split)}).",
+        f"{_layout(split)} (likewise for the other splits: {', '.join(SPLITS)})",
+        "Pass the folder that contains them with --root.",
+        find=lambda root: root if root.is_dir() and any(_split_exists(root, s, False) for s in SPLITS) else None)
 
 
 def _split_exists(root: Path, split: str, require_masks: bool) -> bool:

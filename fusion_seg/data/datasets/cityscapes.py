@@ -24,7 +24,7 @@ import numpy as np
 
 from fusion_seg.errors import DataError
 from fusion_seg.data.io import _open_decoded, file_problem, list_images, read_mask
-from fusion_seg.data.datasets.base import FileSegDataset, register_dataset
+from fusion_seg.data.datasets.base import FileSegDataset, RootLayout, register_dataset
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
            "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
@@ -64,7 +64,7 @@ class CityscapesDataset(FileSegDataset):
     label_map = label_id_table()
 
     def __init__(self, root=None, split: str = "train", *, require_masks: bool | None = None):
-        root = _check_root(root)
+        root = ROOT.check(root)
         if require_masks is None:
             require_masks = split != "test"
         existing = sorted(p.name for p in (root / "leftImg8bit").iterdir()
@@ -142,19 +142,10 @@ def _label_file(prefix: Path) -> Path | None:
     return None
 
 
-def _check_root(root) -> Path:
-    """``root`` must hold ``leftImg8bit/``; says which folder to pass instead when it can tell."""
-    if root is None:
-        raise DataError("the cityscapes dataset needs its folder: pass --root /path/to/cityscapes, the folder "
-                        f"that contains leftImg8bit/ and gtFine/ (layout: {LAYOUT}).")
-    root = Path(root).expanduser()
-    if (root / "leftImg8bit").is_dir():
-        return root
-    problem = "does not exist" if not root.exists() else "is not a Cityscapes root (it has no leftImg8bit/ folder)"
-    hint = ""
-    if root.name in ("leftImg8bit", "gtFine") or (root.parent / "leftImg8bit").is_dir():
-        hint = f" It looks like you passed a folder inside the root: try --root {root.parent}."
-    raise DataError(
-        f"Cityscapes root {root} {problem}: expected {LAYOUT}. Pass the folder that contains "
-        f"leftImg8bit/ and gtFine/ with --root.{hint}"
-    )
+ROOT = RootLayout(
+    "Cityscapes", "the cityscapes dataset needs its folder: pass --root /path/to/cityscapes, the folder that "
+    f"contains leftImg8bit/ and gtFine/ (layout: {LAYOUT}).", LAYOUT,
+    "Pass the folder that contains leftImg8bit/ and gtFine/ with --root.",
+    find=lambda root: root if (root / "leftImg8bit").is_dir() else None,
+    kind="Cityscapes root (it has no leftImg8bit/ folder)",
+    inside=lambda root: root.name in ("leftImg8bit", "gtFine") or (root.parent / "leftImg8bit").is_dir())

@@ -48,7 +48,7 @@ import numpy as np
 
 from fusion_seg.errors import DataError
 from fusion_seg.data.io import default_palette, file_problem, image_size, read_image
-from fusion_seg.data.datasets.base import SegDataset, SegSample, import_optional, register_dataset
+from fusion_seg.data.datasets.base import RootLayout, SegDataset, SegSample, import_optional, register_dataset
 from fusion_seg.data.datasets.voc import CLASSES as VOC_CLASSES
 from fusion_seg.data.datasets.voc import PALETTE as VOC_PALETTE
 
@@ -70,7 +70,7 @@ class COCODataset(SegDataset):
 
     def __init__(self, root=None, split: str = "train", *, classes: str = "voc", min_pixels: int | None = None,
                  require_masks: bool = True):
-        root = _check_root(root)
+        root = ROOT.check(root)
         if classes not in CLASS_SETS:
             raise DataError(f"coco classes {classes!r} is not a class set; pass --dataset-opt classes=voc "
                             "(background + 20 VOC classes) or classes=things (background + 80 categories).")
@@ -215,19 +215,13 @@ class COCODataset(SegDataset):
         return info
 
 
-def _check_root(root) -> Path:
-    if root is None:
-        raise DataError("the coco dataset needs its folder: pass --root /path/to/coco, the folder that contains "
-                        f"annotations/ and train2017/, val2017/ (layout: {LAYOUT}).")
-    root = Path(root).expanduser()
-    if (root / "annotations").is_dir():
-        return root
-    problem = "does not exist" if not root.exists() else "is not a COCO root (it has no annotations/ folder)"
-    hint = ""
-    if (root.parent / "annotations").is_dir():
-        hint = f" It looks like you passed a folder inside the root: try --root {root.parent}."
-    raise DataError(f"COCO root {root} {problem}: expected {LAYOUT}. Unpack annotations_trainval2017.zip and "
-                    f"the image zips into one folder and pass it with --root.{hint}")
+ROOT = RootLayout(
+    "COCO", "the coco dataset needs its folder: pass --root /path/to/coco, the folder that contains annotations/ and "
+    f"train2017/, val2017/ (layout: {LAYOUT}).", LAYOUT,
+    "Unpack annotations_trainval2017.zip and the image zips into one folder and pass it with --root.",
+    find=lambda root: root if (root / "annotations").is_dir() else None,
+    kind="COCO root (it has no annotations/ folder)",
+    inside=lambda root: (root.parent / "annotations").is_dir())
 
 
 def _load_json(path: Path) -> dict:

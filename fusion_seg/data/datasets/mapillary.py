@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_seg.errors import DataError
-from fusion_seg.data.datasets.base import FileSegDataset, register_dataset
+from fusion_seg.data.datasets.base import FileSegDataset, RootLayout, register_dataset
 from fusion_seg.data.io import list_images
 
 SPLITS = ("training", "validation", "testing")
@@ -42,7 +42,7 @@ class MapillaryDataset(FileSegDataset):
 
     def __init__(self, root=None, split: str = "training", *, version: str = "auto",
                  require_masks: bool | None = None):
-        root = _check_root(root)
+        root = ROOT.check(root)
         split = ALIASES.get(split, split)
         existing = [s for s in SPLITS if (root / s / "images").is_dir()]
         if split not in existing:
@@ -80,19 +80,13 @@ class MapillaryDataset(FileSegDataset):
                          options={"version": version, "require_masks": require_masks})
 
 
-def _check_root(root) -> Path:
-    if root is None:
-        raise DataError("the mapillary dataset needs its folder: pass --root /path/to/mapillary-vistas, the "
-                        f"folder that contains training/ and validation/ (layout: {LAYOUT}).")
-    root = Path(root).expanduser()
-    if root.is_dir() and any((root / s / "images").is_dir() for s in SPLITS):
-        return root
-    problem = "does not exist" if not root.exists() else "is not a Mapillary Vistas root"
-    hint = ""
-    if root.name in SPLITS or (root.parent / "training" / "images").is_dir():
-        hint = f" It looks like you passed a folder inside the root: try --root {root.parent}."
-    raise DataError(f"Mapillary root {root} {problem}: expected {LAYOUT}. Pass the folder that contains "
-                    f"training/ and validation/ with --root.{hint}")
+ROOT = RootLayout(
+    "Mapillary", "the mapillary dataset needs its folder: pass --root /path/to/mapillary-vistas, the folder that "
+    f"contains training/ and validation/ (layout: {LAYOUT}).", LAYOUT,
+    "Pass the folder that contains training/ and validation/ with --root.",
+    find=lambda root: root if root.is_dir() and any((root / s / "images").is_dir() for s in SPLITS) else None,
+    kind="Mapillary Vistas root",
+    inside=lambda root: root.name in SPLITS or (root.parent / "training" / "images").is_dir())
 
 
 def _resolve_version(root: Path, split: str, version: str, require_masks: bool) -> str:

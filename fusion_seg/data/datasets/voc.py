@@ -27,7 +27,8 @@ import numpy as np
 
 from fusion_seg.errors import DataError
 from fusion_seg.data.io import default_palette
-from fusion_seg.data.datasets.base import FileSegDataset, import_optional, register_dataset, safe_relative
+from fusion_seg.data.datasets.base import (FileSegDataset, RootLayout, import_optional, register_dataset,
+                                           safe_relative)
 
 CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -50,7 +51,7 @@ class VOCDataset(FileSegDataset):
     """
 
     def __init__(self, root=None, split: str = "train", *, sbd=None, require_masks: bool | None = None):
-        voc = _find_voc(root)
+        voc = ROOT.check(root)
         if require_masks is None:
             require_masks = split != "test"
         lists = voc / "ImageSets" / "Segmentation"
@@ -89,17 +90,18 @@ class VOCDataset(FileSegDataset):
         return _read_sbd_mat(path) if path.suffix == ".mat" else super()._read_mask(path)
 
 
-def _find_voc(root) -> Path:
+def _voc_folder(root: Path) -> Path | None:
     """The ``VOC2012`` folder: ``root/VOCdevkit/VOC2012``, ``root/VOC2012`` or ``root`` itself."""
-    if root is None:
-        raise DataError(f"the voc dataset needs its folder: pass --root /path/to/data (expected layout: {LAYOUT}).")
-    root = Path(root).expanduser()
     for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
         if (candidate / "JPEGImages").is_dir() and (candidate / "ImageSets" / "Segmentation").is_dir():
             return candidate
-    problem = "does not exist" if not root.exists() else "is not a VOC 2012 root"
-    raise DataError(f"VOC root {root} {problem}: expected {LAYOUT}. Unpack VOCtrainval_11-May-2012.tar and pass "
-                    "the folder that contains VOCdevkit (or the VOC2012 folder) with --root.")
+    return None
+
+
+ROOT = RootLayout(
+    "VOC", f"the voc dataset needs its folder: pass --root /path/to/data (expected layout: {LAYOUT}).", LAYOUT,
+    "Unpack VOCtrainval_11-May-2012.tar and pass the folder that contains VOCdevkit (or the VOC2012 folder) "
+    "with --root.", find=_voc_folder, kind="VOC 2012 root")
 
 
 def _find_sbd(sbd) -> Path:
