@@ -779,6 +779,9 @@ def run(recipe, overrides, dry_run, epoch_scale):
 @click.option("--encoder", default="resnet50", show_default=True)
 @click.option("--weights", type=click.Path(), default=None, help="Encoder weights; default a seeded random init.")
 @click.option("--decoder", type=click.Choice(CACHE_DECODER_NAMES), default="reverse-hrnet", show_default=True)
+@click.option("--decoder-opt", "decoder_opt", multiple=True, metavar="KEY=VALUE",
+              help="Decoder option (repeatable); default: the reverse HRNet's preset=small streams=4, another "
+                   "decoder's own defaults. Options given replace the default ones.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--size", type=HxW(), default="360x480", show_default=True, help="Input size of the main comparisons.")
 @click.option("--scaling-sizes", type=HxWList(), default="360x480,720x960,1024x2048", show_default=True,
@@ -799,15 +802,18 @@ def run(recipe, overrides, dry_run, epoch_scale):
               help="Replace this device's bench block in a Markdown file (e.g. BENCHMARKS.md).")
 @click.option("--workdir", type=click.Path(), default=None, help="Scratch folder (default: a temporary one).")
 @user_errors
-def bench(device, sections, camvid, encoder, weights, decoder, batch_size, size, scaling_sizes, forward_sizes, views,
-          repeats, loader_workers, json_path, markdown_path, update_path, workdir):
+def bench(device, sections, camvid, encoder, weights, decoder, decoder_opt, batch_size, size, scaling_sizes,
+          forward_sizes, views, repeats, loader_workers, json_path, markdown_path, update_path, workdir):
     """Measure extraction, cache formats, loader, training (cache/online/fine-tune), scaling and predict."""
+    from fusion_seg.decoders import check_options
     from fusion_seg.reports.bench import BenchConfig, render_markdown, run_bench, save_json, update_benchmarks
     from fusion_seg.device import resolve_device
 
     resolve_device(device)  # a clear error when CUDA is asked for and absent
+    decoder_config = parse_key_values(decoder_opt) or None
+    check_options(decoder, decoder_config or {})
     cfg = BenchConfig(device=device, camvid=camvid, encoder=encoder, weights=weights, decoder=decoder,
-                      batch_size=batch_size, size=tuple(size), views=views, repeats=repeats,
+                      decoder_config=decoder_config, batch_size=batch_size, size=tuple(size), views=views, repeats=repeats,
                       loader_workers=loader_workers, workdir=workdir,
                       scaling_sizes=scaling_sizes, forward_sizes=forward_sizes)
     results = run_bench(cfg, tuple(x.strip() for x in sections.split(",") if x.strip()), echo=click.echo)

@@ -220,3 +220,24 @@ def test_a_modes_peak_is_counted_from_its_steps_not_its_setup():
     step = touched(64)  # live during "the step"
     assert peak_memory(cpu)["peak_MiB"] >= after + 60
     step.close()
+
+
+def test_the_bench_decoder_is_any_cache_decoder_with_its_own_options(tmp_path):
+    """Issue 22 (a bug fixed): `bench --decoder fpn` passed the reverse HRNet's streams=4 to fpn, which has no such
+    option; now the default options are the reverse HRNet's alone, --decoder-opt sets any decoder's, and an
+    option the decoder lacks is one line before any work."""
+    from fusion_seg.reports.bench.common import decoder_for_store
+    from pipeline_helpers import extract_synthetic
+
+    assert BenchConfig().decoder_config == {"preset": "small", "streams": 4}
+    assert BenchConfig(decoder="fpn").decoder_config == {}
+    extract_synthetic(tmp_path / "s.zarr", views=1, num_images=2)
+    from fusion_seg.cache.store import FeatureStore
+
+    maps = set(FeatureStore.open(tmp_path / "s.zarr").spec.input_shapes())
+    for decoder in ("fpn", "linear"):  # built from the store with their own defaults (fpn raised a TypeError)
+        _built, names = decoder_for_store(BenchConfig(decoder=decoder), str(tmp_path / "s.zarr"))
+        assert names and set(names) <= maps
+    r = CliRunner().invoke(main, ["bench", "--decoder", "fpn", "--decoder-opt", "streams=4", "--camvid", str(tmp_path)])
+    assert r.exit_code == 2 and "decoder 'fpn' has no option(s) streams" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1

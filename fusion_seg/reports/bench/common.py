@@ -26,7 +26,8 @@ class BenchConfig:
     seed: int = 0                      # the encoder is a seeded random-init one unless weights are given
     weights: str | None = None
     decoder: str = "reverse-hrnet"
-    decoder_config: dict = field(default_factory=lambda: {"preset": "small", "streams": 4})
+    # The decoder's options (None: the reverse HRNet's small preset with 4 streams, another decoder's defaults).
+    decoder_config: dict | None = None
     batch_size: int = 2
     size: tuple[int, int] = (360, 480)  # (H, W) of the images of the main comparisons (CamVid's)
     camvid: str | None = DEFAULT_CAMVID  # real images when this folder exists, synthetic otherwise
@@ -37,6 +38,10 @@ class BenchConfig:
     forward_sizes: tuple[tuple[int, int], ...] = ((360, 480), (512, 1024))  # bare encoder forward sizes (H, W)
     loader_workers: int = 2            # the DataLoader default of train-decoder
     workdir: str | None = None         # scratch stores; a temporary folder by default
+
+    def __post_init__(self):
+        if self.decoder_config is None:
+            self.decoder_config = {"preset": "small", "streams": 4} if self.decoder == "reverse-hrnet" else {}
 
     def to_json(self) -> dict:
         return asdict(self)
