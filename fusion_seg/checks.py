@@ -1,6 +1,6 @@
 """Range checks of numeric settings, shared by the command line and the library entry points.
 
-The CLI checks its options at parse time (cli.py's option types), and ``extract()`` and
+The CLI checks its options at parse time (the option types of cli/params.py), and ``extract()`` and
 ``TrainConfig`` check the same values for callers that do not go through it (recipes,
 scripts), so a bad value is refused before a store or run directory is made.
 

@@ -104,7 +104,7 @@ def test_user_errors_have_no_traceback(tmp_path):
 # --- issue 12: help that is true, and a fast start --------------------------------------------------------------------
 
 def test_the_clis_names_are_the_registries():
-    """cli.py lists names without importing the registries' modules (torch, PIL); they must stay the same."""
+    """The CLI (cli/names.py) lists names without importing the registries' modules (torch, PIL); they must stay the same."""
     from fusion_seg import cli
     from fusion_seg.cache.reader import ALIGN
     from fusion_seg.checks import FEATURE_CROP_ALIGN

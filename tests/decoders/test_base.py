@@ -121,7 +121,7 @@ def test_register_dataset_refuses_clashes():
 
 
 def test_the_clis_preset_help_names_every_decoders_presets():
-    """The --preset help is a torch-free copy (cli.py imports no decoder): it must list each decoder's presets."""
+    """The --preset help is a torch-free copy (the CLI imports no decoder): it must list each decoder's presets."""
     from fusion_seg import cli
 
     (preset,) = [p for p in cli.main.commands["train-decoder"].params if p.name == "preset"]
