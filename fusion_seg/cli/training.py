@@ -80,7 +80,7 @@ def train_decoder(ctx, **params):
     from fusion_seg.training.ddp import is_main_process
     from fusion_seg.progress import require_tensorboard
     from fusion_seg.pipeline.requests import online_arguments, split_train_options
-    from fusion_seg.pipeline.stages import train_config
+    from fusion_seg.pipeline.schema import train_config
     from fusion_seg.training.run_dir import resumed_lr
     from fusion_seg.training.train import train_decoder as from_cache, train_online
 
@@ -140,7 +140,7 @@ def compare(**params):
     Each decoder trains with its defaults and every other setting given here, as train-decoder would train it
     (the whole configuration goes to its training process as data), and its run folder OUT/DECODER continues
     a run of the same settings or keeps one of other settings aside, as a recipe's does."""
-    from fusion_seg.pipeline.stages import train_config
+    from fusion_seg.pipeline.schema import train_config
     from fusion_seg.reports.compare import compare as run
 
     options = option_values(params)

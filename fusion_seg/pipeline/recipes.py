@@ -26,7 +26,7 @@ that starts with a variable given with ``--set`` is relative to the current dire
 any other path on a command line. URLs (``s3://...``) are left as they are.
 
 Before the first stage runs (and with ``--dry-run``) the whole recipe is checked against
-the functions its stages call (see :func:`fusion_seg.pipeline.stages.check_stage`): kinds, keys,
+the functions its stages call (see :func:`fusion_seg.pipeline.stage_checks.check_stage`): kinds, keys,
 required keys, value types, dataset and decoder names and options, decoders built from the
 feature shapes they will get, and the files each stage reads (made by an earlier stage, or
 on disk). Every problem is reported, one line each, in one :class:`UserError`.
@@ -48,7 +48,7 @@ from typing import Any, Callable
 from fusion_seg.errors import UserError, write_error
 from fusion_seg.files import write_json_atomic
 from fusion_seg.pipeline.inputs import stage_inputs
-from fusion_seg.pipeline.stages import DATASET_PATH_OPTIONS, KINDS, PATH_KEYS
+from fusion_seg.pipeline.schema import DATASET_PATH_OPTIONS, KINDS, PATH_KEYS
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _LEADING_VAR = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -240,7 +240,8 @@ def _local(value: str) -> Path:
 def check_recipe(recipe: dict) -> list[str]:
     """Every problem of a loaded recipe's stages, as ``stage N (kind): ...`` lines; [] when none."""
     from fusion_seg.data.datasets import DATASETS, FileSegDataset, SegDataset
-    from fusion_seg.pipeline.stages import check_stage, encoder_shapes, stage_schema
+    from fusion_seg.pipeline.schema import stage_schema
+    from fusion_seg.pipeline.stage_checks import check_stage, encoder_shapes
 
     stages, raw = recipe["stages"], recipe.get("raw") or recipe["stages"]
     errors: list[str] = []

@@ -6,7 +6,7 @@ make the frozen requests the library takes (:class:`~fusion_seg.data.datasets.Da
 :class:`~fusion_seg.encoder.build.EncoderSpec`, :class:`~fusion_seg.data.views.Augment`,
 :class:`~fusion_seg.data.views.Resize`, :class:`~fusion_seg.extract.request.StoreFormat`,
 :class:`~fusion_seg.extract.request.ExtractRun`). Each builder's keyword parameters are its options:
-their names, types and defaults are what a recipe stage accepts (``stages.stage_schema``).
+their names, types and defaults are what a recipe stage accepts (``schema.stage_schema``).
 """
 from __future__ import annotations
 

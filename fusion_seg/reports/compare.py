@@ -69,7 +69,7 @@ def check_decoders(decoders, input_shapes: dict, num_classes: int, *, cache: str
     with these feature shapes: unknown names, duplicates, and decoders that cannot be built from them
     (built on the ``meta`` device, with their defaults, as training builds them: no memory, no weights)."""
     from fusion_seg.decoders import DECODERS
-    from fusion_seg.pipeline.stages import build_check
+    from fusion_seg.pipeline.stage_checks import build_check
 
     decoders = list(decoders)
     errors = [] if decoders else ["no decoder to compare; pass --decoders NAME,NAME,..."]

@@ -357,7 +357,7 @@ def _shapes_alone(req: PlanRequest):
 
     from fusion_seg.decoders import build_decoder
     from fusion_seg.encoder.identity import DEFAULT_STRIDES
-    from fusion_seg.pipeline.stages import encoder_shapes
+    from fusion_seg.pipeline.stage_checks import encoder_shapes
 
     shapes = encoder_shapes(req.encoder, DEFAULT_STRIDES)
     with torch.device("meta"):

@@ -185,7 +185,7 @@ def _make_decoder(cfg: TrainConfig, input_shapes: dict[str, ShapeSpec], num_clas
 
 def check_trainable_size(decoder: nn.Module, name: str, config: dict) -> None:
     """Refuse a decoder (built on the ``meta`` device: no memory) whose parameters cannot be trained in this
-    machine's memory, naming its size; the recipe check (stages.build_check) refuses it the same way."""
+    machine's memory, naming its size; the recipe check (pipeline/stage_checks.build_check) refuses it the same way."""
     params = sum(p.numel() for p in decoder.parameters())
     problem = memory_problem(params * 4 * TRAINING_COPIES)
     if problem:

@@ -164,7 +164,7 @@ def test_every_key_a_stage_accepts_is_one_its_function_takes():
     from fusion_seg.evaluation.evaluate import evaluate
     from fusion_seg.inference.predict import predict
     from fusion_seg.pipeline import requests
-    from fusion_seg.pipeline.stages import DECODER_KEYS, stage_schema, trainer_keys
+    from fusion_seg.pipeline.schema import DECODER_KEYS, stage_schema, trainer_keys
     from fusion_seg.training.config import TrainConfig
     from fusion_seg.training.train import train_online
 

@@ -1,4 +1,4 @@
-"""One pipeline stage (fusion_seg/pipeline/stages.py), through its public functions: stage_schema says what a
+"""One pipeline stage (fusion_seg/pipeline/: schema.py, stage_checks.py, stages.py), through its public functions: stage_schema says what a
 stage accepts, check_stage says what is wrong with one (one line per problem) without running it, run_stage runs it."""
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.errors import UserError
-from fusion_seg.pipeline.stages import KINDS, check_stage, run_stage, stage_schema
+from fusion_seg.pipeline.schema import KINDS, stage_schema
+from fusion_seg.pipeline.stage_checks import check_stage
+from fusion_seg.pipeline.stages import run_stage
 from fusion_seg.shapes import ShapeSpec
 from pipeline_helpers import ENCODER
 
