@@ -238,34 +238,64 @@ def _local(value: str) -> Path:
 
 
 def check_recipe(recipe: dict) -> list[str]:
-    """Every problem of a loaded recipe's stages, as ``stage N (kind): ...`` lines; [] when none."""
-    from fusion_seg.data.datasets import DATASETS, FileSegDataset, SegDataset
-    from fusion_seg.pipeline.schema import stage_schema
-    from fusion_seg.pipeline.stage_checks import check_stage, encoder_shapes
+    """Every problem of a loaded recipe's stages, as ``stage N (kind): ...`` lines; [] when none. The same
+    problem in several stages (a missing dataset root, say) is one line naming them all."""
+    from fusion_seg.pipeline.stage_checks import check_stage
 
-    stages, raw = recipe["stages"], recipe.get("raw") or recipe["stages"]
+    check = _RecipeCheck(recipe)
     errors: list[str] = []
-    # What each stage makes: stores (extract out) and checkpoints (train out/best.pt, out/last.pt).
-    stores, checkpoints = {}, {}
     found: dict[str, list[tuple[int, str]]] = {}  # problem -> the stages that have it
-    for i, stage in enumerate(stages, 1):
-        out = stage.get("out")
-        if not isinstance(out, str):
+    for i, stage in enumerate(check.stages, 1):
+        kind = stage.get("kind")
+        if i in recipe.get("unresolved", ()):
+            continue  # its undefined ${vars} are reported; its values are not known
+        if kind not in KINDS:
+            errors.append(f"stage {i} has no kind; add kind = one of {', '.join(repr(k) for k in KINDS)}."
+                          if kind is None else
+                          f"stage {i} has kind {kind!r}; expected one of {', '.join(repr(k) for k in KINDS)}.")
             continue
-        if stage.get("kind") == "extract":
-            stores.setdefault(out, i)
-        elif stage.get("kind") == "train":
-            for name in ("best.pt", "last.pt"):
-                checkpoints.setdefault(os.path.join(out, name), i)
+        problems: list[str] = []
+        shapes, classes = check.references(i, stage, problems)
+        problems += check.files(i, stage)
+        problems += check_stage(stage, shapes=shapes, num_classes=classes)
+        for p in problems:
+            found.setdefault(p, []).append((i, kind))
+    for problem, where in found.items():
+        if len(where) == 1:
+            errors.append(f"stage {where[0][0]} ({where[0][1]}): {problem}")
+        else:
+            names = ", ".join(f"{i} ({kind})" for i, kind in where)
+            errors.append(f"stages {names}: {problem}")
+    return errors
 
-    def var_hint(i, key):
-        m = _LEADING_VAR.match(raw[i - 1].get(key, "")) if isinstance(raw[i - 1].get(key), str) else None
+
+class _RecipeCheck:
+    """What :func:`check_recipe` knows of a whole recipe: what each stage makes (stores: an extract stage's
+    ``out``; checkpoints: a train stage's ``out/best.pt`` and ``out/last.pt``), so that a stage's inputs can be
+    told made by an earlier stage, present on disk, or missing; and the raw stages, to name a ``${var}``."""
+
+    def __init__(self, recipe: dict):
+        self.stages, self.raw = recipe["stages"], recipe.get("raw") or recipe["stages"]
+        self.stores, self.checkpoints = {}, {}
+        for i, stage in enumerate(self.stages, 1):
+            out = stage.get("out")
+            if not isinstance(out, str):
+                continue
+            if stage.get("kind") == "extract":
+                self.stores.setdefault(out, i)
+            elif stage.get("kind") == "train":
+                for name in ("best.pt", "last.pt"):
+                    self.checkpoints.setdefault(os.path.join(out, name), i)
+
+    def var_hint(self, i: int, key: str) -> str:
+        raw = self.raw[i - 1].get(key)
+        m = _LEADING_VAR.match(raw) if isinstance(raw, str) else None
         return f" (from ${{{m.group(1)}}}: fix it in [vars] or with --set {m.group(1)}=...)" if m else ""
 
-    def reference(i, key, made, what, maker, problems) -> bool:
+    def reference(self, i: int, key: str, made: dict, what: str, maker: str, problems: list[str]) -> bool:
         """True when stage ``i``'s ``key`` is made by an earlier stage; when it is neither made earlier nor on
         disk, adds to ``problems`` what to do."""
-        value = stages[i - 1].get(key)
+        value = self.stages[i - 1].get(key)
         if not isinstance(value, str) or _is_url(value):
             return False
         j = made.get(value)
@@ -278,73 +308,70 @@ def check_recipe(recipe: dict) -> list[str]:
             problems.append(f"{key} {value} is made by stage {j}, which runs after this one; "
                             f"move stage {j} before stage {i}.")
         else:
-            problems.append(f"{key} {value} does not exist and no earlier stage makes it{var_hint(i, key)}; "
+            problems.append(f"{key} {value} does not exist and no earlier stage makes it{self.var_hint(i, key)}; "
                             f"fix the path, or add {maker} before this stage.")
         return False
 
-    for i, stage in enumerate(stages, 1):
-        kind = stage.get("kind")
-        if i in recipe.get("unresolved", ()):
-            continue  # its undefined ${vars} are reported; its values are not known
-        if kind is None:
-            errors.append(f"stage {i} has no kind; add kind = one of {', '.join(repr(k) for k in KINDS)}.")
-            continue
-        if kind not in KINDS:
-            errors.append(f"stage {i} has kind {kind!r}; expected one of {', '.join(repr(k) for k in KINDS)}.")
-            continue
-        problems: list[str] = []
-        shapes, classes = None, 2
-        online = kind == "train" and stage.get("online") is True
-        if kind == "train" and not online:
-            if reference(i, "cache", stores, "store", "an extract stage with this out", problems):
-                maker = stages[stores[stage["cache"]] - 1]
-                schema = stage_schema("extract")
-                try:
-                    shapes = encoder_shapes(maker.get("encoder", schema["encoder"].default),
-                                            maker.get("strides", schema["strides"].default))
-                except (UserError, TypeError):
-                    pass  # reported with the extract stage
-            elif isinstance(stage.get("cache"), str) and not _is_url(stage["cache"]) \
-                    and (_local(stage["cache"]) / "zarr.json").is_file():
-                from fusion_seg.cache.store import FeatureStore
-
-                try:
-                    spec = FeatureStore.open(stage["cache"]).spec
-                    shapes, classes = spec.input_shapes(), max(1, len(spec.classes))
-                except UserError as exc:
-                    problems.append(f"cache: {exc}")
+    def references(self, i: int, stage: dict, problems: list[str]) -> tuple[dict | None, int]:
+        """Check the stores and checkpoints stage ``i`` reads (adding to ``problems``); and, for a train stage
+        from a cache, the feature shapes and class count its decoder will be built for (None, 2: not known)."""
+        kind, shapes, classes = stage["kind"], None, 2
+        if kind == "train" and stage.get("online") is not True:
+            shapes, classes = self.cache_shapes(i, stage, problems)
         if kind == "train":
-            reference(i, "val_cache", stores, "store", "an extract stage with this out", problems)
-            reference(i, "init", checkpoints, "checkpoint", "a train stage that writes it", problems)
+            self.reference(i, "val_cache", self.stores, "store", "an extract stage with this out", problems)
+            self.reference(i, "init", self.checkpoints, "checkpoint", "a train stage that writes it", problems)
         if kind in ("evaluate", "predict"):
-            reference(i, "checkpoint", checkpoints, "checkpoint", "a train stage that writes it", problems)
+            self.reference(i, "checkpoint", self.checkpoints, "checkpoint", "a train stage that writes it", problems)
+        return shapes, classes
+
+    def cache_shapes(self, i: int, stage: dict, problems: list[str]) -> tuple[dict | None, int]:
+        """The shapes of the store a train stage reads: the extract stage's that makes it, or the store's on disk."""
+        from fusion_seg.pipeline.schema import stage_schema
+        from fusion_seg.pipeline.stage_checks import encoder_shapes
+
+        if self.reference(i, "cache", self.stores, "store", "an extract stage with this out", problems):
+            maker = self.stages[self.stores[stage["cache"]] - 1]
+            schema = stage_schema("extract")
+            try:
+                return encoder_shapes(maker.get("encoder", schema["encoder"].default),
+                                      maker.get("strides", schema["strides"].default)), 2
+            except (UserError, TypeError):
+                return None, 2  # reported with the extract stage
+        cache = stage.get("cache")
+        if isinstance(cache, str) and not _is_url(cache) and (_local(cache) / "zarr.json").is_file():
+            from fusion_seg.cache.store import FeatureStore
+
+            try:
+                spec = FeatureStore.open(cache).spec
+                return spec.input_shapes(), max(1, len(spec.classes))
+            except UserError as exc:
+                problems.append(f"cache: {exc}")
+        return None, 2
+
+    def files(self, i: int, stage: dict) -> list[str]:
+        """The files and folders stage ``i`` names that must exist before it runs: predict's input (and where its
+        results go), weights, and the root of a dataset read from files."""
+        from fusion_seg.data.datasets import DATASETS, FileSegDataset, SegDataset
+
+        kind, problems = stage["kind"], []
         if kind == "predict" and isinstance(stage.get("input"), str):
             if not Path(stage["input"]).exists():
-                problems.append(f"input {stage['input']} does not exist{var_hint(i, 'input')}; "
+                problems.append(f"input {stage['input']} does not exist{self.var_hint(i, 'input')}; "
                                 "pass an image file or a folder of images.")
             elif isinstance(stage.get("out"), str):
                 problems += _prediction_problems(stage["input"], stage["out"])
         if isinstance(stage.get("weights"), str) and not Path(stage["weights"]).is_file():
-            problems.append(f"weights {stage['weights']} is not a file{var_hint(i, 'weights')}.")
+            problems.append(f"weights {stage['weights']} is not a file{self.var_hint(i, 'weights')}.")
         dataset = stage.get("dataset")
-        if kind in ("extract", "evaluate") or online:
-            if isinstance(dataset, str) and issubclass(DATASETS.get(dataset, SegDataset), FileSegDataset):  # reads files
-                root = stage.get("root")
-                if root is None:
-                    problems.append(f"dataset {dataset!r} needs root = FOLDER (its files).")
-                elif isinstance(root, str) and not Path(root).is_dir():
-                    problems.append(f"root {root} ({dataset}) does not exist{var_hint(i, 'root')}.")
-        problems += check_stage(stage, shapes=shapes, num_classes=classes)
-        for p in problems:
-            found.setdefault(p, []).append((i, kind))
-    # The same problem in several stages (a missing dataset root, say) is one line naming them all.
-    for problem, where in found.items():
-        if len(where) == 1:
-            errors.append(f"stage {where[0][0]} ({where[0][1]}): {problem}")
-        else:
-            names = ", ".join(f"{i} ({kind})" for i, kind in where)
-            errors.append(f"stages {names}: {problem}")
-    return errors
+        reads_images = kind in ("extract", "evaluate") or (kind == "train" and stage.get("online") is True)
+        if reads_images and isinstance(dataset, str) and issubclass(DATASETS.get(dataset, SegDataset), FileSegDataset):
+            root = stage.get("root")
+            if root is None:
+                problems.append(f"dataset {dataset!r} needs root = FOLDER (its files).")
+            elif isinstance(root, str) and not Path(root).is_dir():
+                problems.append(f"root {root} ({dataset}) does not exist{self.var_hint(i, 'root')}.")
+        return problems
 
 
 def _prediction_problems(inputs: str, out: str) -> list[str]:
