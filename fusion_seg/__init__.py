@@ -6,8 +6,9 @@ imports no torch).
 
 - requests: ``DatasetRef``, ``EncoderSpec``, ``Augment``, ``Resize``, ``StoreFormat``, ``ExtractRun``,
   ``TrainConfig``;
-- stages: ``extract_features`` (``fusion-seg extract``), ``train_decoder``, ``train_online``
-  (``fusion-seg train-decoder [--online]``), ``evaluate``, ``predict``;
+- stages: ``extract_features`` (``fusion-seg extract``), ``train`` over ``CachedData`` or ``OnlineData``
+  (``fusion-seg train-decoder [--online]``; ``train_decoder`` and ``train_online`` are it with one or the
+  other), ``evaluate``, ``predict``;
 - models: ``load_model`` (a checkpoint as a :class:`SegmentationModel`: image in, mask out),
   ``build_decoder`` (from ``{name: ShapeSpec(channels, stride)}``) and the registries ``DECODERS`` and
   ``DATASETS``; ``FeatureStore`` (a cache);
@@ -31,6 +32,9 @@ _API = {  # name -> (module, attribute)
     "extract_features": ("fusion_seg.extract.local", "extract"),
     "FeatureStore": ("fusion_seg.cache.store", "FeatureStore"),
     "TrainConfig": ("fusion_seg.training.config", "TrainConfig"),
+    "train": ("fusion_seg.training.train", "train"),
+    "CachedData": ("fusion_seg.training.train", "CachedData"),
+    "OnlineData": ("fusion_seg.training.train", "OnlineData"),
     "train_decoder": ("fusion_seg.training.train", "train_decoder"),
     "train_online": ("fusion_seg.training.train", "train_online"),
     "evaluate": ("fusion_seg.evaluation.evaluate", "evaluate"),

@@ -1,9 +1,13 @@
 """Stage two: train a decoder, from a feature store or (``--online``) from images.
 
-The two entry points only gather the pieces: what the run trains on (:class:`TrainingData`), its
-batch source (sources.py), its validation store (validation.py) and its run directory (run_dir.py),
-and hand them to the one loop (:class:`~fusion_seg.training.trainer.Trainer`). They differ only in
-where a batch's features come from: read from the cache, or computed by the frozen encoder each step.
+The one entry, :func:`train`, takes what a run trains on as typed data: :class:`CachedData` (a feature
+store) or :class:`OnlineData` (a dataset, the frozen encoder, the augmentation and the resize);
+``train_decoder`` and ``train_online`` are it with one or the other. It gathers the pieces: what the run
+trains on (:class:`TrainingData`), its batch source (sources.py), the cache tier of its training and
+validation views (chosen once), its validation store (validation.py) and its run directory (run_dir.py),
+and hands them to the one loop (:class:`~fusion_seg.training.trainer.Trainer`). Cached and online runs
+differ only in where a batch's features come from: read from the cache, or computed by the frozen encoder
+each step.
 
 A run directory holds ``last.pt`` (every epoch, atomic), ``best.pt`` (best val mIoU), ``metrics.jsonl``
 and ``config.json``; ``resume=True`` continues from ``last.pt``. Launched by ``torchrun``,
@@ -12,7 +16,9 @@ process takes its share of every global batch, and rank 0 alone validates and wr
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,22 +45,98 @@ from fusion_seg.training.trainer import Trainer
 from fusion_seg.training.validation import open_val_store, validation_views
 
 
-def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | None = None,
-                  resume: bool | str = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
-    """Train ``cfg.decoder`` from the feature store ``cache``; the encoder is never loaded.
+@dataclass(frozen=True)
+class CachedData:
+    """Train from a feature store: ``cache`` (a folder made by ``fusion-seg extract``, or a URL). The encoder
+    is never loaded."""
+
+    cache: str | Path
+
+
+@dataclass(frozen=True)
+class OnlineData:
+    """Train on views computed every step: the frozen ``encoder`` run on ``augment``-ed, ``resize``-d views of
+    ``dataset`` (no cache), the baseline; an end-to-end decoder (hrnet) takes the images themselves."""
+
+    dataset: DatasetRef
+    encoder: EncoderSpec = EncoderSpec()
+    augment: Augment = Augment()
+    resize: Resize = Resize()
+
+
+_ONLINE_TYPES = {"dataset": DatasetRef, "encoder": EncoderSpec, "augment": Augment, "resize": Resize}
+
+
+def train(out: str | Path, cfg: TrainConfig, data: CachedData | OnlineData, *, val_cache: str | None = None,
+          resume: bool | str = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
+    """Train ``cfg.decoder`` into the run folder ``out`` on ``data``: the one entry to training.
 
     ``resume``: False starts a run in ``out`` (refused if one is there), True continues it (refused with other
     settings or data), ``"auto"`` continues it when it has these settings and this data and otherwise keeps
     it as ``OUT.previous-N`` and starts afresh (see run_dir.py). A ``val_cache`` that holds the training
     data (the same store, or one of the same dataset split and augmentation) is refused unless
-    ``allow_val_on_train``, which warns instead.
+    ``allow_val_on_train``, which warns instead. Where the training and validation views are held (the
+    cache tier) is chosen in one place, :func:`~fusion_seg.training.sources.choose_cache_tier`.
 
-    Launched by torchrun, each process trains its share of every global batch
-    (``cfg.batch_size`` / processes) with DistributedDataParallel (see :mod:`fusion_seg.training.ddp`).
+    From a cache, launched by torchrun, each process trains its share of every global batch
+    (``cfg.batch_size`` / processes) with DistributedDataParallel (see :mod:`fusion_seg.training.ddp`);
+    online training is one process.
     """
     cfg, resume = _checked(cfg, resume)
-    require_path("cache", cache, "the training store (a folder made by `fusion-seg extract`, or a URL)")
+    if not isinstance(data, (CachedData, OnlineData)):
+        raise UserError(f"data={data!r:.60}: pass what the run trains on as fusion_seg.CachedData(cache) (a feature "
+                        "store) or fusion_seg.OnlineData(dataset=DatasetRef(...), encoder=..., augment=..., "
+                        "resize=...) (images, the encoder run every step).")
+    cached = isinstance(data, CachedData)
+    if cached:
+        require_path("cache", data.cache, "the training store (a folder made by `fusion-seg extract`, or a URL)")
     require_path("out", out, "the run folder")
+    if not cached:
+        for name in ("dataset", "encoder", "augment", "resize"):
+            require_type(f"train_online's {name}", getattr(data, name), _ONLINE_TYPES[name])
+    prepared = _from_cache(out, data, cfg, val_cache) if cached else _online(out, data, cfg, val_cache)
+    run, training_data, store = prepared["run"], prepared["data"], prepared.get("store")
+    val_store = open_val_store(val_cache, training_data, allow_val_on_train=allow_val_on_train) if val_cache else None
+    decoder, names = _make_decoder(cfg, training_data.input_shapes, len(training_data.classes))
+    device = resolve_device(cfg.device)
+    session = ddp.session(device) if cached else contextlib.nullcontext(DistEnv(device=device))
+    with run.claimed(), session as dist:
+        echo = _echo if progress and dist.is_main else None
+        tier = choose_cache_tier(cfg, store, names, val_store, dist)
+        if cached:
+            if echo:
+                echo(tier.describe())
+            source, cache_info = cached_source(str(data.cache), names, cfg, tier, dist, progress=progress, echo=echo)
+        else:
+            source, cache_info = OnlineSource(prepared["views"], prepared["encoder"], cfg, dist.device), None
+        val_views = (validation_views(val_cache, names, tier, dist.device, cfg, progress=progress, echo=echo)
+                     if val_store is not None and dist.is_main else None)
+        trainer = Trainer(source, decoder, run, cfg, training_data, dist=dist, val_views=val_views,
+                          cache_info=cache_info)
+        return trainer.fit(resume=resume, progress=progress)
+
+
+def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: str | None = None,
+                  resume: bool | str = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
+    """:func:`train` from the feature store ``cache`` (``CachedData(cache)``); the encoder is never loaded."""
+    return train(out, cfg, CachedData(cache), val_cache=val_cache, resume=resume, progress=progress,
+                 allow_val_on_train=allow_val_on_train)
+
+
+def train_online(out: str | Path, cfg: TrainConfig, *, dataset: DatasetRef, encoder: EncoderSpec = EncoderSpec(),
+                 augment: Augment = Augment(), resize: Resize = Resize(), val_cache: str | None = None,
+                 resume: bool | str = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
+    """:func:`train` with the frozen ``encoder`` run every step on ``augment``-ed views of ``dataset``
+    (``OnlineData``): the baseline. One process only: under torchrun with several processes this is refused."""
+    return train(out, cfg, OnlineData(dataset, encoder, augment, resize), val_cache=val_cache, resume=resume,
+                 progress=progress, allow_val_on_train=allow_val_on_train)
+
+
+def _from_cache(out, data: CachedData, cfg: TrainConfig, val_cache: str | None) -> dict:
+    """The run folder, the store and what the run trains on (TrainingData), from a cache: the run folder's
+    place, the store complete, the crop within its views and a labelled pixel among the usable views checked
+    before anything is loaded."""
+    cache = data.cache
     run = RunDirectory(out, writes=ddp.is_main_process())
     run.check_location()  # before reading anything: a file, or a folder that is not a run
     store = FeatureStore.open(cache)
@@ -63,43 +145,20 @@ def train_decoder(cache: str, out: str | Path, cfg: TrainConfig, *, val_cache: s
     _check_crop(cfg.crop, spec)
     usable = store.usable_views(cfg.views)
     require_labelled_pixels(store, usable, f"the training store {cache}")
-    data = TrainingData(input_shapes=spec.input_shapes(), classes=list(spec.classes), ignore_index=spec.ignore_index,
-                        encoder=spec.encoder_identity, dataset=spec.dataset, resize=spec.resize, augment=spec.augment,
-                        crop=cfg.crop, image_ids=spec.image_ids,
-                        source={"cache": str(cache), "cache_id": store.content_id(), **_val_source(val_cache)},
-                        class_weights=_class_weights(cfg, store_label_maps(store, usable), list(spec.classes),
-                                                     spec.ignore_index, f"the training store {cache}"))
-    val_store = open_val_store(val_cache, data, allow_val_on_train=allow_val_on_train) if val_cache else None
-    decoder, names = _make_decoder(cfg, data.input_shapes, len(data.classes))
-    with run.claimed(), ddp.session(resolve_device(cfg.device)) as dist:
-        echo = _echo if progress and dist.is_main else None
-        tier = choose_cache_tier(cfg, store, names, val_store, dist)
-        if echo:
-            echo(tier.describe())
-        source, cache_info = cached_source(cache, names, cfg, tier, dist, progress=progress, echo=echo)
-        val_views = (validation_views(val_cache, names, tier, dist.device, cfg, progress=progress, echo=echo)
-                     if val_cache and dist.is_main else None)
-        trainer = Trainer(source, decoder, run, cfg, data, dist=dist, val_views=val_views, cache_info=cache_info)
-        return trainer.fit(resume=resume, progress=progress)
+    training = TrainingData(
+        input_shapes=spec.input_shapes(), classes=list(spec.classes), ignore_index=spec.ignore_index,
+        encoder=spec.encoder_identity, dataset=spec.dataset, resize=spec.resize, augment=spec.augment,
+        crop=cfg.crop, image_ids=spec.image_ids,
+        source={"cache": str(cache), "cache_id": store.content_id(), **_val_source(val_cache)},
+        class_weights=_class_weights(cfg, store_label_maps(store, usable), list(spec.classes), spec.ignore_index,
+                                     f"the training store {cache}"))
+    return {"run": run, "data": training, "store": store}
 
 
-def train_online(out: str | Path, cfg: TrainConfig, *, dataset: DatasetRef, encoder: EncoderSpec = EncoderSpec(),
-                 augment: Augment = Augment(), resize: Resize = Resize(), val_cache: str | None = None,
-                 resume: bool | str = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
-    """Train the same decoder with the frozen ``encoder`` run every step on ``augment``-ed views of
-    ``dataset`` (no cache): the baseline. An end-to-end decoder (hrnet) takes the images themselves.
-
-    ``resume`` as :func:`train_decoder`'s. A ``val_cache`` of the training split with the same augmentation
-    is refused unless ``allow_val_on_train``, which warns instead.
-
-    One process only: under torchrun with several processes this is refused.
-    """
-    cfg, resume = _checked(cfg, resume)
-    require_path("out", out, "the run folder")
-    for name, value, kind in (("dataset", dataset, DatasetRef), ("encoder", encoder, EncoderSpec),
-                              ("augment", augment, Augment), ("resize", resize, Resize)):
-        require_type(f"train_online's {name}", value, kind)
-    check_view_requests(augment, resize, encoder)  # as extract's: the views are the same
+def _online(out, data: OnlineData, cfg: TrainConfig, val_cache: str | None) -> dict:
+    """The run folder, the view source, the encoder and what the run trains on (TrainingData), online: the
+    requests checked as extract checks them, and the settings only a cache has refused."""
+    check_view_requests(data.augment, data.resize, data.encoder)  # as extract's: the views are the same
     if ddp.torchrun_world() > 1:
         raise UserError("--online trains in a single process; run it without torchrun, or extract a cache "
                         "(`fusion-seg extract`) and run `train-decoder --cache` under torchrun.")
@@ -110,29 +169,20 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: DatasetRef, enco
                         "computes them every step. Drop it, or train from a cache.")
     run = RunDirectory(out)
     run.check_location()  # before reading anything: a file, or a folder that is not a run
-    ds = dataset.build()
+    ds = data.dataset.build()
     if getattr(DECODERS.get(cfg.decoder), "end_to_end", False):
         enc = build_image_encoder()  # e.g. the HRNet baseline: trains from images with its own stem
     else:
-        enc = encoder.build()
-    views = ViewSource(ds, 1, augment, resize, enc.identity.mean, enc.identity.std)
-    data = TrainingData(input_shapes=enc.output_shape(), classes=list(ds.classes), ignore_index=ds.ignore_index,
-                        encoder=enc.identity, dataset=ds.describe(), resize=resize.to_json(),
-                        augment=augment.to_json(), crop=cfg.crop, image_ids=ds.ids,
-                        source={"online": True, "inputs_id": listing_digest(ds.input_files()), **_val_source(val_cache)},
-                        class_weights=_class_weights(cfg, (ds[i].mask for i in range(len(ds))), list(ds.classes),
-                                                     ds.ignore_index, f"{dataset.name}/{dataset.split}"))
-    val_store = open_val_store(val_cache, data, allow_val_on_train=allow_val_on_train) if val_cache else None
-    dist = DistEnv(device=resolve_device(cfg.device))
-    decoder, names = _make_decoder(cfg, data.input_shapes, len(data.classes))
-    with run.claimed():
-        source = OnlineSource(views, enc, cfg, dist.device)
-        val_views = None
-        if val_store is not None:  # held in memory when it fits
-            val_views = validation_views(val_cache, names, choose_cache_tier(cfg, None, names, val_store, dist),
-                                         dist.device, cfg, progress=progress, echo=_echo if progress else None)
-        trainer = Trainer(source, decoder, run, cfg, data, dist=dist, val_views=val_views)
-        return trainer.fit(resume=resume, progress=progress)
+        enc = data.encoder.build()
+    views = ViewSource(ds, 1, data.augment, data.resize, enc.identity.mean, enc.identity.std)
+    training = TrainingData(
+        input_shapes=enc.output_shape(), classes=list(ds.classes), ignore_index=ds.ignore_index,
+        encoder=enc.identity, dataset=ds.describe(), resize=data.resize.to_json(), augment=data.augment.to_json(),
+        crop=cfg.crop, image_ids=ds.ids,
+        source={"online": True, "inputs_id": listing_digest(ds.input_files()), **_val_source(val_cache)},
+        class_weights=_class_weights(cfg, (ds[i].mask for i in range(len(ds))), list(ds.classes), ds.ignore_index,
+                                     f"{data.dataset.name}/{data.dataset.split}"))
+    return {"run": run, "data": training, "views": views, "encoder": enc}
 
 
 RESUME_CHOICES = (False, True, "auto")

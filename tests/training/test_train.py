@@ -84,6 +84,27 @@ def test_cache_and_online_training_agree(stores, tmp_path):
     assert cached.losses[0] != cached.losses[-1]
 
 
+def test_one_entry_trains_on_typed_data(stores, tmp_path):
+    """Issue 22: fusion_seg.train(out, cfg, data) is the one entry, data a CachedData or an OnlineData:
+    train_decoder and train_online are it (the same losses), and anything else is one line saying what to pass."""
+    import fusion_seg as fs
+
+    cfg = tiny_config(epochs=1)
+    cached = fs.train(tmp_path / "cached", cfg, fs.CachedData(str(stores / "whole.zarr")), progress=False)
+    assert cached.losses == train_decoder(str(stores / "whole.zarr"), tmp_path / "c2", cfg, progress=False).losses
+    online = fs.OnlineData(DatasetRef("synthetic", "train", options=SYNTH),
+                           EncoderSpec(ENCODER, random_init=True, seed=0, strides=(4, 8, 16, 32)),
+                           Augment(enabled=False))
+    r = fs.train(tmp_path / "online", cfg, online, progress=False)
+    assert r.losses == train_online(tmp_path / "o2", cfg, dataset=online.dataset, encoder=online.encoder,
+                                    augment=online.augment, progress=False).losses
+    with pytest.raises(UserError, match=r"^data='s.zarr': pass what the run trains on as fusion_seg.CachedData"):
+        fs.train(tmp_path / "bad", cfg, "s.zarr")
+    with pytest.raises(UserError, match="train_online's augment must be an Augment, not dict"):
+        fs.train(tmp_path / "bad", cfg, fs.OnlineData(online.dataset, augment={"crop": [64, 64]}))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_val_cache_from_other_encoder_refused(stores, tmp_path):
     other = tmp_path / "other-val.zarr"
     extract_synthetic(other, split="val", views=1, augment=False, num_images=2, seed=5)
