@@ -8,7 +8,8 @@ imports no torch).
   ``TrainConfig``;
 - stages: ``extract_features`` (``fusion-seg extract``), ``train`` over ``CachedData`` or ``OnlineData``
   (``fusion-seg train-decoder [--online]``; ``train_decoder`` and ``train_online`` are it with one or the
-  other), ``evaluate``, ``predict``;
+  other), ``evaluate``, ``predict`` (returning ``EvaluationResult``, ``PredictionResult``: frozen
+  dataclasses that also read as mappings);
 - models: ``load_model`` (a checkpoint as a :class:`SegmentationModel`: image in, mask out),
   ``build_decoder`` (from ``{name: ShapeSpec(channels, stride)}``) and the registries ``DECODERS`` and
   ``DATASETS``; ``FeatureStore`` (a cache);
@@ -38,7 +39,9 @@ _API = {  # name -> (module, attribute)
     "train_decoder": ("fusion_seg.training.train", "train_decoder"),
     "train_online": ("fusion_seg.training.train", "train_online"),
     "evaluate": ("fusion_seg.evaluation.evaluate", "evaluate"),
+    "EvaluationResult": ("fusion_seg.evaluation.evaluate", "EvaluationResult"),
     "predict": ("fusion_seg.inference.predict", "predict"),
+    "PredictionResult": ("fusion_seg.inference.predict", "PredictionResult"),
     "load_model": ("fusion_seg.inference.segmenter", "load_model"),
     "SegmentationModel": ("fusion_seg.inference.segmenter", "SegmentationModel"),
     "build_decoder": ("fusion_seg.decoders", "build_decoder"),

@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +14,41 @@ import torch
 from fusion_seg.data.datasets import DatasetRef, build_dataset
 from fusion_seg.errors import UserError
 from fusion_seg.evaluation.metrics import SegEvaluator
-from fusion_seg.files import write_json_atomic
+from fusion_seg.files import check_out_folder, reporting_write_errors, write_json_atomic
 from fusion_seg.inference import arguments
-from fusion_seg.files import check_out_folder, reporting_write_errors
 from fusion_seg.inference.segmenter import load_model
 from fusion_seg.plots import plot_if_available
 from fusion_seg.progress import Progress
+from fusion_seg.results import ResultMapping
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluationResult(ResultMapping):
+    """What ``evaluate`` measured (also readable as a mapping: ``r["miou"]``; see results.py). ``extra`` holds
+    the metrics only some datasets have (Cityscapes: ``iiou_class``, ``iou_category``, ...)."""
+
+    pixel_acc: float | None
+    miou: float | None
+    mean_acc: float | None
+    per_class_iou: dict
+    confusion: list
+    num_pixels: int
+    checkpoint: str
+    dataset: str
+    split: str
+    images: int
+    sliding_window: bool
+    flip: bool
+    scales: list
+    seconds: float
+    out: str
+    extra: dict = field(default_factory=dict)
 
 
 def evaluate(checkpoint: str | Path, *, dataset: str, split: str, root: str | None = None,
              out: str | Path | None = None, sliding_window: bool = False, flip: bool = False,
              scales: tuple[float, ...] = (1.0,), weights: str | None = None, device: str = "auto",
-             dataset_options: dict | None = None, progress: bool = True) -> dict:
+             dataset_options: dict | None = None, progress: bool = True) -> EvaluationResult:
     """Pixel accuracy, mIoU, per-class IoU and the confusion matrix, end to end on images.
 
     Predictions are scored at the original label resolution; ignore pixels are excluded. ``flip``
@@ -99,7 +123,9 @@ def evaluate(checkpoint: str | Path, *, dataset: str, split: str, root: str | No
     with reporting_write_errors(out / "confusion.png", "the confusion plot"):
         plot_if_available("plot_confusion", confusion, list(ds.classes), out / "confusion.png")
     result["out"] = str(out)
-    return result
+    own = {f.name for f in fields(EvaluationResult)} - {"extra"}
+    return EvaluationResult(**{k: v for k, v in result.items() if k in own},
+                            extra={k: v for k, v in result.items() if k not in own})
 
 
 def default_out_folder(checkpoint: str | Path, dataset: str, split: str, *, root, dataset_options: dict, flip: bool,

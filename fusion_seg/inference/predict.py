@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fusion_seg.data.io import (IMAGE_EXTENSIONS, file_problem, list_images as list_image_files, overlay, read_image,
@@ -17,6 +18,7 @@ from fusion_seg.inference import arguments
 from fusion_seg.inference.segmenter import load_model
 from fusion_seg.plots import plot_if_available
 from fusion_seg.progress import Progress
+from fusion_seg.results import ResultMapping
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -94,9 +96,19 @@ def _file_id(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+@dataclass(frozen=True, eq=False)
+class PredictionResult(ResultMapping):
+    """What ``predict`` wrote (also readable as a mapping: ``r["images"]``; see results.py)."""
+
+    images: int
+    out: str
+    seconds: float
+    images_per_second: float | None
+
+
 def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, sliding_window: bool = False,
             flip: bool = False, scales=(1.0,), weights: str | None = None, device: str = "auto",
-            progress: bool = True) -> dict:
+            progress: bool = True) -> PredictionResult:
     """Write ``<stem>.png`` (palette label mask) and ``<stem>_overlay.png`` for each input image, and
     ``legend.png`` (the palette's colours with the class names; needs matplotlib, the ``plots`` extra).
 
@@ -138,5 +150,4 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
                 write_rgb_png(overlaid, overlay(image, mask, palette))
             bar.update(1)
     seconds = time.perf_counter() - t0
-    return {"images": len(files), "out": str(out), "seconds": seconds,
-            "images_per_second": len(files) / seconds if seconds else None}
+    return PredictionResult(len(files), str(out), seconds, len(files) / seconds if seconds else None)

@@ -127,3 +127,27 @@ def test_predict_writes_the_tta_masks(tmp_path, image, checkpoint, monkeypatch):
     result = CliRunner().invoke(main, ["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--out",
                                        str(tmp_path / "bad"), "--scales", "0,1", "--device", "cpu"])
     assert result.exit_code == 2 and "--scales" in result.output and not (tmp_path / "bad").exists()
+
+
+def test_evaluate_and_predict_return_typed_results_that_read_as_before(checkpoint, tmp_path, image):
+    """Issue 22: evaluate and predict return frozen dataclasses (EvaluationResult, PredictionResult) that still
+    read as the dicts they replaced: the same keys, values and JSON."""
+    import dataclasses
+    import json
+
+    import fusion_seg as fs
+    from fusion_seg.data.io import write_rgb_png
+
+    r = fs.evaluate(checkpoint, dataset="synthetic", split="val", out=tmp_path / "eval", device="cpu", progress=False,
+                    dataset_options={"num_images": 2, "size": SYNTH["size"]})
+    assert isinstance(r, fs.EvaluationResult) and r.miou == r["miou"] and r.out == str(tmp_path / "eval")
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(r) == set(written) | {"confusion", "out"} and "extra" not in r
+    assert {k: r[k] for k in written} == written and dict(r) == r.as_dict()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.miou = 1.0
+    (tmp_path / "in").mkdir()
+    write_rgb_png(tmp_path / "in" / "a.png", image)
+    p = fs.predict(checkpoint, tmp_path / "in", tmp_path / "pred", device="cpu", progress=False)
+    assert isinstance(p, fs.PredictionResult) and p.images == p["images"] == 1
+    assert set(p) == {"images", "out", "seconds", "images_per_second"} and p.get("nothing") is None
