@@ -31,7 +31,7 @@ from fusion_seg.cli.shell import user_errors
 @click.option("--dask-workers", type=click.IntRange(min=1), default=None,
               help="Extract on a new local dask cluster of N worker processes (pip install 'fusion-seg[distributed]').")
 @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
-              help="Extract on a running dask.distributed cluster (see README, Scaling out).")
+              help="Extract on a running dask.distributed cluster (see docs/scaling-out.md).")
 @click.option("--repair", is_flag=True, help="Verify every chunk first and re-extract corrupt or skipped views.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (`fusion-seg info` lists them) instead of stopping.")
 @click.option("--out", required=True, type=click.Path(), help="Feature store (a .zarr folder).")

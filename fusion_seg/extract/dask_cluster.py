@@ -130,13 +130,13 @@ def cluster_client(scheduler: str | None, workers: int | None):
             client = Client(scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))
         except (OSError, TimeoutError) as exc:
             raise UserError(f"cannot reach the dask scheduler at {scheduler}: {exc}. Start one with `dask scheduler` "
-                            "and workers with `dask worker ADDRESS` (see README), or use --dask-workers N.") from None
+                            "and workers with `dask worker ADDRESS` (see docs/scaling-out.md), or use --dask-workers N.") from None
         with client:
             try:
                 client.wait_for_workers(1, timeout=60)
             except TimeoutError:
                 raise UserError(f"no dask worker joined the scheduler at {scheduler} within 60 s. Start workers "
-                                f"with `dask worker {scheduler}` (see README).") from None
+                                f"with `dask worker {scheduler}` (see docs/scaling-out.md).") from None
             yield client
         return
     with local_cluster(workers) as cluster, Client(cluster) as client:
@@ -209,4 +209,4 @@ def _warn_trim_threshold(client) -> None:
     if slowed:
         print(f"warning: dask worker(s) {', '.join(slowed)} run with MALLOC_TRIM_THRESHOLD_ set, which slows the "
               "encoder by up to 1.5x; start them with `MALLOC_TRIM_THRESHOLD_: null` in the dask config "
-              "(README: Extraction on a dask cluster).", file=sys.stderr, flush=True)
+              "(docs/scaling-out.md: Extraction on a dask cluster).", file=sys.stderr, flush=True)
