@@ -1,4 +1,5 @@
-"""The README's Python API example runs as written (issue #13), and the package imports lazily."""
+"""The README's Python API example runs as written (issue #13; every stage once since issue #22: extract, train,
+evaluate, predict), and the package imports lazily."""
 from __future__ import annotations
 
 import re
@@ -24,7 +25,10 @@ def test_the_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(api_example(), str(README), "exec"), {"__name__": "readme_example"})
     assert (tmp_path / "runs" / "api" / "best.pt").is_file()
     assert (tmp_path / "cache" / "api-train.zarr").is_dir()
-    assert "steps; most pixels:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "steps; most pixels:" in out and "val mIoU" in out and "1 image(s) ->" in out
+    assert (tmp_path / "runs" / "api" / "eval" / "metrics.json").is_file()
+    assert (tmp_path / "runs" / "api" / "predictions" / "api-image.png").is_file()
 
 
 def test_every_api_name_resolves_and_importing_the_package_loads_no_torch():
