@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from fusion_seg.extract.local import extract
-from fusion_seg.pipeline.requests import extract_arguments, online_arguments
+from fusion_seg.requests import extract_arguments, online_arguments
 from fusion_seg.training.config import TrainConfig
 from fusion_seg.training.train import train_decoder, train_online
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 import importlib
 
 _API = {  # name -> (module, attribute)
-    "DatasetRef": ("fusion_seg.data.datasets", "DatasetRef"),
+    "DatasetRef": ("fusion_seg.requests", "DatasetRef"),
     "DATASETS": ("fusion_seg.data.datasets", "DATASETS"),
-    "EncoderSpec": ("fusion_seg.encoder.build", "EncoderSpec"),
-    "Augment": ("fusion_seg.data.views", "Augment"),
-    "Resize": ("fusion_seg.data.views", "Resize"),
+    "EncoderSpec": ("fusion_seg.requests", "EncoderSpec"),
+    "Augment": ("fusion_seg.requests", "Augment"),
+    "Resize": ("fusion_seg.requests", "Resize"),
     "StoreFormat": ("fusion_seg.extract.request", "StoreFormat"),
     "ExtractRun": ("fusion_seg.extract.request", "ExtractRun"),
     "extract_features": ("fusion_seg.extract.local", "extract"),

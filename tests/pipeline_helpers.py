@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 
 from fusion_seg.extract.local import extract
-from fusion_seg.pipeline.requests import extract_arguments
+from fusion_seg.requests import extract_arguments
 
 ENCODER = "resnet18"
 SYNTH = {"num_images": 6, "size": (64, 96)}

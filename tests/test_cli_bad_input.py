@@ -125,7 +125,7 @@ EXTRACT_KW = dict(dataset="synthetic", split="train", encoder="resnet18", random
 def test_extract_refuses_bad_values_before_creating_the_store(bad, option, tmp_path):
     """A recipe's values (built into extract()'s requests as a recipe stage's are) are refused by extract() itself."""
     from fusion_seg.extract.local import extract
-    from fusion_seg.pipeline.requests import extract_arguments
+    from fusion_seg.requests import extract_arguments
 
     out = tmp_path / "out" / "x.zarr"
     with pytest.raises(UserError, match=option):

@@ -164,7 +164,7 @@ def parse_key_values(pairs) -> dict:
 
 def option_values(params: dict) -> dict:
     """A command's parsed options under the names a recipe stage gives them, from which the library's
-    requests are built (pipeline/requests.py): ``--no-augment``/``--no-flip`` as ``augment``/``flip``,
+    requests are built (fusion_seg/requests.py): ``--no-augment``/``--no-flip`` as ``augment``/``flip``,
     the ``--dataset-opt``/``--decoder-opt`` pairs as ``dataset_options``/``decoder_options``, and extract's
     ``--dask-workers`` as ``workers``."""
     values = dict(params)

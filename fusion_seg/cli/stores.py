@@ -38,10 +38,12 @@ from fusion_seg.cli.shell import user_errors
 @user_errors
 def extract(**params):
     """Run the frozen encoder once per view and store multi-scale features (resumable)."""
-    from fusion_seg.extract.local import extract as run
-    from fusion_seg.pipeline.requests import extract_arguments
+    from fusion_seg.requests import extract_arguments
 
-    r = run(**extract_arguments(option_values(params)))
+    arguments = extract_arguments(option_values(params))  # built and checked torch-free (requests.py)
+    from fusion_seg.extract.local import extract as run
+
+    r = run(**arguments)
     of_them = f", {len(r.skipped)} of them skipped as bad input" if r.skipped else ""
     click.echo(f"{r.store}: {r.views_written} views written{of_them} ({r.views_total} in store), "
                f"{r.views_per_second:.2f} views/s")

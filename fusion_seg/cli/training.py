@@ -77,31 +77,33 @@ def train_decoder(ctx, **params):
     Under torchrun (`torchrun --nproc_per_node N -m fusion_seg train-decoder ...`) the cache path
     trains with DistributedDataParallel; --batch-size stays the global batch.
     """
-    from fusion_seg.training.ddp import is_main_process
-    from fusion_seg.progress import require_tensorboard
-    from fusion_seg.pipeline.requests import online_arguments, split_train_options
-    from fusion_seg.pipeline.schema import train_config
-    from fusion_seg.training.run_dir import resumed_lr
-    from fusion_seg.training.train import train_decoder as from_cache, train_online
+    from fusion_seg.requests import online_arguments, split_train_options, train_config
 
     refuse_unused_options(ctx, params["online"])
     options = option_values(params)
     cache, val_cache, allow_val_on_train, online, resume, out = (
         options.pop(k) for k in ("cache", "val_cache", "allow_val_on_train", "online", "resume", "out"))
     if resume and ctx.get_parameter_source("lr").name == "DEFAULT":
+        from fusion_seg.training.run_dir import resumed_lr
+
         options["lr"] = resumed_lr(out, options["lr"])  # --resume keeps the run's lr; only an explicit --lr changes it
     options, images = split_train_options(options, online=online)  # which --crop is meant: see there
-    cfg = train_config(options)
+    if online and not images["dataset"]:
+        raise UserError("--online needs --dataset (and --root, --split) to read images from.")
+    if not online and not cache:
+        raise UserError("pass --cache STORE (made by `fusion-seg extract`), or --online with dataset options.")
+    requests = online_arguments(images) if online else None  # built and checked torch-free (requests.py)
+    cfg = train_config(options)  # its decoder options are checked against the decoder registry (torch)
+    from fusion_seg.progress import require_tensorboard
+    from fusion_seg.training.ddp import is_main_process
+    from fusion_seg.training.train import train_decoder as from_cache, train_online
+
     if cfg.tensorboard:
         require_tensorboard()  # refuse before any cache is loaded
-    if online:
-        if not images["dataset"]:
-            raise UserError("--online needs --dataset (and --root, --split) to read images from.")
-        r = train_online(out, cfg, **online_arguments(images), val_cache=val_cache, resume=resume,
+    if online:  # both are fusion_seg.train, with OnlineData or CachedData
+        r = train_online(out, cfg, **requests, val_cache=val_cache, resume=resume,
                          allow_val_on_train=allow_val_on_train)
     else:
-        if not cache:
-            raise UserError("pass --cache STORE (made by `fusion-seg extract`), or --online with dataset options.")
         r = from_cache(cache, out, cfg, val_cache=val_cache, resume=resume, allow_val_on_train=allow_val_on_train)
     best = f"{r.best_miou:.4f}" if r.best_miou is not None else "n/a"
     if is_main_process():  # under torchrun, print once
@@ -140,7 +142,7 @@ def compare(**params):
     Each decoder trains with its defaults and every other setting given here, as train-decoder would train it
     (the whole configuration goes to its training process as data), and its run folder OUT/DECODER continues
     a run of the same settings or keeps one of other settings aside, as a recipe's does."""
-    from fusion_seg.pipeline.schema import train_config
+    from fusion_seg.requests import train_config
     from fusion_seg.reports.compare import compare as run
 
     options = option_values(params)

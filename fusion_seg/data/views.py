@@ -8,64 +8,13 @@ extraction resumable and distributable with bit-identical results.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 
 from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.errors import Failed, UserError
-from fusion_seg.options import check_fields
+from fusion_seg.requests import Augment, Resize
 from fusion_seg.data.transforms import hrnet_train_view, resize_pair, to_tensor, view_rng
-
-
-@dataclass(frozen=True)
-class Augment:
-    """HRNet's training augmentation; ``enabled=False`` keeps the whole (resized) image."""
-
-    enabled: bool = True
-    crop: tuple[int, int] | None = (512, 512)
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    flip: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        check_fields(self, "Augment")  # a caller's crop="64x64" is refused here, not deep in a worker
-        # One form per augmentation, whoever builds it: a store records to_json(), and equal requests must
-        # record equal specs. Without augmentation there is no crop and no flip.
-        if not self.enabled:
-            object.__setattr__(self, "crop", None)
-            object.__setattr__(self, "flip", False)
-        _tuples(self, "crop", "scale_range")
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["crop"] = list(self.crop) if self.crop else None
-        d["scale_range"] = list(self.scale_range)
-        return d
-
-
-@dataclass(frozen=True)
-class Resize:
-    """Resizing applied before anything else (``short_side`` or an exact ``size`` (H, W))."""
-
-    short_side: int | None = None
-    size: tuple[int, int] | None = None
-
-    def __post_init__(self):
-        check_fields(self, "Resize")
-        _tuples(self, "size")
-
-    def to_json(self) -> dict:
-        return {"short_side": self.short_side, "size": list(self.size) if self.size else None}
-
-
-def _tuples(request, *names: str) -> None:
-    """Sizes and ranges given as lists (a recipe's TOML arrays) held as tuples, as the library gives them."""
-    for name in names:
-        value = getattr(request, name)
-        if isinstance(value, list):
-            object.__setattr__(request, name, tuple(value))
 
 
 class ViewSource(torch.utils.data.Dataset):

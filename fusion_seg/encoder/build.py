@@ -15,7 +15,6 @@ released under CC-BY-NC 4.0 (non-commercial use only).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -25,7 +24,6 @@ from torch import nn
 from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES, EncoderIdentity, state_dict_sha256
 from fusion_seg.encoder.weights import load_weights_strict, read_weights_file
 from fusion_seg.errors import CheckpointError, UserError
-from fusion_seg.options import check_fields
 from fusion_seg.shapes import ShapeSpec, feature_name
 
 
@@ -127,31 +125,6 @@ class FrozenEncoder(nn.Module):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.model(images)))
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Which encoder to build: a timm tag and exactly one weights source, and the strides to return.
-
-    The request that extraction, online training and the CLI pass around; ``build()`` makes the
-    :class:`FrozenEncoder`, whose :class:`~fusion_seg.encoder.identity.EncoderIdentity` then records
-    what was actually loaded.
-    """
-
-    tag: str = DEFAULT_ENCODER
-    weights_file: str | Path | None = None
-    random_init: bool = False
-    seed: int = 0
-    strides: tuple[int, ...] = DEFAULT_STRIDES
-
-    def __post_init__(self):
-        check_fields(self, "EncoderSpec")
-        if isinstance(self.strides, list):  # as a recipe (TOML) gives them; the order is checked, not changed
-            object.__setattr__(self, "strides", tuple(self.strides))
-
-    def build(self) -> "FrozenEncoder":
-        return build_encoder(self.tag, weights_file=self.weights_file, random_init=self.random_init,
-                             seed=self.seed, strides=self.strides)
 
 
 def build_encoder(

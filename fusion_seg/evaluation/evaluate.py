@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusion_seg.data.datasets import DatasetRef, build_dataset
+from fusion_seg.data.datasets import build_dataset
+from fusion_seg.requests import DatasetRef
 from fusion_seg.errors import UserError
 from fusion_seg.evaluation.metrics import SegEvaluator
 from fusion_seg.files import check_out_folder, reporting_write_errors, write_json_atomic

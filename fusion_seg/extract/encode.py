@@ -18,7 +18,8 @@ from fusion_seg.cache.store import VIEW_FIELDS, CacheSpec, FeatureStore
 from fusion_seg.checks import memory_problem
 from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.data.transforms import resized_shape
-from fusion_seg.data.views import Augment, Resize, stack_groups
+from fusion_seg.data.views import stack_groups
+from fusion_seg.requests import Augment, Resize
 from fusion_seg.device import autocast, to_device
 from fusion_seg.encoder.build import FrozenEncoder
 from fusion_seg.errors import DataError, Failed, UserError, write_error

@@ -11,7 +11,7 @@ which encoder (:class:`~fusion_seg.encoder.build.EncoderSpec`), how views are ma
 (:class:`~fusion_seg.data.views.Augment`, :class:`~fusion_seg.data.views.Resize`), how the store
 encodes them (:class:`~fusion_seg.extract.request.StoreFormat`) and how the work runs
 (:class:`~fusion_seg.extract.request.ExtractRun`). The command line and
-recipes build them from their option values in one place (fusion_seg/pipeline/requests.py).
+recipes build them from their option values in one place (fusion_seg/requests.py).
 
 Everything a request can get wrong is refused before the store or its lock file is made: the
 arguments' ranges, an ``--out`` that cannot become a store (locations.check_out), an empty
@@ -35,11 +35,13 @@ from fusion_seg import faults
 from fusion_seg.cache import locations
 from fusion_seg.cache.codecs import check_dtype, codec_spec
 from fusion_seg.cache.store import FeatureStore
-from fusion_seg.data.datasets import DatasetRef
+from fusion_seg.requests import DatasetRef
 from fusion_seg.data.datasets.base import SegDataset
-from fusion_seg.data.views import Augment, Resize, ViewSource, collate_list
+from fusion_seg.data.views import ViewSource, collate_list
+from fusion_seg.requests import Augment, Resize
 from fusion_seg.device import memory_format, resolve_device
-from fusion_seg.encoder.build import EncoderSpec, FrozenEncoder
+from fusion_seg.encoder.build import FrozenEncoder
+from fusion_seg.requests import EncoderSpec
 from fusion_seg.errors import UserError, require_path, require_type
 from fusion_seg.extract.encode import (build_spec, check_view_count, check_view_size, encode_batch, handle_failed,
                                        label_shape_for, store_writes)

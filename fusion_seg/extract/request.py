@@ -1,7 +1,7 @@
 """The parts of an extraction request that only extraction has (the dataset, encoder and view requests
 are shared with online training: DatasetRef, EncoderSpec, Augment, Resize).
 
-Frozen values, built once from option values (fusion_seg/pipeline/requests.py) and checked by
+Frozen values, built once from option values (fusion_seg/requests.py) and checked by
 :func:`fusion_seg.extract.local.check_extract_arguments` before any work.
 """
 from __future__ import annotations

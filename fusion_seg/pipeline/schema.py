@@ -13,10 +13,10 @@ from dataclasses import MISSING, fields
 
 from fusion_seg.errors import UserError
 from fusion_seg.options import EMPTY, Option, parameters, size_hint, type_hints
-from fusion_seg.pipeline import requests
+from fusion_seg import requests
+from fusion_seg.requests import DECODER_KEYS
 
 KINDS = ("extract", "train", "evaluate", "predict")
-DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")  # reverse-hrnet's; others via decoder_options
 # A train stage's keys besides TrainConfig's that the runner passes itself (the rest of the training
 # function's keyword arguments are the stage's, or built from them: see trainer_keys).
 _RUNNER_ARGS = ("cache", "out", "cfg", "val_cache", "resume", "progress")
@@ -25,22 +25,6 @@ PATH_KEYS = ("root", "out", "weights", "cache", "val_cache", "init", "checkpoint
 DATASET_PATH_OPTIONS = ("sbd",)  # dataset options that are paths (voc's SBD folder)
 
 
-def train_config(options: dict):
-    """A TrainConfig from flat options; decoder architecture keys go into ``decoder_config``."""
-    from fusion_seg.training.config import TrainConfig
-
-    options = dict(options)
-    names = {f.name for f in fields(TrainConfig)}
-    decoder_config = {k: options.pop(k) for k in DECODER_KEYS if options.get(k) is not None}
-    decoder_config.update(options.pop("decoder_options", None) or {})
-    unknown = {k for k, v in options.items() if v is not None} - names
-    if unknown:
-        raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-    kwargs = {k: v for k, v in options.items() if k in names and v is not None}
-    if isinstance(kwargs.get("crop"), tuple):  # the command line's HxW; a recipe's and a checkpoint's: a list
-        kwargs["crop"] = list(kwargs["crop"])
-    kwargs["decoder_config"] = {**kwargs.get("decoder_config", {}), **decoder_config}
-    return TrainConfig(**kwargs)  # which checks its ranges (UserError)
 
 
 def trainer_keys(*, online: bool) -> tuple[str, ...]:

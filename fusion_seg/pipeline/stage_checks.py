@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from fusion_seg.errors import UserError
 from fusion_seg.options import Option, check_keys, parameters, show_value
-from fusion_seg.pipeline import requests
-from fusion_seg.pipeline.schema import DECODER_KEYS, stage_schema, train_config, trainer_keys
+from fusion_seg import requests
+from fusion_seg.pipeline.schema import stage_schema, trainer_keys
+from fusion_seg.requests import DECODER_KEYS, train_config
 
 
 def dataset_errors(name, options) -> list[str]:

@@ -5,8 +5,9 @@ record. What a stage accepts is schema.py's; checking it before anything runs, s
 from __future__ import annotations
 
 from fusion_seg.errors import UserError
-from fusion_seg.pipeline import requests
-from fusion_seg.pipeline.schema import train_config, trainer_keys
+from fusion_seg import requests
+from fusion_seg.pipeline.schema import trainer_keys
+from fusion_seg.requests import train_config
 
 
 def run_stage(stage: dict, *, progress: bool = True) -> dict:

@@ -381,9 +381,9 @@ def _dataset_size(req: PlanRequest) -> int:
 
 def _sample_store(req: PlanRequest, device, tmp: Path, echo) -> tuple[str, float]:
     """A store of a few images of the dataset at the planned view size (its shapes), and the extraction rate."""
-    from fusion_seg.data.datasets import DatasetRef
-    from fusion_seg.data.views import Augment, Resize
-    from fusion_seg.encoder.build import EncoderSpec
+    from fusion_seg.requests import DatasetRef
+    from fusion_seg.requests import Augment, Resize
+    from fusion_seg.requests import EncoderSpec
     from fusion_seg.extract.local import extract
     from fusion_seg.extract.request import ExtractRun
 

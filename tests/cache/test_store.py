@@ -5,9 +5,9 @@ import pytest
 import zarr
 
 from fusion_seg.cache.store import SCHEMA_VERSION, FeatureStore
-from fusion_seg.data.datasets import DatasetRef
-from fusion_seg.data.views import Augment
-from fusion_seg.encoder.build import EncoderSpec
+from fusion_seg.requests import DatasetRef
+from fusion_seg.requests import Augment
+from fusion_seg.requests import EncoderSpec
 from fusion_seg.errors import CacheError, UserError
 from PIL import Image
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fusion_seg.data.datasets import build_dataset
-from fusion_seg.data.views import Augment, Resize, ViewSource, collate_list, stack_groups
+from fusion_seg.data.views import ViewSource, collate_list, stack_groups
+from fusion_seg.requests import Augment, Resize
 from fusion_seg.errors import Failed
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -21,9 +21,9 @@ from PIL import Image
 
 from fusion_seg.cache.store import INPUTS_KEY, SKIPPED_KEY, FeatureStore
 from fusion_seg.cli import main
-from fusion_seg.data.datasets import DatasetRef
-from fusion_seg.data.views import Augment, Resize
-from fusion_seg.encoder.build import EncoderSpec
+from fusion_seg.requests import DatasetRef
+from fusion_seg.requests import Augment, Resize
+from fusion_seg.requests import EncoderSpec
 from fusion_seg.errors import CacheError, UserError
 from fusion_seg.files import file_listing
 from fusion_seg.extract.local import extract

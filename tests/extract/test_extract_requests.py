@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from fusion_seg.cache.store import FeatureStore
-from fusion_seg.data.datasets import DatasetRef
-from fusion_seg.data.views import Augment, Resize
-from fusion_seg.encoder.build import EncoderSpec
+from fusion_seg.requests import DatasetRef
+from fusion_seg.requests import Augment, Resize
+from fusion_seg.requests import EncoderSpec
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import UserError
 from fusion_seg.extract.local import check_extract_arguments, extract

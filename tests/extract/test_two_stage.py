@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
-from fusion_seg.data.datasets import DatasetRef
-from fusion_seg.data.views import Augment
-from fusion_seg.encoder.build import EncoderSpec
+from fusion_seg.requests import DatasetRef
+from fusion_seg.requests import Augment
+from fusion_seg.requests import EncoderSpec
 from fusion_seg.errors import CheckpointError
 from fusion_seg.extract.local import extract
 from fusion_seg.extract.request import ExtractRun

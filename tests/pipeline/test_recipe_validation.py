@@ -163,12 +163,12 @@ def test_every_key_a_stage_accepts_is_one_its_function_takes():
     from fusion_seg.extract.local import extract
     from fusion_seg.evaluation.evaluate import evaluate
     from fusion_seg.inference.predict import predict
-    from fusion_seg.pipeline import requests
+    from fusion_seg import requests
     from fusion_seg.pipeline.schema import DECODER_KEYS, stage_schema, trainer_keys
     from fusion_seg.training.config import TrainConfig
     from fusion_seg.training.train import train_online
 
-    # extract()'s plain arguments, and the options of the builders of its typed requests (pipeline/requests.py).
+    # extract()'s plain arguments, and the options of the builders of its typed requests (fusion_seg/requests.py).
     arguments = set(inspect.signature(extract).parameters) - {"progress"}
     assert set(requests.EXTRACT_REQUESTS) | set(requests.EXTRACT_PLAIN) == arguments
     assert set(stage_schema("extract")) == (set(requests.EXTRACT_PLAIN)

@@ -27,7 +27,7 @@ from fusion_seg.cli import main
 from fusion_seg.extract.dask_cluster import local_cluster
 from fusion_seg.errors import CacheError, DataError, UserError
 from fusion_seg.extract.local import extract
-from fusion_seg.pipeline.requests import extract_arguments
+from fusion_seg.requests import extract_arguments
 from pipeline_helpers import ENCODER, extract_synthetic
 
 distributed = pytest.importorskip("distributed")
@@ -86,7 +86,7 @@ class CountBuilds(distributed.WorkerPlugin):
         self.log = str(log)
 
     def setup(self, worker):
-        from fusion_seg.encoder.build import EncoderSpec
+        from fusion_seg.requests import EncoderSpec
 
         self.original = build = EncoderSpec.build
 
@@ -97,7 +97,7 @@ class CountBuilds(distributed.WorkerPlugin):
         EncoderSpec.build = counted
 
     def teardown(self, worker):
-        from fusion_seg.encoder.build import EncoderSpec
+        from fusion_seg.requests import EncoderSpec
 
         EncoderSpec.build = self.original
 
@@ -108,13 +108,13 @@ class OtherWeights(distributed.WorkerPlugin):
     def setup(self, worker):
         from dataclasses import replace
 
-        from fusion_seg.encoder.build import EncoderSpec
+        from fusion_seg.requests import EncoderSpec
 
         self.original = build = EncoderSpec.build
         EncoderSpec.build = lambda spec: build(replace(spec, seed=spec.seed + 1))
 
     def teardown(self, worker):
-        from fusion_seg.encoder.build import EncoderSpec
+        from fusion_seg.requests import EncoderSpec
 
         EncoderSpec.build = self.original
 

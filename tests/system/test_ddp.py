@@ -29,7 +29,7 @@ from fusion_seg.errors import UserError
 from fusion_seg.training.losses import build_loss
 from fusion_seg.cache.resident import resident_bytes
 from fusion_seg.decoders.base import upsample_logits
-from fusion_seg.data.datasets import DatasetRef
+from fusion_seg.requests import DatasetRef
 from fusion_seg.training.config import TrainConfig
 from fusion_seg.training.sources import _loader
 from fusion_seg.training.train import _make_decoder, train_decoder, train_online

@@ -162,7 +162,7 @@ def folder_dataset(root, masks):
 
 def unlabelled_store(tmp_path, name="unlabelled"):
     from fusion_seg.extract.local import extract
-    from fusion_seg.pipeline.requests import extract_arguments
+    from fusion_seg.requests import extract_arguments
 
     root = folder_dataset(tmp_path / name, [np.full((64, 96), 255, np.uint8)] * 4)
     out = tmp_path / f"{name}.zarr"
@@ -193,9 +193,9 @@ def test_a_validation_store_without_a_labelled_pixel_is_refused(stores, tmp_path
 
 
 def test_online_training_without_a_labelled_pixel_stops_after_its_first_epoch(tmp_path):
-    from fusion_seg.data.datasets import DatasetRef
-    from fusion_seg.data.views import Augment
-    from fusion_seg.encoder.build import EncoderSpec
+    from fusion_seg.requests import DatasetRef
+    from fusion_seg.requests import Augment
+    from fusion_seg.requests import EncoderSpec
 
     root = folder_dataset(tmp_path / "data", [np.full((64, 96), 255, np.uint8)] * 4)
     with pytest.raises(UserError) as err:
@@ -250,9 +250,9 @@ def test_the_config_json_of_a_run_is_recognised_as_a_run(stores, tmp_path):
 
 def test_online_training_checks_its_view_requests_as_extract_does(tmp_path):
     """The command line refuses --scale-range 2 0.5; train_online used to draw views from the reversed range."""
-    from fusion_seg.data.datasets import DatasetRef
-    from fusion_seg.data.views import Augment, Resize
-    from fusion_seg.encoder.build import EncoderSpec
+    from fusion_seg.requests import DatasetRef
+    from fusion_seg.requests import Augment, Resize
+    from fusion_seg.requests import EncoderSpec
 
     for bad, option in ((dict(augment=Augment(scale_range=(2.0, 0.5))), "--scale-range"),
                         (dict(augment=Augment(crop=(0, 64))), "--crop"),

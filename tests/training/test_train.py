@@ -5,9 +5,9 @@ import pytest
 
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import CheckpointError, UserError
-from fusion_seg.data.datasets import DatasetRef
-from fusion_seg.data.views import Augment
-from fusion_seg.encoder.build import EncoderSpec
+from fusion_seg.requests import DatasetRef
+from fusion_seg.requests import Augment
+from fusion_seg.requests import EncoderSpec
 from fusion_seg.training.train import train_decoder, train_online
 from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, raise_after_checkpoint, tiny_config
 

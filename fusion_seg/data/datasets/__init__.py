@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
-from dataclasses import dataclass, field
 
 from fusion_seg.errors import UserError
-from fusion_seg.options import check_fields, keyword_errors
+from fusion_seg.options import keyword_errors
 from fusion_seg.data.datasets.base import DATASETS, FileSegDataset, SegDataset, SegSample, register_dataset
 # Importing the dataset modules registers them (@register_dataset); DATASETS lists them in this order.
 from fusion_seg.data.datasets.synthetic import SyntheticDataset
@@ -17,7 +15,7 @@ from fusion_seg.data.datasets.mapillary import MapillaryDataset
 from fusion_seg.data.datasets.voc import VOCDataset
 from fusion_seg.data.datasets.coco import COCODataset
 
-__all__ = ["COCODataset", "CamVidDataset", "CityscapesDataset", "DATASETS", "DatasetRef", "FolderDataset",
+__all__ = ["COCODataset", "CamVidDataset", "CityscapesDataset", "DATASETS", "FolderDataset",
            "MapillaryDataset", "SegDataset", "SegSample", "SyntheticDataset", "VOCDataset", "build_dataset",
            "register_dataset"]
 
@@ -51,22 +49,3 @@ def build_dataset(name: str, root=None, split: str = "train", **options) -> SegD
             raise UserError(f"dataset {name!r} takes no limit option (synthetic: use num_images).")
         dataset.keep_first(int(limit))
     return dataset
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    """A dataset split by name: what extraction, online training and evaluation are asked to read.
-
-    ``options`` are the dataset's own keyword arguments (see :func:`build_dataset`).
-    """
-
-    name: str
-    split: str = "train"
-    root: str | Path | None = None
-    options: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        check_fields(self, "DatasetRef")
-
-    def build(self) -> SegDataset:
-        return build_dataset(self.name, root=self.root, split=self.split, **self.options)

@@ -34,7 +34,7 @@ def extract_views_per_second(cfg: BenchConfig, size, views: int, workdir: Path, 
                              keep: Path | None = None, **options) -> dict:
     """``fusion-seg extract`` of ``views`` whole images at ``size`` into a fresh store, ``cfg.repeats`` times (at most 3)."""
     from fusion_seg.extract.local import extract
-    from fusion_seg.pipeline.requests import extract_arguments
+    from fusion_seg.requests import extract_arguments
 
     rates, result = [], None
     for r in range(min(3, cfg.repeats)):

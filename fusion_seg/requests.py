@@ -1,27 +1,136 @@
-"""The typed requests that extraction and online training take, built from plain option values.
+"""The requests: what each stage is asked to do, as small frozen dataclasses, and the one place option
+values (the command line's, a recipe stage's) become them. Torch-free: the command line builds and checks
+its requests here before it imports any library code (a TrainConfig's check of its decoder options reads the
+decoder registry, which imports torch).
 
-The command line's options and a recipe stage's keys are the same names (``dataset``, ``root``,
-``crop``, ``seed``, ...), and mean the same: both hand their values to the builders below, which
-make the frozen requests the library takes (:class:`~fusion_seg.data.datasets.DatasetRef`,
-:class:`~fusion_seg.encoder.build.EncoderSpec`, :class:`~fusion_seg.data.views.Augment`,
-:class:`~fusion_seg.data.views.Resize`, :class:`~fusion_seg.extract.request.StoreFormat`,
-:class:`~fusion_seg.extract.request.ExtractRun`). Each builder's keyword parameters are its options:
-their names, types and defaults are what a recipe stage accepts (``schema.stage_schema``).
+The request types: :class:`DatasetRef` (a dataset split by name), :class:`EncoderSpec` (a timm tag, one
+weights source and the strides), :class:`Augment` (HRNet's training views), :class:`Resize` (before
+anything else); extraction's :class:`~fusion_seg.extract.request.StoreFormat` and
+:class:`~fusion_seg.extract.request.ExtractRun`; and :class:`~fusion_seg.training.config.TrainConfig`
+(:func:`train_config`). Each is built by name, ``build()`` making what it asks for (a dataset, an encoder).
+
+The command line's options and a recipe stage's keys are the same names (``dataset``, ``root``, ``crop``,
+``seed``, ...), and mean the same: both hand their values to the builders below. Each builder's keyword
+parameters are its options: their names, types and defaults are what a recipe stage accepts
+(``pipeline/schema.stage_schema``).
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 from fusion_seg.cache.codecs import DEFAULT_CODEC, DEFAULT_DTYPE
-from fusion_seg.data.datasets import DatasetRef
-from fusion_seg.data.views import Augment, Resize
-from fusion_seg.encoder.build import EncoderSpec
 from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES
 from fusion_seg.errors import UserError
 from fusion_seg.extract.request import ExtractRun, StoreFormat
+from fusion_seg.options import check_fields
 
+DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")  # reverse-hrnet's; others via decoder_options
+
+
+# --------------------------------------------------------------------------- the request types
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset split by name: what extraction, online training and evaluation are asked to read.
+
+    ``options`` are the dataset's own keyword arguments (see :func:`build_dataset`).
+    """
+
+    name: str
+    split: str = "train"
+    root: str | Path | None = None
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_fields(self, "DatasetRef")
+
+    def build(self):
+        """The :class:`~fusion_seg.data.datasets.base.SegDataset` this names."""
+        from fusion_seg.data.datasets import build_dataset
+
+        return build_dataset(self.name, root=self.root, split=self.split, **self.options)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoder to build: a timm tag and exactly one weights source, and the strides to return.
+
+    The request that extraction, online training and the CLI pass around; ``build()`` makes the
+    :class:`FrozenEncoder`, whose :class:`~fusion_seg.encoder.identity.EncoderIdentity` then records
+    what was actually loaded.
+    """
+
+    tag: str = DEFAULT_ENCODER
+    weights_file: str | Path | None = None
+    random_init: bool = False
+    seed: int = 0
+    strides: tuple[int, ...] = DEFAULT_STRIDES
+
+    def __post_init__(self):
+        check_fields(self, "EncoderSpec")
+        if isinstance(self.strides, list):  # as a recipe (TOML) gives them; the order is checked, not changed
+            object.__setattr__(self, "strides", tuple(self.strides))
+
+    def build(self):
+        """The :class:`~fusion_seg.encoder.build.FrozenEncoder` this asks for."""
+        from fusion_seg.encoder.build import build_encoder
+
+        return build_encoder(self.tag, weights_file=self.weights_file, random_init=self.random_init,
+                             seed=self.seed, strides=self.strides)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """HRNet's training augmentation; ``enabled=False`` keeps the whole (resized) image."""
+
+    enabled: bool = True
+    crop: tuple[int, int] | None = (512, 512)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, "Augment")  # a caller's crop="64x64" is refused here, not deep in a worker
+        # One form per augmentation, whoever builds it: a store records to_json(), and equal requests must
+        # record equal specs. Without augmentation there is no crop and no flip.
+        if not self.enabled:
+            object.__setattr__(self, "crop", None)
+            object.__setattr__(self, "flip", False)
+        _tuples(self, "crop", "scale_range")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["crop"] = list(self.crop) if self.crop else None
+        d["scale_range"] = list(self.scale_range)
+        return d
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Resizing applied before anything else (``short_side`` or an exact ``size`` (H, W))."""
+
+    short_side: int | None = None
+    size: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        check_fields(self, "Resize")
+        _tuples(self, "size")
+
+    def to_json(self) -> dict:
+        return {"short_side": self.short_side, "size": list(self.size) if self.size else None}
+
+
+def _tuples(request, *names: str) -> None:
+    """Sizes and ranges given as lists (a recipe's TOML arrays) held as tuples, as the library gives them."""
+    for name in names:
+        value = getattr(request, name)
+        if isinstance(value, list):
+            object.__setattr__(request, name, tuple(value))
+
+
+# --------------------------------------------------------------------------- built from option values
 DEFAULT_CROP = (512, 512)  # the augmentation crop (HRNet's), for extract and train-decoder --online
 
 
@@ -134,3 +243,21 @@ def online_arguments(options: dict) -> dict:
     """``train_online``'s requests (``dataset``, ``encoder``, ``augment``, ``resize``) from the request options
     of :func:`split_train_options`."""
     return {name: build(builder, options) for name, builder in ONLINE_REQUESTS.items()}
+
+
+def train_config(options: dict):
+    """A TrainConfig from flat options; decoder architecture keys go into ``decoder_config``."""
+    from fusion_seg.training.config import TrainConfig
+
+    options = dict(options)
+    names = {f.name for f in fields(TrainConfig)}
+    decoder_config = {k: options.pop(k) for k in DECODER_KEYS if options.get(k) is not None}
+    decoder_config.update(options.pop("decoder_options", None) or {})
+    unknown = {k for k, v in options.items() if v is not None} - names
+    if unknown:
+        raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    kwargs = {k: v for k, v in options.items() if k in names and v is not None}
+    if isinstance(kwargs.get("crop"), tuple):  # the command line's HxW; a recipe's and a checkpoint's: a list
+        kwargs["crop"] = list(kwargs["crop"])
+    kwargs["decoder_config"] = {**kwargs.get("decoder_config", {}), **decoder_config}
+    return TrainConfig(**kwargs)  # which checks its ranges (UserError)
