@@ -1,13 +1,14 @@
 """The requests: what each stage is asked to do, as small frozen dataclasses, and the one place option
-values (the command line's, a recipe stage's) become them. Torch-free: the command line builds and checks
-its requests here before it imports any library code (a TrainConfig's check of its decoder options reads the
-decoder registry, which imports torch).
+values (the command line's, a recipe stage's) become them. Torch-free, and below every sub-package that
+uses them (``data/`` and ``encoder/`` are imported only inside ``build()``): the command line builds and
+checks its requests here before it imports any library code.
 
 The request types: :class:`DatasetRef` (a dataset split by name), :class:`EncoderSpec` (a timm tag, one
 weights source and the strides), :class:`Augment` (HRNet's training views), :class:`Resize` (before
-anything else); extraction's :class:`~fusion_seg.extract.request.StoreFormat` and
-:class:`~fusion_seg.extract.request.ExtractRun`; and :class:`~fusion_seg.training.config.TrainConfig`
-(:func:`train_config`). Each is built by name, ``build()`` making what it asks for (a dataset, an encoder).
+anything else), and extraction's own :class:`StoreFormat` and :class:`ExtractRun`. ``build()`` makes what
+a request asks for (a dataset, an encoder). The training configuration is
+:class:`~fusion_seg.training.config.TrainConfig`, made from the same option values by
+:func:`~fusion_seg.training.config.train_config`.
 
 The command line's options and a recipe stage's keys are the same names (``dataset``, ``root``, ``crop``,
 ``seed``, ...), and mean the same: both hand their values to the builders below. Each builder's keyword
@@ -17,18 +18,14 @@ parameters are its options: their names, types and defaults are what a recipe st
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from fusion_seg.cache.codecs import DEFAULT_CODEC, DEFAULT_DTYPE
 from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES
 from fusion_seg.errors import UserError
-from fusion_seg.extract.request import ExtractRun, StoreFormat
 from fusion_seg.options import check_fields
-
-DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")  # reverse-hrnet's; others via decoder_options
-
 
 # --------------------------------------------------------------------------- the request types
 @dataclass(frozen=True)
@@ -128,6 +125,45 @@ def _tuples(request, *names: str) -> None:
         value = getattr(request, name)
         if isinstance(value, list):
             object.__setattr__(request, name, tuple(value))
+
+
+@dataclass(frozen=True)
+class StoreFormat:
+    """How a store encodes its features: the storage ``dtype`` and the chunk ``codec`` (see cache/codecs.py).
+
+    Part of the store's spec: re-running with another format is refused, never mixed into the store.
+    """
+
+    dtype: str = DEFAULT_DTYPE
+    codec: str | dict = DEFAULT_CODEC
+
+    def __post_init__(self):
+        check_fields(self, "StoreFormat")
+
+
+@dataclass(frozen=True)
+class ExtractRun:
+    """Where and how the extraction work runs.
+
+    In this process, on ``device``: ``loader_workers`` DataLoader processes decode views, the encoder
+    runs ``batch_size`` views per forward, and ``writers`` threads write them. Instead, ``scheduler``
+    (``tcp://HOST:PORT``) runs it on an existing dask.distributed cluster, and ``dask_workers`` on a new
+    local one of that many worker processes (see dask_cluster.py).
+    """
+
+    device: str = "auto"
+    batch_size: int = 4
+    loader_workers: int = 2
+    writers: int = 2
+    scheduler: str | None = None
+    dask_workers: int | None = None
+
+    def __post_init__(self):
+        check_fields(self, "ExtractRun")
+
+    @property
+    def on_cluster(self) -> bool:
+        return self.scheduler is not None or self.dask_workers is not None
 
 
 # --------------------------------------------------------------------------- built from option values
@@ -243,21 +279,3 @@ def online_arguments(options: dict) -> dict:
     """``train_online``'s requests (``dataset``, ``encoder``, ``augment``, ``resize``) from the request options
     of :func:`split_train_options`."""
     return {name: build(builder, options) for name, builder in ONLINE_REQUESTS.items()}
-
-
-def train_config(options: dict):
-    """A TrainConfig from flat options; decoder architecture keys go into ``decoder_config``."""
-    from fusion_seg.training.config import TrainConfig
-
-    options = dict(options)
-    names = {f.name for f in fields(TrainConfig)}
-    decoder_config = {k: options.pop(k) for k in DECODER_KEYS if options.get(k) is not None}
-    decoder_config.update(options.pop("decoder_options", None) or {})
-    unknown = {k for k, v in options.items() if v is not None} - names
-    if unknown:
-        raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-    kwargs = {k: v for k, v in options.items() if k in names and v is not None}
-    if isinstance(kwargs.get("crop"), tuple):  # the command line's HxW; a recipe's and a checkpoint's: a list
-        kwargs["crop"] = list(kwargs["crop"])
-    kwargs["decoder_config"] = {**kwargs.get("decoder_config", {}), **decoder_config}
-    return TrainConfig(**kwargs)  # which checks its ranges (UserError)

@@ -77,7 +77,8 @@ def train_decoder(ctx, **params):
     Under torchrun (`torchrun --nproc_per_node N -m fusion_seg train-decoder ...`) the cache path
     trains with DistributedDataParallel; --batch-size stays the global batch.
     """
-    from fusion_seg.requests import online_arguments, split_train_options, train_config
+    from fusion_seg.requests import online_arguments, split_train_options
+    from fusion_seg.training.config import train_config
 
     refuse_unused_options(ctx, params["online"])
     options = option_values(params)
@@ -142,7 +143,7 @@ def compare(**params):
     Each decoder trains with its defaults and every other setting given here, as train-decoder would train it
     (the whole configuration goes to its training process as data), and its run folder OUT/DECODER continues
     a run of the same settings or keeps one of other settings aside, as a recipe's does."""
-    from fusion_seg.requests import train_config
+    from fusion_seg.training.config import train_config
     from fusion_seg.reports.compare import compare as run
 
     options = option_values(params)

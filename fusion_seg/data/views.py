@@ -13,18 +13,19 @@ import torch
 
 from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.errors import Failed, UserError
-from fusion_seg.requests import Augment, Resize
 from fusion_seg.data.transforms import hrnet_train_view, resize_pair, to_tensor, view_rng
 
 
 class ViewSource(torch.utils.data.Dataset):
     """``len(dataset) * views_per_image`` views; item ``v`` is view ``v % K`` of image ``v // K``.
 
+    ``augment`` and ``resize`` are the requests :class:`fusion_seg.requests.Augment` and
+    :class:`fusion_seg.requests.Resize` (not imported here: the requests sit above ``data/``).
     ``view_offset`` shifts the view index used for randomness: online training sets it
     to the epoch, so that every epoch draws a fresh augmentation.
     """
 
-    def __init__(self, dataset: SegDataset, views_per_image: int, augment: Augment, resize: Resize,
+    def __init__(self, dataset: SegDataset, views_per_image: int, augment, resize,
                  mean, std, view_offset: int = 0):
         self.dataset = dataset
         self.views_per_image = views_per_image

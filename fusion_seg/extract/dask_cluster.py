@@ -37,7 +37,7 @@ from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CacheError, DataError, UserError
 from fusion_seg.extract.encode import encode_batch, handle_failed, store_write_error, store_writes
 from fusion_seg.data.views import ViewSource
-from fusion_seg.extract.request import ExtractRun
+from fusion_seg.requests import ExtractRun
 
 try:
     from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker

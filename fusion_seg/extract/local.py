@@ -9,8 +9,8 @@ runs on a dask.distributed cluster instead (dask_cluster.py).
 :func:`extract` takes typed requests: what to read (:class:`~fusion_seg.data.datasets.DatasetRef`),
 which encoder (:class:`~fusion_seg.encoder.build.EncoderSpec`), how views are made
 (:class:`~fusion_seg.data.views.Augment`, :class:`~fusion_seg.data.views.Resize`), how the store
-encodes them (:class:`~fusion_seg.extract.request.StoreFormat`) and how the work runs
-(:class:`~fusion_seg.extract.request.ExtractRun`). The command line and
+encodes them (:class:`~fusion_seg.requests.StoreFormat`) and how the work runs
+(:class:`~fusion_seg.requests.ExtractRun`). The command line and
 recipes build them from their option values in one place (fusion_seg/requests.py).
 
 Everything a request can get wrong is refused before the store or its lock file is made: the
@@ -46,7 +46,7 @@ from fusion_seg.errors import UserError, require_path, require_type
 from fusion_seg.extract.encode import (build_spec, check_view_count, check_view_size, encode_batch, handle_failed,
                                        label_shape_for, store_writes)
 from fusion_seg.files import file_listing
-from fusion_seg.extract.request import ExtractRun, StoreFormat
+from fusion_seg.requests import ExtractRun, StoreFormat
 from fusion_seg.progress import Progress
 
 
@@ -146,7 +146,7 @@ def extract(
     views that are corrupt (or were skipped). ``skip_bad`` records unreadable samples as
     skipped, lists them (with the reason) in the store's attributes, and goes on.
 
-    ``run`` says where the work runs (:class:`~fusion_seg.extract.request.ExtractRun`): in this process,
+    ``run`` says where the work runs (:class:`~fusion_seg.requests.ExtractRun`): in this process,
     or on a dask.distributed cluster, which makes the same store, bit for bit when the encoder runs with
     the same torch thread count in every process (see dask_cluster.py).
 

@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from fusion_seg.errors import UserError
 from fusion_seg.options import EMPTY, Option, parameters, size_hint, type_hints
 from fusion_seg import requests
-from fusion_seg.requests import DECODER_KEYS
+from fusion_seg.training.config import DECODER_KEYS
 
 KINDS = ("extract", "train", "evaluate", "predict")
 # A train stage's keys besides TrainConfig's that the runner passes itself (the rest of the training

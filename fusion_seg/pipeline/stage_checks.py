@@ -9,7 +9,7 @@ from fusion_seg.errors import UserError
 from fusion_seg.options import Option, check_keys, parameters, show_value
 from fusion_seg import requests
 from fusion_seg.pipeline.schema import stage_schema, trainer_keys
-from fusion_seg.requests import DECODER_KEYS, train_config
+from fusion_seg.training.config import DECODER_KEYS, train_config
 
 
 def dataset_errors(name, options) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from fusion_seg.errors import UserError
 from fusion_seg import requests
 from fusion_seg.pipeline.schema import trainer_keys
-from fusion_seg.requests import train_config
+from fusion_seg.training.config import train_config
 
 
 def run_stage(stage: dict, *, progress: bool = True) -> dict:

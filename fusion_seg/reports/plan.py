@@ -385,7 +385,7 @@ def _sample_store(req: PlanRequest, device, tmp: Path, echo) -> tuple[str, float
     from fusion_seg.requests import Augment, Resize
     from fusion_seg.requests import EncoderSpec
     from fusion_seg.extract.local import extract
-    from fusion_seg.extract.request import ExtractRun
+    from fusion_seg.requests import ExtractRun
 
     synthetic = req.dataset == "synthetic" or req.images is not None  # --images: the dataset is not here
     echo(f"plan: extracting 8 {'synthetic ' if synthetic else ''}images{'' if synthetic else ' of ' + req.dataset} at "

@@ -8,7 +8,7 @@ when a config is made, before any work, with a UserError naming the command-line
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import UserError
@@ -169,3 +169,22 @@ class TrainResult:
     peak_memory_mib: float | None = None
     cache: dict | None = None  # the cache tier used, its resident bytes and load time (cache path only)
     previous_run: str | None = None  # where an earlier run of other settings in the same out was kept ("auto")
+
+
+DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")  # reverse-hrnet's; others via decoder_options
+
+
+def train_config(options: dict):
+    """A TrainConfig from flat options; decoder architecture keys go into ``decoder_config``."""
+    options = dict(options)
+    names = {f.name for f in fields(TrainConfig)}
+    decoder_config = {k: options.pop(k) for k in DECODER_KEYS if options.get(k) is not None}
+    decoder_config.update(options.pop("decoder_options", None) or {})
+    unknown = {k for k, v in options.items() if v is not None} - names
+    if unknown:
+        raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    kwargs = {k: v for k, v in options.items() if k in names and v is not None}
+    if isinstance(kwargs.get("crop"), tuple):  # the command line's HxW; a recipe's and a checkpoint's: a list
+        kwargs["crop"] = list(kwargs["crop"])
+    kwargs["decoder_config"] = {**kwargs.get("decoder_config", {}), **decoder_config}
+    return TrainConfig(**kwargs)  # which checks its ranges (UserError)

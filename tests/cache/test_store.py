@@ -12,7 +12,7 @@ from fusion_seg.errors import CacheError, UserError
 from PIL import Image
 
 from fusion_seg.extract.local import extract
-from fusion_seg.extract.request import ExtractRun
+from fusion_seg.requests import ExtractRun
 from pipeline_helpers import ENCODER, extract_synthetic
 
 

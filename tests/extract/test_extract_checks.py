@@ -27,7 +27,7 @@ from fusion_seg.requests import EncoderSpec
 from fusion_seg.errors import CacheError, UserError
 from fusion_seg.files import file_listing
 from fusion_seg.extract.local import extract
-from fusion_seg.extract.request import ExtractRun
+from fusion_seg.requests import ExtractRun
 from fusion_seg.shapes import ShapeSpec
 from pipeline_helpers import ENCODER, extract_synthetic
 

@@ -14,7 +14,7 @@ from fusion_seg.requests import EncoderSpec
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import UserError
 from fusion_seg.extract.local import check_extract_arguments, extract
-from fusion_seg.extract.request import ExtractRun, StoreFormat
+from fusion_seg.requests import ExtractRun, StoreFormat
 from pipeline_helpers import ENCODER, SYNTH
 
 DATASET = DatasetRef("synthetic", "train", options={"num_images": 2, "size": list(SYNTH["size"])})

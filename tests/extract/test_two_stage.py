@@ -15,7 +15,7 @@ from fusion_seg.requests import Augment
 from fusion_seg.requests import EncoderSpec
 from fusion_seg.errors import CheckpointError
 from fusion_seg.extract.local import extract
-from fusion_seg.extract.request import ExtractRun
+from fusion_seg.requests import ExtractRun
 from fusion_seg.training.train import train_decoder
 from fake_layouts import write_camvid, write_cityscapes, write_coco, write_mapillary, write_voc
 from pipeline_helpers import ENCODER, tiny_config

@@ -17,7 +17,7 @@ from fusion_seg.requests import DatasetRef
 from fusion_seg.requests import Augment, Resize
 from fusion_seg.requests import EncoderSpec
 from fusion_seg.extract.local import ExtractResult, extract
-from fusion_seg.extract.request import ExtractRun, StoreFormat
+from fusion_seg.requests import ExtractRun, StoreFormat
 from fusion_seg import requests
 from fusion_seg.pipeline.stages import run_stage
 
