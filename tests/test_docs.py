@@ -72,3 +72,17 @@ def test_the_checks_can_fail():
     assert contract()["run"] == {"--set", "--epoch-scale", "--dry-run"}
     assert named_paths("see `fusion_seg/nosuch.py` and `tests/x.py::test_y`, not `fusion_seg/*.py`") == {
         "fusion_seg/nosuch.py", "tests/x.py"}
+
+
+def test_the_reading_of_the_bench_quotes_its_block():
+    """Issue 22: BENCHMARKS' reading of `make bench` quotes the block above it, not an older run: each figure it
+    marks as the block's (in bold) stands in the block. A new block whose figures differ fails this until the
+    reading is rewritten."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    block = text[text.index("<!-- fusion-seg bench: begin cpu -->"):text.index("<!-- fusion-seg bench: end -->")]
+    reading = text[text.index("<!-- reading of the bench block: begin -->"):
+                   text.index("<!-- reading of the bench block: end -->")]
+    quoted = re.findall(r"\*\*(\d+(?:\.\d+)?x?)\*\*", reading)
+    assert len(quoted) >= 10, quoted
+    missing = [q for q in quoted if not re.search(rf"(?<![\d.]){re.escape(q)}(?![\d])", block)]
+    assert missing == [], f"the reading quotes figures its block does not hold: {missing}"
