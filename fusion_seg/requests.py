@@ -27,12 +27,13 @@ from fusion_seg.encoder.identity import DEFAULT_ENCODER, DEFAULT_STRIDES
 from fusion_seg.errors import UserError
 from fusion_seg.options import check_fields
 
+
 # --------------------------------------------------------------------------- the request types
 @dataclass(frozen=True)
 class DatasetRef:
     """A dataset split by name: what extraction, online training and evaluation are asked to read.
 
-    ``options`` are the dataset's own keyword arguments (see :func:`build_dataset`).
+    ``options`` are the dataset's own keyword arguments (see :func:`fusion_seg.data.datasets.build_dataset`).
     """
 
     name: str
@@ -55,7 +56,7 @@ class EncoderSpec:
     """Which encoder to build: a timm tag and exactly one weights source, and the strides to return.
 
     The request that extraction, online training and the CLI pass around; ``build()`` makes the
-    :class:`FrozenEncoder`, whose :class:`~fusion_seg.encoder.identity.EncoderIdentity` then records
+    :class:`~fusion_seg.encoder.build.FrozenEncoder`, whose :class:`~fusion_seg.encoder.identity.EncoderIdentity` then records
     what was actually loaded.
     """
 

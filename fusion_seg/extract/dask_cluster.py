@@ -32,12 +32,11 @@ from dask.system import CPU_COUNT
 
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.device import memory_format, resolve_device
-from fusion_seg.requests import EncoderSpec
+from fusion_seg.requests import EncoderSpec, ExtractRun
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CacheError, DataError, UserError
 from fusion_seg.extract.encode import encode_batch, handle_failed, store_write_error, store_writes
 from fusion_seg.data.views import ViewSource
-from fusion_seg.requests import ExtractRun
 
 try:
     from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker

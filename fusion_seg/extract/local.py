@@ -35,18 +35,15 @@ from fusion_seg import faults
 from fusion_seg.cache import locations
 from fusion_seg.cache.codecs import check_dtype, codec_spec
 from fusion_seg.cache.store import FeatureStore
-from fusion_seg.requests import DatasetRef
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, ExtractRun, Resize, StoreFormat
 from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.data.views import ViewSource, collate_list
-from fusion_seg.requests import Augment, Resize
 from fusion_seg.device import memory_format, resolve_device
 from fusion_seg.encoder.build import FrozenEncoder
-from fusion_seg.requests import EncoderSpec
 from fusion_seg.errors import UserError, require_path, require_type
 from fusion_seg.extract.encode import (build_spec, check_view_count, check_view_size, encode_batch, handle_failed,
                                        label_shape_for, store_writes)
 from fusion_seg.files import file_listing
-from fusion_seg.requests import ExtractRun, StoreFormat
 from fusion_seg.progress import Progress
 
 

@@ -381,11 +381,8 @@ def _dataset_size(req: PlanRequest) -> int:
 
 def _sample_store(req: PlanRequest, device, tmp: Path, echo) -> tuple[str, float]:
     """A store of a few images of the dataset at the planned view size (its shapes), and the extraction rate."""
-    from fusion_seg.requests import DatasetRef
-    from fusion_seg.requests import Augment, Resize
-    from fusion_seg.requests import EncoderSpec
+    from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, ExtractRun, Resize
     from fusion_seg.extract.local import extract
-    from fusion_seg.requests import ExtractRun
 
     synthetic = req.dataset == "synthetic" or req.images is not None  # --images: the dataset is not here
     echo(f"plan: extracting 8 {'synthetic ' if synthetic else ''}images{'' if synthetic else ' of ' + req.dataset} at "

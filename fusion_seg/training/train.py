@@ -26,13 +26,11 @@ from torch import nn
 
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.checks import memory_problem
-from fusion_seg.requests import DatasetRef
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, Resize
 from fusion_seg.data.views import ViewSource
-from fusion_seg.requests import Augment, Resize
 from fusion_seg.decoders import DECODERS, build_decoder
 from fusion_seg.device import resolve_device
 from fusion_seg.encoder.build import build_image_encoder
-from fusion_seg.requests import EncoderSpec
 from fusion_seg.extract.local import check_view_requests
 from fusion_seg.errors import UserError, require_path, require_type
 from fusion_seg.files import listing_digest

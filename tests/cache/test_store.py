@@ -5,14 +5,11 @@ import pytest
 import zarr
 
 from fusion_seg.cache.store import SCHEMA_VERSION, FeatureStore
-from fusion_seg.requests import DatasetRef
-from fusion_seg.requests import Augment
-from fusion_seg.requests import EncoderSpec
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, ExtractRun
 from fusion_seg.errors import CacheError, UserError
 from PIL import Image
 
 from fusion_seg.extract.local import extract
-from fusion_seg.requests import ExtractRun
 from pipeline_helpers import ENCODER, extract_synthetic
 
 

@@ -21,12 +21,9 @@ from fusion_seg import locks as locks_module
 from fusion_seg.cache.locations import writer_lock
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.cli import main
-from fusion_seg.requests import DatasetRef
-from fusion_seg.requests import EncoderSpec
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, ExtractRun
 from fusion_seg.errors import CacheError, DataError, UserError
 from fusion_seg.extract.local import extract
-from fusion_seg.requests import ExtractRun
-from fusion_seg.requests import Augment
 from fusion_seg.training.train import train_decoder, train_online
 from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, tiny_config
 

@@ -21,13 +21,10 @@ from PIL import Image
 
 from fusion_seg.cache.store import INPUTS_KEY, SKIPPED_KEY, FeatureStore
 from fusion_seg.cli import main
-from fusion_seg.requests import DatasetRef
-from fusion_seg.requests import Augment, Resize
-from fusion_seg.requests import EncoderSpec
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, ExtractRun, Resize
 from fusion_seg.errors import CacheError, UserError
 from fusion_seg.files import file_listing
 from fusion_seg.extract.local import extract
-from fusion_seg.requests import ExtractRun
 from fusion_seg.shapes import ShapeSpec
 from pipeline_helpers import ENCODER, extract_synthetic
 

@@ -8,13 +8,10 @@ from dataclasses import replace
 import pytest
 
 from fusion_seg.cache.store import FeatureStore
-from fusion_seg.requests import DatasetRef
-from fusion_seg.requests import Augment, Resize
-from fusion_seg.requests import EncoderSpec
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, ExtractRun, Resize, StoreFormat
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import UserError
 from fusion_seg.extract.local import check_extract_arguments, extract
-from fusion_seg.requests import ExtractRun, StoreFormat
 from pipeline_helpers import ENCODER, SYNTH
 
 DATASET = DatasetRef("synthetic", "train", options={"num_images": 2, "size": list(SYNTH["size"])})

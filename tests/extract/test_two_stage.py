@@ -10,12 +10,9 @@ from click.testing import CliRunner
 
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
-from fusion_seg.requests import DatasetRef
-from fusion_seg.requests import Augment
-from fusion_seg.requests import EncoderSpec
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, ExtractRun
 from fusion_seg.errors import CheckpointError
 from fusion_seg.extract.local import extract
-from fusion_seg.requests import ExtractRun
 from fusion_seg.training.train import train_decoder
 from fake_layouts import write_camvid, write_cityscapes, write_coco, write_mapillary, write_voc
 from pipeline_helpers import ENCODER, tiny_config

@@ -13,11 +13,8 @@ from fusion_seg.errors import UserError
 from click.testing import CliRunner
 
 from fusion_seg.cli import main
-from fusion_seg.requests import DatasetRef
-from fusion_seg.requests import Augment, Resize
-from fusion_seg.requests import EncoderSpec
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, ExtractRun, Resize, StoreFormat
 from fusion_seg.extract.local import ExtractResult, extract
-from fusion_seg.requests import ExtractRun, StoreFormat
 from fusion_seg import requests
 from fusion_seg.pipeline.stages import run_stage
 

@@ -173,8 +173,7 @@ def test_training_counts_the_store_labels_and_records_the_weights(store, tmp_pat
 def test_online_training_counts_the_dataset_labels_and_records_the_weights(tmp_path):
     """--online (the end-to-end HRNet baseline's path) has no store: it counts the dataset's whole label maps."""
     from fusion_seg.data.datasets import build_dataset
-    from fusion_seg.requests import DatasetRef
-    from fusion_seg.requests import Augment
+    from fusion_seg.requests import Augment, DatasetRef
     from fusion_seg.training.train import train_online
     from pipeline_helpers import tiny_config
 

@@ -5,9 +5,7 @@ import pytest
 
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.errors import CheckpointError, UserError
-from fusion_seg.requests import DatasetRef
-from fusion_seg.requests import Augment
-from fusion_seg.requests import EncoderSpec
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec
 from fusion_seg.training.train import train_decoder, train_online
 from pipeline_helpers import ENCODER, SYNTH, extract_synthetic, raise_after_checkpoint, tiny_config
 

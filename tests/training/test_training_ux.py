@@ -11,13 +11,10 @@ import fusion_seg.checkpoint
 import fusion_seg.training.step
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
-from fusion_seg.requests import DatasetRef
-from fusion_seg.requests import Augment
-from fusion_seg.requests import EncoderSpec
+from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, ExtractRun
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import CheckpointError, UserError
 from fusion_seg.extract.local import extract
-from fusion_seg.requests import ExtractRun
 from fusion_seg.progress import Progress
 from fusion_seg.training.train import train_decoder
 from pipeline_helpers import ENCODER, SYNTH, FullDisk, extract_synthetic, raise_after_checkpoint, tiny_config
