@@ -119,6 +119,13 @@ def channel_ranges(array: np.ndarray, stored: str, scale: np.ndarray | None,
     return valid.amin(dim=1), valid.amax(dim=1)
 
 
+def scale_and_offset(fmt: str, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8's or int4's per-channel step and offset for values in ``[lo, hi]``: ``(hi - lo) / levels`` (1 where
+    a channel is constant, so that its codes decode to ``lo``) and ``lo``."""
+    s = (hi - lo) / (255 if fmt == "uint8" else 15)
+    return torch.where(s > 0, s, torch.ones_like(s)), lo
+
+
 def _valid(x: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
     """A map's valid cells, ``(C, h*w)``."""
     return x[:, :max(1, cells[0]), :max(1, cells[1])].reshape(x.shape[0], -1)
@@ -149,9 +156,7 @@ def encode(fmt: str, stored: str, array: np.ndarray, scale: np.ndarray | None, c
     else:
         valid = _valid(x, cells)
         lo, hi = valid.amin(dim=1), valid.amax(dim=1)
-    levels = 255 if fmt == "uint8" else 15
-    s = (hi - lo) / levels
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s, lo = scale_and_offset(fmt, lo, hi)
     q = (x - lo[:, None, None]) / s[:, None, None]
     if fmt == "uint8":
         return q.round().clamp(0, 255).to(torch.uint8), s, lo

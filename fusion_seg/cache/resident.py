@@ -295,11 +295,15 @@ class ResidentViews:
         for k in self.names:
             c, h, w = spec.feature_shapes[k]
             self.features[k] = self._empty((n, formats.data_channels(fmt, c), h, w), formats.data_dtype(fmt, spec.dtype))
-            rows = () if self.per_store else (n,)
+            if self.per_store:  # the store's, the same for every view: held once (no views: zeros, never read)
+                lo_hi = ranges.get(k, (torch.zeros(c), torch.zeros(c)))
+                self.scales[k], self.offsets[k] = (self._empty((c,), torch.float32).copy_(t)
+                                                   for t in formats.scale_and_offset(fmt, *lo_hi))
+                continue
             if formats.has_scale(fmt, spec.dtype):
-                self.scales[k] = self._empty((*rows, c), torch.float32)
+                self.scales[k] = self._empty((n, c), torch.float32)
             if formats.has_offset(fmt, spec.dtype):
-                self.offsets[k] = self._empty((*rows, c), torch.float32)
+                self.offsets[k] = self._empty((n, c), torch.float32)
         self.labels = self._empty((n, *spec.label_shape), torch.uint8)
 
         def load(j: int) -> None:
@@ -311,11 +315,10 @@ class ResidentViews:
                 codes, scale, offset = formats.encode(fmt, spec.dtype, features[k], scales.get(k),
                                                       (-(-vh // s), -(-vw // s)), (self.seed, v, i), ranges.get(k))
                 self.features[k][j].copy_(codes)
-                for side, t in ((self.scales, scale), (self.offsets, offset)):
-                    if t is not None and not self.per_store:
-                        side[k][j].copy_(t)
-                    elif t is not None and j == 0:  # the store's, the same for every view: kept once
-                        side[k].copy_(t)
+                if not self.per_store:
+                    for side, t in ((self.scales, scale), (self.offsets, offset)):
+                        if t is not None:
+                            side[k][j].copy_(t)
             self.labels[j].copy_(torch.from_numpy(np.asarray(labels, dtype=np.uint8)))
 
         with ThreadPoolExecutor(max_workers=workers) as pool, \
