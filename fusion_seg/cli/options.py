@@ -9,20 +9,26 @@ from fusion_seg.cli.names import DATASET_NAMES, DEFAULT_ENCODER, DEFAULT_STRIDES
 from fusion_seg.cli.params import POSITIVE, HxW, Scales, Strides, check_scale_range
 
 
-def dataset_options(fn):
-    for opt in reversed([
-        click.option("--dataset", required=True, type=click.Choice(DATASET_NAMES), help="Dataset name."),
-        click.option("--root", type=click.Path(), default=None, help="Dataset root folder."),
-        click.option("--split", required=True, help="Split name, e.g. train or val."),
-        click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE",
-                     help="Dataset-specific option, e.g. num_images=8 for synthetic (repeatable)."),
-    ]):
-        fn = opt(fn)
-    return fn
+def stacked(*options):
+    """A decorator adding ``options`` to a command, in the order given (the order ``--help`` lists them)."""
+    def add(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return add
 
 
-def _view_options(fn, crop_option, prefix: str = ""):
-    for opt in reversed([
+dataset_options = stacked(
+    click.option("--dataset", required=True, type=click.Choice(DATASET_NAMES), help="Dataset name."),
+    click.option("--root", type=click.Path(), default=None, help="Dataset root folder."),
+    click.option("--split", required=True, help="Split name, e.g. train or val."),
+    click.option("--dataset-opt", "dataset_opt", multiple=True, metavar="KEY=VALUE",
+                 help="Dataset-specific option, e.g. num_images=8 for synthetic (repeatable)."),
+)
+
+
+def _view_options(crop_option, prefix: str = ""):
+    return stacked(
         click.option("--no-augment", is_flag=True, help=prefix + "Take the whole (resized) image, no augmentation."),
         crop_option,
         click.option("--scale-range", type=float, nargs=2, default=(0.5, 2.0), show_default=True,
@@ -32,101 +38,85 @@ def _view_options(fn, crop_option, prefix: str = ""):
         click.option("--short-side", type=click.IntRange(min=1), default=None,
                      help=prefix + "Resize so the short side is N, before anything else."),
         click.option("--size", type=HxW(), default=None, help=prefix + "Resize to exactly HxW, before anything else."),
-    ]):
-        fn = opt(fn)
-    return fn
+    )
 
 
-def view_options(fn):
-    """extract's: how each view is made from an image."""
-    return _view_options(fn, click.option("--crop", type=HxW(), default=None,
+# extract's: how each view is made from an image.
+view_options = _view_options(click.option("--crop", type=HxW(), default=None,
                                           help="Crop of each augmented view (default: 512x512)."))
 
 
-def train_view_options(fn):
-    """train-decoder's: --crop means two things (from a cache, or --online); the other options are --online's."""
-    crop = click.option(
-        "--crop", type=HxW(), default=None,
-        help=f"From a cache: a random crop in feature space, each side a multiple of {FEATURE_CROP_ALIGN} (default: "
-             "none, whole stored views). With --online: the augmentation crop, as extract's (default: 512x512).")
-    return _view_options(fn, crop, prefix="[--online] ")
+# train-decoder's: --crop means two things (from a cache, or --online); the other options are --online's.
+train_view_options = _view_options(click.option(
+    "--crop", type=HxW(), default=None,
+    help=f"From a cache: a random crop in feature space, each side a multiple of {FEATURE_CROP_ALIGN} (default: "
+         "none, whole stored views). With --online: the augmentation crop, as extract's (default: 512x512)."),
+    prefix="[--online] ")
 
 
-def encoder_options(fn):
-    for opt in reversed([
-        click.option("--encoder", default=DEFAULT_ENCODER, show_default=True,
-                     help="timm model tag. The default (semi-supervised ResNet-50) is CC-BY-NC 4.0."),
-        click.option("--weights", type=click.Path(), default=None, help="Encoder weights (.pth/.safetensors), offline."),
-        click.option("--random-init", is_flag=True, help="Explicitly random encoder weights (seeded by --seed)."),
-        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
-                     help="Seed of every random draw: the --random-init weights and each view's augmentation "
-                          "(train-decoder: also the decoder's initialisation, the batch order and the "
-                          "feature-space crops)."),
-        click.option("--strides", type=Strides(), default=",".join(map(str, DEFAULT_STRIDES)), show_default=True,
-                     help="Feature strides to extract: powers of 2 from 2 to 32, ascending."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
-    ]):
-        fn = opt(fn)
-    return fn
+encoder_options = stacked(
+    click.option("--encoder", default=DEFAULT_ENCODER, show_default=True,
+                 help="timm model tag. The default (semi-supervised ResNet-50) is CC-BY-NC 4.0."),
+    click.option("--weights", type=click.Path(), default=None, help="Encoder weights (.pth/.safetensors), offline."),
+    click.option("--random-init", is_flag=True, help="Explicitly random encoder weights (seeded by --seed)."),
+    click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+                 help="Seed of every random draw: the --random-init weights and each view's augmentation "
+                      "(train-decoder: also the decoder's initialisation, the batch order and the "
+                      "feature-space crops)."),
+    click.option("--strides", type=Strides(), default=",".join(map(str, DEFAULT_STRIDES)), show_default=True,
+                 help="Feature strides to extract: powers of 2 from 2 to 32, ascending."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+)
 
 
-def cache_options(fn):
-    """train-decoder's and compare's: where cached views are read from, how they are held, and checkpointing."""
-    for opt in reversed([
-        click.option("--cache-mode", type=click.Choice(CACHE_MODES), default="auto", show_default=True,
-                     help="Where cached views are read from: decoded once into device memory, into (pinned) host RAM, "
-                          "or streamed from the store by DataLoader workers every epoch. auto: the fastest that fits "
-                          "(it says which and why)."),
-        click.option("--resident-dtype", type=click.Choice(RESIDENT_DTYPES), default="auto", show_default=True,
-                     help="How the device and ram tiers hold the views, whatever the store's dtype: float16 (as "
-                          "stored), uint8, float8 (e4m3) or int4 (per-channel scale and offset, stochastic rounding), "
-                          "decoded per batch on the device. auto: the most precise that fits (it says which and why)."),
-        click.option("--checkpoint-activations", is_flag=True,
-                     help="Recompute the decoder's activations in the backward pass, per HRNet module, instead of "
-                          "keeping them (torch.utils.checkpoint): less memory, more time, the same gradients."),
-    ]):
-        fn = opt(fn)
-    return fn
+# train-decoder's and compare's: where cached views are read from, how they are held, and checkpointing.
+cache_options = stacked(
+    click.option("--cache-mode", type=click.Choice(CACHE_MODES), default="auto", show_default=True,
+                 help="Where cached views are read from: decoded once into device memory, into (pinned) host RAM, "
+                      "or streamed from the store by DataLoader workers every epoch. auto: the fastest that fits "
+                      "(it says which and why)."),
+    click.option("--resident-dtype", type=click.Choice(RESIDENT_DTYPES), default="auto", show_default=True,
+                 help="How the device and ram tiers hold the views, whatever the store's dtype: float16 (as "
+                      "stored), uint8, float8 (e4m3) or int4 (per-channel scale and offset, stochastic rounding), "
+                      "decoded per batch on the device. auto: the most precise that fits (it says which and why)."),
+    click.option("--checkpoint-activations", is_flag=True,
+                 help="Recompute the decoder's activations in the backward pass, per HRNet module, instead of "
+                      "keeping them (torch.utils.checkpoint): less memory, more time, the same gradients."),
+)
 
 
-def tta_options(fn):
-    """evaluate's and predict's: test-time augmentation."""
-    for opt in reversed([
-        click.option("--flip", is_flag=True, help="Test-time augmentation: also predict the mirrored image and "
-                     "average the logits (as HRNet's and mmsegmentation's evaluations)."),
-        click.option("--scales", type=Scales(), default="1.0", show_default=True,
-                     help="Test-time scales, e.g. 0.75,1.0,1.25: the image is resized by each and the logits "
-                          "averaged."),
-    ]):
-        fn = opt(fn)
-    return fn
+# evaluate's and predict's: test-time augmentation.
+tta_options = stacked(
+    click.option("--flip", is_flag=True, help="Test-time augmentation: also predict the mirrored image and "
+                 "average the logits (as HRNet's and mmsegmentation's evaluations)."),
+    click.option("--scales", type=Scales(), default="1.0", show_default=True,
+                 help="Test-time scales, e.g. 0.75,1.0,1.25: the image is resized by each and the logits "
+                      "averaged."),
+)
 
 
-def schedule_options(fn):
-    """train-decoder's and compare's: the views, the schedule, the loss and where training starts from."""
-    for opt in reversed([
-        click.option("--views", type=click.IntRange(min=1), default=None,
-                     help="Use only each image's first N cached views (default: all); e.g. to see how many a task "
-                          "needs."),
-        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="The global batch."),
-        click.option("--lr", type=POSITIVE, default=0.01, show_default=True, help="Initial learning rate (poly decay)."),
-        click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True),
-        click.option("--ohem-thresh", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
-                     help="[ohem] Pixels whose true class has a lower predicted probability are kept as hard."),
-        click.option("--ohem-min-kept", type=click.IntRange(min=1), default=131072, show_default=True,
-                     help="[ohem] Keep at least this many hardest pixels per batch."),
-        click.option("--class-weights", default="none", show_default=True, metavar="none|median-freq|inverse-log|FILE",
-                     help="Per-class loss weights: SegNet's median frequency balancing, ENet's 1/ln(1.02 + p), or a "
-                          "JSON file (a list in class order, or {class: weight}); counted from the training store's "
-                          "labels."),
-        click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Validate every N epochs."),
-        click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
-                     help="Log the loss every N steps."),
-        click.option("--init", "init", type=click.Path(), default=None,
-                     help="Start from a decoder checkpoint trained on another dataset (classifier re-initialised "
-                          "when the class sets differ)."),
-    ]):
-        fn = opt(fn)
-    return fn
+# train-decoder's and compare's: the views, the schedule, the loss and where training starts from.
+schedule_options = stacked(
+    click.option("--views", type=click.IntRange(min=1), default=None,
+                 help="Use only each image's first N cached views (default: all); e.g. to see how many a task "
+                      "needs."),
+    click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+    click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="The global batch."),
+    click.option("--lr", type=POSITIVE, default=0.01, show_default=True, help="Initial learning rate (poly decay)."),
+    click.option("--loss", type=click.Choice(["ohem", "ce"]), default="ohem", show_default=True),
+    click.option("--ohem-thresh", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+                 help="[ohem] Pixels whose true class has a lower predicted probability are kept as hard."),
+    click.option("--ohem-min-kept", type=click.IntRange(min=1), default=131072, show_default=True,
+                 help="[ohem] Keep at least this many hardest pixels per batch."),
+    click.option("--class-weights", default="none", show_default=True, metavar="none|median-freq|inverse-log|FILE",
+                 help="Per-class loss weights: SegNet's median frequency balancing, ENet's 1/ln(1.02 + p), or a "
+                      "JSON file (a list in class order, or {class: weight}); counted from the training store's "
+                      "labels."),
+    click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Validate every N epochs."),
+    click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+                 help="Log the loss every N steps."),
+    click.option("--init", "init", type=click.Path(), default=None,
+                 help="Start from a decoder checkpoint trained on another dataset (classifier re-initialised "
+                      "when the class sets differ)."),
+)
