@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -64,9 +65,6 @@ class OnlineData:
     resize: Resize = Resize()
 
 
-_ONLINE_TYPES = {"dataset": DatasetRef, "encoder": EncoderSpec, "augment": Augment, "resize": Resize}
-
-
 def train(out: str | Path, cfg: TrainConfig, data: CachedData | OnlineData, *, val_cache: str | None = None,
           resume: bool | str = False, progress: bool = True, allow_val_on_train: bool = False) -> TrainResult:
     """Train ``cfg.decoder`` into the run folder ``out`` on ``data``: the one entry to training.
@@ -92,8 +90,9 @@ def train(out: str | Path, cfg: TrainConfig, data: CachedData | OnlineData, *, v
         require_path("cache", data.cache, "the training store (a folder made by `fusion-seg extract`, or a URL)")
     require_path("out", out, "the run folder")
     if not cached:
-        for name in ("dataset", "encoder", "augment", "resize"):
-            require_type(f"train_online's {name}", getattr(data, name), _ONLINE_TYPES[name])
+        kinds = typing.get_type_hints(OnlineData)  # each field's request type
+        for f in fields(OnlineData):
+            require_type(f"train_online's {f.name}", getattr(data, f.name), kinds[f.name])
     prepared = _from_cache(out, data, cfg, val_cache) if cached else _online(out, data, cfg, val_cache)
     run, training_data, store = prepared["run"], prepared["data"], prepared.get("store")
     val_store = open_val_store(val_cache, training_data, allow_val_on_train=allow_val_on_train) if val_cache else None
