@@ -94,7 +94,7 @@ def train(out: str | Path, cfg: TrainConfig, data: CachedData | OnlineData, *, v
         for f in fields(OnlineData):
             require_type(f"train_online's {f.name}", getattr(data, f.name), kinds[f.name])
     prepared = _from_cache(out, data, cfg, val_cache) if cached else _online(out, data, cfg, val_cache)
-    run, training_data, store = prepared["run"], prepared["data"], prepared.get("store")
+    run, training_data, store = prepared.run, prepared.data, prepared.store
     val_store = open_val_store(val_cache, training_data, allow_val_on_train=allow_val_on_train) if val_cache else None
     decoder, names = _make_decoder(cfg, training_data.input_shapes, len(training_data.classes))
     device = resolve_device(cfg.device)
@@ -107,7 +107,7 @@ def train(out: str | Path, cfg: TrainConfig, data: CachedData | OnlineData, *, v
                 echo(tier.describe())
             source, cache_info = cached_source(str(data.cache), names, cfg, tier, dist, progress=progress, echo=echo)
         else:
-            source, cache_info = OnlineSource(prepared["views"], prepared["encoder"], cfg, dist.device), None
+            source, cache_info = OnlineSource(prepared.views, prepared.encoder, cfg, dist.device), None
         val_views = (validation_views(val_cache, names, tier, dist.device, cfg, progress=progress, echo=echo)
                      if val_store is not None and dist.is_main else None)
         trainer = Trainer(source, decoder, run, cfg, training_data, dist=dist, val_views=val_views,
@@ -131,7 +131,19 @@ def train_online(out: str | Path, cfg: TrainConfig, *, dataset: DatasetRef, enco
                  progress=progress, allow_val_on_train=allow_val_on_train)
 
 
-def _from_cache(out, data: CachedData, cfg: TrainConfig, val_cache: str | None) -> dict:
+@dataclass(frozen=True)
+class _Prepared:
+    """What a run is assembled from, read before anything is loaded: its folder and training data, and the
+    store (from a cache) or the view source and encoder (online)."""
+
+    run: RunDirectory
+    data: TrainingData
+    store: FeatureStore | None = None
+    views: ViewSource | None = None
+    encoder: nn.Module | None = None
+
+
+def _from_cache(out, data: CachedData, cfg: TrainConfig, val_cache: str | None) -> _Prepared:
     """The run folder, the store and what the run trains on (TrainingData), from a cache: the run folder's
     place, the store complete, the crop within its views and a labelled pixel among the usable views checked
     before anything is loaded."""
@@ -151,10 +163,10 @@ def _from_cache(out, data: CachedData, cfg: TrainConfig, val_cache: str | None) 
         source={"cache": str(cache), "cache_id": store.content_id(), **_val_source(val_cache)},
         class_weights=_class_weights(cfg, store_label_maps(store, usable), list(spec.classes), spec.ignore_index,
                                      f"the training store {cache}"))
-    return {"run": run, "data": training, "store": store}
+    return _Prepared(run, training, store=store)
 
 
-def _online(out, data: OnlineData, cfg: TrainConfig, val_cache: str | None) -> dict:
+def _online(out, data: OnlineData, cfg: TrainConfig, val_cache: str | None) -> _Prepared:
     """The run folder, the view source, the encoder and what the run trains on (TrainingData), online: the
     requests checked as extract checks them, and the settings only a cache has refused."""
     check_view_requests(data.augment, data.resize, data.encoder)  # as extract's: the views are the same
@@ -181,7 +193,7 @@ def _online(out, data: OnlineData, cfg: TrainConfig, val_cache: str | None) -> d
         source={"online": True, "inputs_id": listing_digest(ds.input_files()), **_val_source(val_cache)},
         class_weights=_class_weights(cfg, (ds[i].mask for i in range(len(ds))), list(ds.classes), ds.ignore_index,
                                      f"{data.dataset.name}/{data.dataset.split}"))
-    return {"run": run, "data": training, "views": views, "encoder": enc}
+    return _Prepared(run, training, views=views, encoder=enc)
 
 
 RESUME_CHOICES = (False, True, "auto")
