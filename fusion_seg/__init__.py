@@ -5,11 +5,11 @@ The Python API (README, "Python API") is the library the command line calls. Imp
 imports no torch).
 
 - requests: ``DatasetRef``, ``EncoderSpec``, ``Augment``, ``Resize``, ``StoreFormat``, ``ExtractRun``,
-  ``TrainConfig``;
+  ``TrainConfig`` (a ``Schedule``, what a run learns, and its ``RunSettings``, how it works);
 - stages: ``extract_features`` (``fusion-seg extract``), ``train`` over ``CachedData`` or ``OnlineData``
   (``fusion-seg train-decoder [--online]``; ``train_decoder`` and ``train_online`` are it with one or the
   other), ``evaluate``, ``predict`` (returning ``EvaluationResult``, ``PredictionResult``: frozen
-  dataclasses that also read as mappings);
+  dataclasses that also read as mappings); ``run_recipe`` (``fusion-seg run``: a TOML recipe's stages);
 - models: ``load_model`` (a checkpoint as a :class:`SegmentationModel`: image in, mask out),
   ``build_decoder`` (from ``{name: ShapeSpec(channels, stride)}``) and the registries ``DECODERS`` and
   ``DATASETS``; ``FeatureStore`` (a cache);
@@ -33,6 +33,8 @@ _API = {  # name -> (module, attribute)
     "extract_features": ("fusion_seg.extract.local", "extract"),
     "FeatureStore": ("fusion_seg.cache.store", "FeatureStore"),
     "TrainConfig": ("fusion_seg.training.config", "TrainConfig"),
+    "Schedule": ("fusion_seg.training.config", "Schedule"),
+    "RunSettings": ("fusion_seg.training.config", "RunSettings"),
     "train": ("fusion_seg.training.train", "train"),
     "CachedData": ("fusion_seg.training.train", "CachedData"),
     "OnlineData": ("fusion_seg.training.train", "OnlineData"),
@@ -48,6 +50,7 @@ _API = {  # name -> (module, attribute)
     "ShapeSpec": ("fusion_seg.shapes", "ShapeSpec"),
     "UserError": ("fusion_seg.errors", "UserError"),
     "DECODERS": ("fusion_seg.decoders", "DECODERS"),
+    "run_recipe": ("fusion_seg.pipeline.recipes", "run_recipe"),
 }
 __all__ = sorted(_API)
 

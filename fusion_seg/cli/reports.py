@@ -77,7 +77,7 @@ def plan(store, dataset, root, split, dataset_opt, size, views, epochs, batch_si
 @user_errors
 def run(recipe, overrides, dry_run, epoch_scale):
     """Run the stages of a TOML recipe; stages already done with the same settings are skipped."""
-    from fusion_seg.pipeline.recipes import run_recipe
+    from fusion_seg import run_recipe
 
     pairs = {}
     for item in overrides:

@@ -46,12 +46,14 @@ class EvaluationResult(ResultMapping):
     extra: dict = field(default_factory=dict)
 
 
-def evaluate(checkpoint: str | Path, *, dataset: str, split: str, root: str | None = None,
+def evaluate(checkpoint: str | Path, *, dataset: DatasetRef | str, split: str | None = None, root: str | None = None,
              out: str | Path | None = None, sliding_window: bool = False, flip: bool = False,
              scales: tuple[float, ...] = (1.0,), weights: str | None = None, device: str = "auto",
              dataset_options: dict | None = None, progress: bool = True) -> EvaluationResult:
     """Pixel accuracy, mIoU, per-class IoU and the confusion matrix, end to end on images.
 
+    ``dataset`` is a :class:`~fusion_seg.requests.DatasetRef` (which holds the split, root and options), or
+    a dataset's name with ``split``, ``root`` and ``dataset_options`` one by one, as the command line has them.
     Predictions are scored at the original label resolution; ignore pixels are excluded. ``flip``
     and ``scales`` are test-time augmentation (see :func:`~fusion_seg.inference.segmenter.predict_logits`).
     Results go to ``out`` (default: a folder beside the checkpoint named for this evaluation,
@@ -62,9 +64,15 @@ def evaluate(checkpoint: str | Path, *, dataset: str, split: str, root: str | No
     """
     checkpoint = arguments.path("checkpoint", checkpoint, "the checkpoint's path")
     if isinstance(dataset, DatasetRef):
-        raise UserError(f"dataset={dataset!r}: evaluate takes the dataset's name and settings one by one: "
-                        f"dataset={dataset.name!r}, split={dataset.split!r}, root={dataset.root!r}, "
-                        f"dataset_options={dataset.options!r}.")
+        given = [name for name, value in (("split", split), ("root", root), ("dataset_options", dataset_options))
+                 if value is not None]
+        if given:
+            raise UserError(f"evaluate(dataset={dataset!r}, {', '.join(f'{n}=...' for n in given)}): the DatasetRef "
+                            f"holds the split, root and options; drop {', '.join(given)} or pass them in the DatasetRef.")
+        dataset, split, root, dataset_options = dataset.name, dataset.split, dataset.root, dict(dataset.options)
+    elif split is None:
+        raise UserError(f"evaluate(dataset={dataset!r}) needs split= (say split='val'), or pass "
+                        f"dataset=DatasetRef({dataset!r}, 'val', ...).")
     dataset = arguments.text("dataset", dataset, "camvid")
     split = arguments.text("split", split, "val")
     root = arguments.path("root", root, "the dataset's folder", optional=True)

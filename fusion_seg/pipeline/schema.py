@@ -71,7 +71,9 @@ def stage_schema(kind: str, *, online: bool = False) -> dict[str, Option]:
     if kind == "evaluate":
         from fusion_seg.evaluation.evaluate import evaluate
 
-        return parameters(evaluate, skip=("progress",))
+        # A recipe names its dataset one key at a time (TOML holds no DatasetRef): name and split are required.
+        return {**parameters(evaluate, skip=("progress",)), "dataset": Option("dataset", str, EMPTY),
+                "split": Option("split", str, EMPTY)}
     if kind == "predict":
         from fusion_seg.inference.predict import predict
 

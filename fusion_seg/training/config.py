@@ -8,19 +8,21 @@ when a config is made, before any work, with a UserError naming the command-line
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import UserError
+from fusion_seg.options import check_fields
 from fusion_seg.shapes import ShapeSpec
 
-# Settings that decide how the work is done, not what is learned: a resume may change them.
-OPERATIONAL = frozenset({"workers", "device", "log_every", "val_every", "sync_bn", "cache_mode", "tensorboard",
-                         "checkpoint_activations"})
-
-
 @dataclass(frozen=True)
-class TrainConfig:
+class Schedule:
+    """What a run learns: the decoder, the optimisation, the loss, the data it is shown, the seed.
+
+    A resume must keep every one of these (``--lr`` alone may change, see run_dir.py), and a checkpoint's
+    ``train`` record holds them with the :class:`RunSettings` beside them, as one flat dict.
+    """
+
     decoder: str = "reverse-hrnet"
     decoder_config: dict = field(default_factory=dict)  # the decoder's own options; {} = its defaults
     epochs: int = 10
@@ -39,45 +41,21 @@ class TrainConfig:
     class_weights: str = "none"
     seed: int = 0
     init: str | None = None  # a checkpoint to start from (two-stage schedules)
-    workers: int = 2
-    val_every: int = 1
-    log_every: int = 10
-    device: str = "auto"
-    # Where cached views are read from (resident.py): auto, device, ram or stream. Operational: every
-    # tier gives the same batches in a single process, so a resume may change it.
-    cache_mode: str = "auto"
     # How the device and ram tiers hold the training views (formats.py): auto (the most precise that fits),
-    # float16, uint8, float8 or int4. Not operational: a lossy format changes the features the decoder sees.
+    # float16, uint8, float8 or int4. Part of the schedule: a lossy format changes the features the decoder sees.
     resident_dtype: str = "auto"
-    # Recompute each HRNet module's activations in the backward pass instead of keeping them
-    # (torch.utils.checkpoint): less memory, more time, the same gradients. Operational, as a resume may
-    # change it without changing what is learned.
-    checkpoint_activations: bool = False
-    # SyncBatchNorm across torchrun processes. Operational, like the number of processes (which a
-    # resume may change): both only decide over how many samples BatchNorm takes its statistics.
-    sync_bn: bool = False
-    # Also write the scalars to RUN_DIR/tensorboard (needs the tensorboard extra). Operational: logging only.
-    tensorboard: bool = False
-
-    def schedule(self) -> dict:
-        """The settings a run must keep to be resumed (not the operational ones: workers, device, logging,
-        and how the work is spread over processes)."""
-        return {k: v for k, v in asdict(self).items() if k not in OPERATIONAL}
 
     def __post_init__(self):
-        self.validate()
+        check_fields(self, "Schedule")
+        self.check_schedule()
 
-    def validate(self) -> None:
-        """Refuse settings of the wrong type or out of range (a UserError naming the option) before any work."""
-        from fusion_seg.options import check_fields
-
-        check_fields(self, "TrainConfig")
+    def check_schedule(self) -> None:
+        """Refuse settings out of range (a UserError naming the option) before any work."""
+        from fusion_seg.checks import (RESIDENT_DTYPES, fraction_problem, int_problem, non_negative_problem,
+                                       require, require_feature_crop, seed_problem)
         from fusion_seg.training.class_weights import check_class_weights_option
-        from fusion_seg.checks import (CACHE_MODES, RESIDENT_DTYPES, fraction_problem, int_problem,
-                                       non_negative_problem, require, require_feature_crop, seed_problem)
 
-        for name, minimum in (("epochs", 1), ("batch_size", 1), ("ohem_min_kept", 1), ("workers", 0),
-                              ("val_every", 1), ("log_every", 1)):
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("ohem_min_kept", 1)):
             require("--" + name.replace("_", "-"), getattr(self, name), int_problem(getattr(self, name), minimum))
         require("--seed", self.seed, seed_problem(self.seed))
         if self.views is not None:
@@ -95,15 +73,15 @@ class TrainConfig:
         if self.loss not in ("ohem", "ce"):
             require("--loss", self.loss, "choose ohem or ce")
         check_class_weights_option(self.class_weights)
-        if self.cache_mode not in CACHE_MODES:
-            require("--cache-mode", self.cache_mode, f"choose one of {', '.join(CACHE_MODES)}")
         if self.resident_dtype not in RESIDENT_DTYPES:
             require("--resident-dtype", self.resident_dtype, f"choose one of {', '.join(RESIDENT_DTYPES)}")
         self._check_decoder()
 
     def _check_decoder(self) -> None:
         """The decoder's name and its options' names and value types (``--decoder-opt width=abc``), checked
-        against its constructor before anything is built."""
+        against its constructor before anything is built. This one check imports the decoders (torch): a
+        decoder's options are its constructor's keyword arguments, and a torch-free copy of them would be a
+        second list to keep in step with the code."""
         from fusion_seg.decoders import DECODERS, check_options
 
         if self.decoder not in DECODERS:
@@ -112,6 +90,71 @@ class TrainConfig:
             raise UserError(f"TrainConfig decoder_config must be a dict of the decoder's options, not "
                             f"{type(self.decoder_config).__name__}.")
         check_options(self.decoder, self.decoder_config)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run does its work, not what it learns: a resume may change any of these."""
+
+    workers: int = 2
+    val_every: int = 1
+    log_every: int = 10
+    device: str = "auto"
+    # Where cached views are read from (resident.py): auto, device, ram or stream. Every tier gives the
+    # same batches in a single process.
+    cache_mode: str = "auto"
+    # Recompute each HRNet module's activations in the backward pass instead of keeping them
+    # (torch.utils.checkpoint): less memory, more time, the same gradients.
+    checkpoint_activations: bool = False
+    # SyncBatchNorm across torchrun processes, like the number of processes (which a resume may change):
+    # both only decide over how many samples BatchNorm takes its statistics.
+    sync_bn: bool = False
+    # Also write the scalars to RUN_DIR/tensorboard (needs the tensorboard extra): logging only.
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        check_fields(self, "RunSettings")
+        self.check_run_settings()
+
+    def check_run_settings(self) -> None:
+        from fusion_seg.checks import CACHE_MODES, int_problem, require
+
+        for name, minimum in (("workers", 0), ("val_every", 1), ("log_every", 1)):
+            require("--" + name.replace("_", "-"), getattr(self, name), int_problem(getattr(self, name), minimum))
+        if self.cache_mode not in CACHE_MODES:
+            require("--cache-mode", self.cache_mode, f"choose one of {', '.join(CACHE_MODES)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunSettings, Schedule):
+    """A run's :class:`Schedule` and its :class:`RunSettings`, as one flat set of fields (``cfg.epochs``,
+    ``cfg.workers``): what ``train`` takes, and what a checkpoint records under ``train``."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings of the wrong type or out of range (a UserError naming the option) before any work."""
+        check_fields(self, "TrainConfig")
+        self.check_run_settings()
+        self.check_schedule()
+
+    @classmethod
+    def of(cls, schedule: Schedule, settings: RunSettings | None = None) -> "TrainConfig":
+        """The config of a schedule run with these settings (None: the defaults)."""
+        return cls(**_values(schedule, Schedule), **_values(settings or RunSettings(), RunSettings))
+
+    def schedule(self) -> Schedule:
+        """What this run learns: the settings a resume must keep."""
+        return Schedule(**_values(self, Schedule))
+
+    def run_settings(self) -> RunSettings:
+        """How this run works: the settings a resume may change."""
+        return RunSettings(**_values(self, RunSettings))
+
+
+def _values(obj, part: type) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(part)}
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -251,7 +252,7 @@ def run_differences(ckpt: dict, record: dict, cfg: TrainConfig, classes, encoder
     theirs = ckpt["decoder"]
     for key in ("name", "num_classes", "config", "input_shapes"):
         diffs += _differences(theirs.get(key), record.get(key), "decoder" if key == "name" else f"decoder {key}")
-    stored, now = TrainConfig(**ckpt["train"]).schedule(), cfg.schedule()
+    stored, now = asdict(TrainConfig(**ckpt["train"]).schedule()), asdict(cfg.schedule())
     changed = [k for k in now if stored.get(k) != now[k]]
     decoder_differs = (theirs.get("name"), theirs.get("config")) != (record.get("name"), record.get("config"))
     for k in changed:

@@ -53,3 +53,18 @@ def test_evaluating_best_then_last_then_with_flip_keeps_each_result(tmp_path):
         metrics = json.loads((tmp_path / out / "metrics.json").read_text())
         assert metrics["checkpoint"] in (str(best), str(last))
     assert json.loads((tmp_path / outs[2] / "metrics.json").read_text())["flip"] is True
+
+
+def test_evaluate_takes_a_dataset_ref_or_the_same_settings_one_by_one(tmp_path):
+    from fusion_seg.errors import UserError
+    from fusion_seg.requests import DatasetRef
+
+    best = tiny_checkpoint(tmp_path)
+    options = {"num_images": 1, "size": list(SYNTH["size"])}
+    typed = evaluate(best, dataset=DatasetRef("synthetic", "val", options=options), device="cpu", progress=False)
+    loose = evaluate(best, dataset="synthetic", split="val", dataset_options=options, device="cpu", progress=False)
+    assert typed.out == loose.out and typed.miou == loose.miou  # the same evaluation, the same folder
+    with pytest.raises(UserError, match=r"the DatasetRef holds the split, root and options; drop split"):
+        evaluate(best, dataset=DatasetRef("synthetic", "val"), split="val", device="cpu", progress=False)
+    with pytest.raises(UserError, match=r"needs split="):
+        evaluate(best, dataset="synthetic", device="cpu", progress=False)

@@ -239,6 +239,33 @@ def test_decoder_options_of_the_wrong_type_are_refused_by_train_config():
         tiny_config(decoder="nope")
 
 
+def test_train_config_is_a_schedule_and_run_settings_and_a_resume_may_change_only_the_settings(stores, tmp_path):
+    from dataclasses import asdict, fields
+
+    from fusion_seg.training.config import RunSettings, Schedule, TrainConfig
+
+    names = [f.name for f in fields(TrainConfig)]
+    assert names == [f.name for f in fields(Schedule)] + [f.name for f in fields(RunSettings)]
+    cfg = tiny_config(epochs=1)
+    assert TrainConfig.of(cfg.schedule(), cfg.run_settings()) == cfg
+    assert TrainConfig.of(cfg.schedule()).run_settings() == RunSettings()
+    with pytest.raises(UserError, match="--epochs 0"):
+        Schedule(epochs=0)
+    with pytest.raises(UserError, match="--cache-mode 'x'"):
+        RunSettings(cache_mode="x")
+    with pytest.raises(UserError, match='RunSettings: workers="2" should be an integer'):
+        RunSettings(workers="2")
+    out = tmp_path / "run"
+    train_decoder(str(stores / "train.zarr"), out, cfg, progress=False)
+    record = load_checkpoint(out / "last.pt")["train"]
+    assert record == asdict(cfg)  # one flat record, as before the split: older checkpoints read the same
+    settings = TrainConfig.of(cfg.schedule(), RunSettings(workers=0, log_every=3, cache_mode="stream"))
+    train_decoder(str(stores / "train.zarr"), out, settings, resume=True, progress=False)  # finished: nothing to do
+    longer = TrainConfig.of(Schedule(**{**asdict(cfg.schedule()), "batch_size": cfg.batch_size + 1}), cfg.run_settings())
+    with pytest.raises(CheckpointError, match="batch_size"):
+        train_decoder(str(stores / "train.zarr"), out, longer, resume=True, progress=False)
+
+
 def test_the_config_json_of_a_run_is_recognised_as_a_run(stores, tmp_path):
     out = tmp_path / "run"
     train_decoder(str(stores / "train.zarr"), out, tiny_config(epochs=1), progress=False)
