@@ -1,7 +1,9 @@
-"""Device placement: CUDA with bf16 autocast, channels_last and pinned memory; plain fp32 on CPU.
+"""Device placement and precision: CUDA with bf16 autocast, channels_last and pinned memory; fp32 on CPU.
 
-On CPUs without AVX-512/AMX, bf16 autocast is many times slower than fp32, so AMP is
-enabled on CUDA only.
+``--precision`` (extract, train-decoder, evaluate, predict) is ``auto``, ``fp32`` or ``bf16``. ``auto`` is bf16
+autocast on CUDA and fp32 elsewhere: on CPUs without AVX-512 BF16/AMX, bf16 is many times slower than fp32,
+and where it is supported (this project's CPU) it was measured (BENCHMARKS.md, "Deploying") before being
+offered, not made the default. ``bf16`` on the CPU is torch's CPU autocast (oneDNN's bf16 kernels).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import contextlib
 
 import torch
 
+from fusion_seg.checks import PRECISIONS
 from fusion_seg.errors import UserError
 
 
@@ -24,10 +27,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, a no-op elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """``fp32`` or ``bf16``: what ``precision`` means on ``device`` (auto: bf16 on CUDA, fp32 elsewhere)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast where ``precision`` resolves to bf16 on ``device`` (:func:`resolve_precision`), else a no-op."""
+    if resolve_precision(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -158,9 +158,23 @@ class ExtractRun:
     writers: int = 2
     scheduler: str | None = None
     dask_workers: int | None = None
+    # The encoder's forward (--precision): auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16. The store's
+    # encoder identity records the one used, so that bf16 and fp32 features are never mixed.
+    precision: str = "auto"
 
     def __post_init__(self):
         check_fields(self, "ExtractRun")
+
+    def forward_precision(self) -> str:
+        """``fp32`` or ``bf16``: ``precision`` on ``device``. On a cluster the workers' devices are not known
+        here: ``auto`` is bf16 only when ``device`` names CUDA, and every worker runs the store's precision."""
+        if self.precision != "auto":
+            return self.precision
+        if self.on_cluster:
+            return "bf16" if self.device.startswith("cuda") else "fp32"
+        from fusion_seg.device import resolve_device, resolve_precision
+
+        return resolve_precision(resolve_device(self.device))
 
     @property
     def on_cluster(self) -> bool:
@@ -211,11 +225,11 @@ def store_format(*, dtype: str = DEFAULT_DTYPE, codec: str | dict = DEFAULT_CODE
 
 
 def extract_run(*, batch_size: int = 4, loader_workers: int = 2, writers: int = 2, scheduler: str | None = None,
-                workers: int | None = None, device: str = "auto") -> ExtractRun:
-    """extract's ``--batch-size``, ``--loader-workers``, ``--scheduler``, ``--device`` and (``workers``)
-    ``--dask-workers``; ``writers`` has no command-line option."""
+                workers: int | None = None, device: str = "auto", precision: str = "auto") -> ExtractRun:
+    """extract's ``--batch-size``, ``--loader-workers``, ``--scheduler``, ``--device``, ``--precision`` and
+    (``workers``) ``--dask-workers``; ``writers`` has no command-line option."""
     return ExtractRun(device=device, batch_size=batch_size, loader_workers=loader_workers, writers=writers,
-                      scheduler=scheduler, dask_workers=workers)
+                      scheduler=scheduler, dask_workers=workers, precision=precision)
 
 
 # --------------------------------------------------------------------------- what each entry point takes

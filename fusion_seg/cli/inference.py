@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from fusion_seg.cli.app import main
-from fusion_seg.cli.options import dataset_options, tta_options
+from fusion_seg.cli.options import backend_option, dataset_options, precision_option, tta_options
 from fusion_seg.cli.params import parse_key_values
 from fusion_seg.cli.shell import user_errors
 
@@ -21,13 +21,17 @@ from fusion_seg.cli.shell import user_errors
 @tta_options
 @click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
 @click.option("--device", default="auto", show_default=True)
+@precision_option
+@backend_option
 @user_errors
-def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window, flip, scales, weights, device):
+def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window, flip, scales, weights, device,
+             precision, backend):
     """Pixel accuracy, mIoU, per-class IoU and confusion matrix, end to end on images."""
     from fusion_seg.evaluation.evaluate import evaluate as run
 
     r = run(checkpoint, dataset=dataset, root=root, split=split, out=out, sliding_window=sliding_window,
-            flip=flip, scales=scales, weights=weights, device=device, dataset_options=parse_key_values(dataset_opt))
+            flip=flip, scales=scales, weights=weights, device=device, dataset_options=parse_key_values(dataset_opt),
+            precision=precision, backend=backend)
     click.echo(f"pixel acc {r['pixel_acc']:.4f}  mIoU {r['miou']:.4f}  mean acc {r['mean_acc']:.4f}")
     if "iiou_class" in r:  # Cityscapes with instance maps
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -46,13 +50,15 @@ def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window,
 @tta_options
 @click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
 @click.option("--device", default="auto", show_default=True)
+@precision_option
+@backend_option
 @user_errors
-def predict(checkpoint, inputs, out, sliding_window, flip, scales, weights, device):
+def predict(checkpoint, inputs, out, sliding_window, flip, scales, weights, device, precision, backend):
     """Image(s) to label PNGs and colour overlays, end to end."""
     from fusion_seg.inference.predict import predict as run
 
     r = run(checkpoint, inputs, out, sliding_window=sliding_window, flip=flip, scales=scales, weights=weights,
-            device=device)
+            device=device, precision=precision, backend=backend)
     click.echo(f"{r['images']} image(s) -> {r['out']}")
 
 

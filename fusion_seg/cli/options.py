@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fusion_seg.checks import CACHE_MODES, FEATURE_CROP_ALIGN, MAX_SEED, RESIDENT_DTYPES
+from fusion_seg.checks import BACKENDS, CACHE_MODES, FEATURE_CROP_ALIGN, MAX_SEED, PRECISIONS, RESIDENT_DTYPES
 from fusion_seg.cli.names import DATASET_NAMES, DEFAULT_ENCODER, DEFAULT_STRIDES
 from fusion_seg.cli.params import POSITIVE, HxW, Scales, Strides, check_scale_range
 
@@ -16,6 +16,19 @@ def stacked(*options):
             fn = option(fn)
         return fn
     return add
+
+
+# extract's, train-decoder's, compare's, evaluate's and predict's: the forward's precision (device.py).
+precision_option = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+    help="The forward's precision: fp32, or bf16 autocast (on CUDA, or a CPU with AVX-512 BF16/AMX). auto: bf16 "
+         "on CUDA, fp32 on the CPU (see BENCHMARKS.md, Deploying). Stores record the encoder's.")
+
+# evaluate's and predict's: which runtime runs the model.
+backend_option = click.option(
+    "--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
+    help="torch runs a checkpoint (.pt); onnxruntime runs the model `fusion-seg export` wrote (--checkpoint "
+         "model.onnx; pip install 'fusion-seg[onnx]').")
 
 
 dataset_options = stacked(
@@ -119,4 +132,5 @@ schedule_options = stacked(
     click.option("--init", "init", type=click.Path(), default=None,
                  help="Start from a decoder checkpoint trained on another dataset (classifier re-initialised "
                       "when the class sets differ)."),
+    precision_option,
 )

@@ -8,7 +8,7 @@ import click
 
 from fusion_seg.cache.codecs import CODECS, DEFAULT_CODEC, DEFAULT_DTYPE, DTYPES  # torch-free
 from fusion_seg.cli.app import main
-from fusion_seg.cli.options import dataset_options, encoder_options, view_options
+from fusion_seg.cli.options import dataset_options, encoder_options, precision_option, view_options
 from fusion_seg.cli.params import option_values
 from fusion_seg.cli.shell import user_errors
 
@@ -35,6 +35,7 @@ from fusion_seg.cli.shell import user_errors
 @click.option("--repair", is_flag=True, help="Verify every chunk first and re-extract corrupt or skipped views.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (`fusion-seg info` lists them) instead of stopping.")
 @click.option("--out", required=True, type=click.Path(), help="Feature store (a .zarr folder).")
+@precision_option
 @user_errors
 def extract(**params):
     """Run the frozen encoder once per view and store multi-scale features (resumable)."""

@@ -15,6 +15,7 @@ released under CC-BY-NC 4.0 (non-commercial use only).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import timm
@@ -102,7 +103,11 @@ def _load_pretrained(tag: str, indices: tuple[int, ...]) -> nn.Module:
 
 
 class FrozenEncoder(nn.Module):
-    """A frozen timm ``features_only`` backbone returning ``{"s4": tensor, ...}``."""
+    """A frozen timm ``features_only`` backbone returning ``{"s4": tensor, ...}``.
+
+    Its forward runs in ``identity.precision`` (fp32, or bf16 autocast: :meth:`with_precision`), whatever
+    autocast its caller is in, so that the features are what the identity says.
+    """
 
     def __init__(self, model: nn.Module, identity: EncoderIdentity):
         super().__init__()
@@ -122,9 +127,19 @@ class FrozenEncoder(nn.Module):
     def output_shape(self) -> dict[str, ShapeSpec]:
         return self.identity.output_shape()
 
+    def with_precision(self, precision: str) -> "FrozenEncoder":
+        """This encoder, running its forward in ``precision`` (``fp32`` or ``bf16``; resolve ``auto`` first with
+        :func:`fusion_seg.device.resolve_precision`), which its identity then records."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {precision!r}: fp32 or bf16 (resolve auto against the device first)")
+        self.identity = dataclasses.replace(self.identity, precision=precision)
+        return self
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.model(images)))
+        bf16 = self.identity.precision == "bf16"
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return dict(zip(self.names, self.model(images)))
 
 
 def build_encoder(
@@ -209,7 +224,8 @@ def rebuild_encoder(identity: EncoderIdentity, weights_file: str | Path | None =
         )
     else:
         encoder = build_encoder(identity.tag, strides=strides)
-    diffs = identity.differences(encoder.identity)
+    # The same weights are the same encoder at any precision: the caller picks the one it runs in.
+    diffs = dataclasses.replace(identity, precision=encoder.identity.precision).differences(encoder.identity)
     if diffs:
         raise CheckpointError(
             "the encoder does not match the one the features/decoder were made with: "

@@ -8,7 +8,10 @@ cache or checkpoint is never silently combined with another encoder:
   ``random-init:SEED``), and ``weights_sha256``, a hash of the loaded state
   dict's contents, which is what identity comparisons use;
 - ``mean`` / ``std``: the input normalisation;
-- ``features``: name, channels and stride of every map (timm's ``feature_info``).
+- ``features``: name, channels and stride of every map (timm's ``feature_info``);
+- ``precision``: the forward's, ``fp32`` or ``bf16`` (``--precision``): bf16 features differ from fp32 ones in
+  their low bits, so stores and runs of the two are never combined. Written only when it is bf16, so that
+  every store and checkpoint made before it existed (all fp32) reads, resumes and hashes as before.
 """
 from __future__ import annotations
 
@@ -40,10 +43,13 @@ class EncoderIdentity:
     std: tuple[float, float, float]
     features: tuple[dict, ...]  # ({"name", "channels", "stride"}, ...) in stride order
     init: dict = field(default_factory=dict)
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"], d["features"] = list(self.mean), list(self.std), list(self.features)
+        if self.precision == "fp32":
+            del d["precision"]  # as every record before --precision: the same spec, hash and checkpoint
         return d
 
     @classmethod
@@ -56,6 +62,7 @@ class EncoderIdentity:
             std=tuple(d["std"]),
             features=tuple(dict(f) for f in d["features"]),
             init=dict(d.get("init", {})),
+            precision=d.get("precision", "fp32"),
         )
 
     @classmethod
@@ -92,6 +99,8 @@ class EncoderIdentity:
                 keys = sorted(set(mine[name]) | set(theirs[name]))
                 diffs += [f"feature {name} {k} {mine[name].get(k)} vs {theirs[name].get(k)}" for k in keys
                           if mine[name].get(k) != theirs[name].get(k)]
+        if self.precision != other.precision:
+            diffs.append(f"forward precision {self.precision} vs {other.precision} (--precision)")
         return diffs
 
 

@@ -43,19 +43,24 @@ class EvaluationResult(ResultMapping):
     scales: list
     seconds: float
     out: str
+    backend: str = "torch"  # torch, or onnxruntime (an exported model)
+    precision: str = "fp32"  # the forward's, resolved: fp32 or bf16
     extra: dict = field(default_factory=dict)
 
 
 def evaluate(checkpoint: str | Path, *, dataset: DatasetRef | str, split: str | None = None, root: str | None = None,
              out: str | Path | None = None, sliding_window: bool = False, flip: bool = False,
              scales: tuple[float, ...] = (1.0,), weights: str | None = None, device: str = "auto",
-             dataset_options: dict | None = None, progress: bool = True) -> EvaluationResult:
+             dataset_options: dict | None = None, precision: str = "auto", backend: str = "torch",
+             progress: bool = True) -> EvaluationResult:
     """Pixel accuracy, mIoU, per-class IoU and the confusion matrix, end to end on images.
 
     ``dataset`` is a :class:`~fusion_seg.requests.DatasetRef` (which holds the split, root and options), or
     a dataset's name with ``split``, ``root`` and ``dataset_options`` one by one, as the command line has them.
     Predictions are scored at the original label resolution; ignore pixels are excluded. ``flip``
-    and ``scales`` are test-time augmentation (see :func:`~fusion_seg.inference.segmenter.predict_logits`).
+    and ``scales`` are test-time augmentation (see :func:`~fusion_seg.inference.segmenter.predict_logits`);
+    ``precision`` and ``backend`` are :func:`~fusion_seg.inference.segmenter.load_model`'s (``backend="onnxruntime"``
+    scores the model ``fusion-seg export`` wrote, ``checkpoint`` its .onnx file).
     Results go to ``out`` (default: a folder beside the checkpoint named for this evaluation,
     :func:`default_out_folder`) as ``metrics.json``, ``confusion.json`` and ``confusion.png``. An
     argument the command line would refuse, the dataset's errors and an ``out`` the results cannot go to
@@ -76,7 +81,8 @@ def evaluate(checkpoint: str | Path, *, dataset: DatasetRef | str, split: str | 
     dataset = arguments.text("dataset", dataset, "camvid")
     split = arguments.text("split", split, "val")
     root = arguments.path("root", root, "the dataset's folder", optional=True)
-    arguments.path("weights", weights, "the encoder's weights file", optional=True)
+    weights = arguments.path("weights", weights, "the encoder's weights file", optional=True)
+    arguments.backend(backend, checkpoint, precision=precision, weights=weights)
     options = arguments.options("dataset_options", dataset_options, "{'num_images': 2}")
     sliding_window, flip = arguments.flag("sliding_window", sliding_window), arguments.flag("flip", flip)
     scales = arguments.scales(scales, option="--scales")
@@ -84,12 +90,12 @@ def evaluate(checkpoint: str | Path, *, dataset: DatasetRef | str, split: str | 
     device = arguments.text("device", device, "cpu")
     if out is None:
         out = default_out_folder(checkpoint, dataset, split, root=root, dataset_options=options, flip=flip,
-                                 scales=scales, sliding_window=sliding_window, weights=weights)
+                                 scales=scales, sliding_window=sliding_window, weights=weights, precision=precision)
     out = arguments.path("out", out, "the output folder", optional=True)
     check_out_folder(out, {out / "metrics.json": "the metrics", out / "confusion.json": "the confusion matrix",
                            out / "confusion.png": "the confusion plot"})
     ds = build_dataset(dataset, root=root, split=split, **options)  # its errors before the model's
-    model = load_model(checkpoint, weights=weights, device=device)
+    model = load_model(checkpoint, weights=weights, device=device, precision=precision, backend=backend)
     ckpt = model.checkpoint
     if list(ds.classes) != list(ckpt["classes"]):
         raise UserError(
@@ -119,7 +125,8 @@ def evaluate(checkpoint: str | Path, *, dataset: DatasetRef | str, split: str | 
             bar.update(1)
     result = evaluator.evaluate()
     result.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "images": len(ds),
-                   "sliding_window": sliding_window, "flip": flip, "scales": list(scales),
+                   "sliding_window": sliding_window, "flip": flip, "scales": list(scales), "backend": backend,
+                   "precision": model.segmenter.identity.precision,
                    "seconds": time.perf_counter() - t0})
     confusion = result["confusion"]
     with reporting_write_errors(out, "the output folder"):
@@ -138,11 +145,11 @@ def evaluate(checkpoint: str | Path, *, dataset: DatasetRef | str, split: str | 
 
 
 def default_out_folder(checkpoint: str | Path, dataset: str, split: str, *, root, dataset_options: dict, flip: bool,
-                       scales, sliding_window: bool, weights) -> Path:
+                       scales, sliding_window: bool, weights, precision: str = "auto") -> Path:
     """Where :func:`evaluate` writes without ``out``: a folder beside the checkpoint, one per evaluation that differs.
 
     The name says what is readable at a glance: ``eval-<checkpoint stem>-<dataset>-<split>``, then ``-flip``,
-    ``-scales0.75_1_1.25`` and ``-sliding`` when used; then, when there is a root, a dataset option or an encoder
+    ``-scales0.75_1_1.25``, ``-sliding`` and ``-bf16``/``-fp32`` (``--precision``) when used; then, when there is a root, a dataset option or an encoder
     weights file, the first 8 hex digits of a sha256 of them (the root resolved, so that one folder spelled two
     ways is one evaluation), since paths and options do not fit a folder name. So ``best.pt`` and ``last.pt``,
     with and without test-time augmentation, on two copies of a dataset, each get their own folder, and the same
@@ -156,6 +163,8 @@ def default_out_folder(checkpoint: str | Path, dataset: str, split: str, *, root
         parts.append("scales" + "_".join(f"{s:g}" for s in scales))
     if sliding_window:
         parts.append("sliding")
+    if precision != "auto":
+        parts.append(precision)
     if root is not None or dataset_options or weights is not None:
         where = {"root": None if root is None else str(Path(root).expanduser().resolve()),
                  "dataset_options": dataset_options, "weights": None if weights is None else str(weights)}

@@ -79,7 +79,7 @@ class ExtractPlugin(WorkerPlugin):
                                     f"directory {os.getcwd()}). Give every worker the same data at the same "
                                     "absolute path (e.g. a shared filesystem) and pass that path to --root.")
                 device = resolve_device(self.device)
-                encoder = self.encoder.build()
+                encoder = self.encoder.build().with_precision(self.identity.precision)  # the store's, as the client's
                 diffs = self.identity.differences(encoder.identity)
                 if diffs:
                     raise CacheError(

@@ -20,7 +20,7 @@ from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.data.transforms import resized_shape
 from fusion_seg.data.views import stack_groups
 from fusion_seg.requests import Augment, Resize
-from fusion_seg.device import autocast, to_device
+from fusion_seg.device import to_device
 from fusion_seg.encoder.build import FrozenEncoder
 from fusion_seg.errors import DataError, Failed, UserError, write_error
 from fusion_seg.shapes import ShapeSpec
@@ -161,7 +161,7 @@ def encode_batch(encoder: FrozenEncoder, device: torch.device, items: list, dtyp
         if len(group) == 1 and batch_size >= 2:
             images = torch.cat([images, torch.zeros_like(images)])
         images = to_device(images, device)
-        with lock or contextlib.nullcontext(), autocast(device):
+        with lock or contextlib.nullcontext():  # the encoder runs in its own precision (FrozenEncoder)
             feats = {k: t.to(host).cpu().numpy() for k, t in encoder(images).items()}
         for j, it in enumerate(group):
             write(it["index"], {k: a[j] for k, a in feats.items()}, it["labels"].numpy(), it["meta"])

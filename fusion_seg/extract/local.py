@@ -90,7 +90,7 @@ def check_extract_arguments(**arguments) -> None:
     """
     import inspect
 
-    from fusion_seg.checks import int_problem, require
+    from fusion_seg.checks import PRECISIONS, int_problem, require
 
     bound = inspect.signature(extract).bind_partial(**arguments)
     bound.apply_defaults()
@@ -110,6 +110,8 @@ def check_extract_arguments(**arguments) -> None:
     require("--batch-size", run.batch_size, int_problem(run.batch_size, 1))
     require("--loader-workers", run.loader_workers, int_problem(run.loader_workers, 0))
     require("writers", run.writers, int_problem(run.writers, 1))
+    if run.precision not in PRECISIONS:
+        require("--precision", run.precision, f"choose one of {', '.join(PRECISIONS)}")
     if run.scheduler is not None and run.dask_workers is not None:
         raise UserError("--scheduler and --dask-workers are mutually exclusive: --dask-workers N starts a local "
                         "dask cluster, --scheduler uses a running one.")
@@ -157,7 +159,7 @@ def extract(
         raise UserError(f"dataset {dataset.name!r} split {dataset.split!r} has no images; nothing to extract.")
     check_view_count(len(ds), views)  # before anything sized by the views: the image ids, the records
     label_shape = label_shape_for(ds, augment, resize, skip_bad)
-    enc = encoder.build()
+    enc = encoder.build().with_precision(run.forward_precision())  # the store's identity records it
     check_view_size(enc.output_shape(), label_shape, augment, resize, batch_size=run.batch_size,
                     num_views=len(ds) * views, dtype=storage.dtype)  # before the probe forward of build_spec
     with locations.writer_lock(out):

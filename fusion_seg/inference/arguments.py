@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion_seg.checks import scales_problem, size_problem
+from fusion_seg.checks import BACKENDS, PRECISIONS, scales_problem, size_problem
 from fusion_seg.errors import UserError, require_path
 
 
@@ -75,3 +75,31 @@ def positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
         raise UserError(f"{name}={value!r}: pass a number > 0.")
     return float(value)
+
+
+def choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (``precision``, ``backend``)."""
+    if value not in choices:
+        raise UserError(f"{name}={value!r}: choose one of {', '.join(map(repr, choices))} (--{name}).")
+    return value
+
+
+def backend(value, checkpoint: Path, *, precision: str, weights) -> str:
+    """``backend`` for ``checkpoint``: torch runs a checkpoint (.pt), onnxruntime a model ``fusion-seg export``
+    wrote (.onnx), which holds its encoder's weights and runs in fp32; refused otherwise, naming the fix."""
+    value, precision = choice("backend", value, BACKENDS), choice("precision", precision, PRECISIONS)
+    exported = Path(checkpoint).suffix.lower() == ".onnx"
+    if value == "torch" and exported:
+        raise UserError(f"--checkpoint {checkpoint} is an exported ONNX model: pass --backend onnxruntime to run it, "
+                        "or the .pt checkpoint it was exported from.")
+    if value == "onnxruntime":
+        if not exported:
+            raise UserError(f"--backend onnxruntime runs an exported model, and --checkpoint {checkpoint} is not a "
+                            f".onnx file: export it first (fusion-seg export --checkpoint {checkpoint} --out "
+                            "model.onnx) and pass --checkpoint model.onnx.")
+        if precision == "bf16":
+            raise UserError("--precision bf16 runs with --backend torch only: an exported model runs in fp32 "
+                            "(drop --precision, or use --backend torch with the .pt checkpoint).")
+        if weights is not None:
+            raise UserError(f"--weights {weights}: an exported model holds its encoder's weights; drop --weights.")
+    return value

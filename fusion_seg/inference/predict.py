@@ -108,7 +108,7 @@ class PredictionResult(ResultMapping):
 
 def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, sliding_window: bool = False,
             flip: bool = False, scales=(1.0,), weights: str | None = None, device: str = "auto",
-            progress: bool = True) -> PredictionResult:
+            precision: str = "auto", backend: str = "torch", progress: bool = True) -> PredictionResult:
     """Write ``<stem>.png`` (palette label mask) and ``<stem>_overlay.png`` for each input image, and
     ``legend.png`` (the palette's colours with the class names; needs matplotlib, the ``plots`` extra).
 
@@ -118,13 +118,15 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
     would refuse. A write that fails all the same (a full disk) is a one-line :class:`UserError`.
     With ``progress``, a progress line per image (and over the windows of a long sliding window).
     ``flip`` and ``scales`` are test-time augmentation, as ``evaluate``'s (the logits of the mirrored and
-    rescaled images averaged).
+    rescaled images averaged). ``precision`` and ``backend`` are :func:`~fusion_seg.inference.segmenter.load_model`'s
+    (``backend="onnxruntime"`` runs the model ``fusion-seg export`` wrote, ``checkpoint`` its .onnx file).
     """
     checkpoint = arguments.path("checkpoint", checkpoint, "the checkpoint's path")
     inputs = arguments.path("inputs", inputs, "an image file or a folder of images (to predict several files, "
                                               "put them in one folder)")
     out = arguments.path("out", out, "the output folder")
-    arguments.path("weights", weights, "the encoder's weights file", optional=True)
+    weights = arguments.path("weights", weights, "the encoder's weights file", optional=True)
+    arguments.backend(backend, checkpoint, precision=precision, weights=weights)
     sliding_window = arguments.flag("sliding_window", sliding_window)
     flip, scales = arguments.flag("flip", flip), arguments.scales(scales)
     progress = arguments.flag("progress", progress)
@@ -132,7 +134,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
     targets = prediction_targets(inputs, out)
     check_out_folder(out, {path: f"the {what} of {src}" for path, (src, what) in targets.items()})
     files = list(dict.fromkeys(src for src, _ in targets.values()))
-    model = load_model(checkpoint, weights=weights, device=device)
+    model = load_model(checkpoint, weights=weights, device=device, precision=precision, backend=backend)
     palette = model.palette
     with reporting_write_errors(out, "the output folder"):
         out.mkdir(parents=True, exist_ok=True)

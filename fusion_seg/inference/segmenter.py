@@ -18,7 +18,7 @@ from fusion_seg.data.io import default_palette
 from fusion_seg.data.transforms import resize_pair, to_tensor
 from fusion_seg.decoders import decoder_from_record
 from fusion_seg.decoders.base import upsample_logits
-from fusion_seg.device import autocast, resolve_device, to_device
+from fusion_seg.device import autocast, resolve_device, resolve_precision, to_device
 from fusion_seg.encoder.build import FrozenEncoder, rebuild_encoder
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import UserError
@@ -28,25 +28,41 @@ from fusion_seg.progress import Progress
 
 
 class Segmenter(nn.Module):
-    """Image in, logits at image size out."""
+    """Image in, logits at image size out: the torch backend. The onnxruntime backend
+    (:class:`~fusion_seg.inference.onnx_runtime.OnnxSegmenter`) has the same three members that inference
+    uses: called on a normalised ``(N, 3, H, W)`` batch it returns the logits at its size, ``identity`` (the
+    encoder's, for the normalisation) and ``device``. The forward runs in the encoder's precision (fp32, or bf16
+    autocast: ``--precision``)."""
 
     def __init__(self, encoder: FrozenEncoder, decoder: nn.Module):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
 
+    @property
+    def identity(self) -> EncoderIdentity:
+        return self.encoder.identity
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.encoder(images)
-        return upsample_logits(self.decoder(features), images.shape[-2:])
+        with autocast(images.device, self.identity.precision):
+            logits = self.decoder(features)
+        return upsample_logits(logits, images.shape[-2:])
 
 
-def load_segmenter(checkpoint: str | Path, *, weights: str | None = None, device: str = "auto"):
-    """(Segmenter on device, checkpoint dict)."""
+def load_segmenter(checkpoint: str | Path, *, weights: str | None = None, device: str = "auto",
+                   precision: str = "auto"):
+    """(Segmenter on device running in ``precision``, checkpoint dict)."""
     ckpt = load_checkpoint(checkpoint)
     dev = resolve_device(device)
     decoder = decoder_from_record(ckpt["decoder"])
     decoder.load_state_dict(ckpt["model"])
     encoder = rebuild_encoder(EncoderIdentity.from_checkpoint(ckpt), weights_file=weights)
+    encoder.with_precision(resolve_precision(dev, precision))
     model = Segmenter(encoder, decoder).to(dev).eval()
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -70,7 +86,8 @@ def predict_logits(model: Segmenter, image: np.ndarray, ckpt: dict, *, sliding_w
     image, are averaged. ``flip=False, scales=(1.0,)`` is the single plain pass; a scale that
     makes the image larger than :data:`MAX_PIXELS` is refused before anything is allocated. With
     ``progress``, a sliding window over many windows (:data:`PROGRESS_WINDOWS`, all passes
-    together) shows a :class:`~fusion_seg.progress.Progress` over them.
+    together) shows a :class:`~fusion_seg.progress.Progress` over them. The logits are float32 whatever
+    the model's precision.
     """
     resize = ckpt["data"].get("resize") or {}
     size = tuple(resize["size"]) if resize.get("size") else None
@@ -83,8 +100,7 @@ def predict_logits(model: Segmenter, image: np.ndarray, ckpt: dict, *, sliding_w
             raise UserError(f"the {base[1]}x{base[0]} image at scale {scale:g} is {w}x{h} ({h * w / 1e6:,.0f} M "
                             f"pixels), more than the {MAX_PIXELS / 1e6:,.0f} M pixels of the largest image fusion-seg "
                             "reads; pass smaller scales, or a smaller image.")
-    identity = model.encoder.identity
-    device = next(model.decoder.parameters()).device
+    identity, device = model.identity, model.device
     x = to_device(to_tensor(resized, identity.mean, identity.std).unsqueeze(0), device)
     crop = train_crop(ckpt) if sliding_window else None
     tiled = [crop is not None and (h > crop[0] or w > crop[1]) for h, w in sizes]
@@ -96,19 +112,18 @@ def predict_logits(model: Segmenter, image: np.ndarray, ckpt: dict, *, sliding_w
             scaled = x if hw == base else F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
             for mirrored in ((False, True) if flip else (False,)):
                 inp = scaled.flip(-1) if mirrored else scaled
-                logits = _forward(model, inp, crop if tile else None, ckpt["decoder"]["num_classes"], device, bar)
+                logits = _forward(model, inp, crop if tile else None, ckpt["decoder"]["num_classes"], bar)
                 logits = upsample_logits(logits.flip(-1) if mirrored else logits, base)
                 total = logits if total is None else total + logits
                 passes += 1
     return upsample_logits(total / passes, out_size or image.shape[:2])
 
 
-def _forward(model: Segmenter, x: torch.Tensor, crop: tuple[int, int] | None, num_classes: int, device,
+def _forward(model: Segmenter, x: torch.Tensor, crop: tuple[int, int] | None, num_classes: int,
              bar: Progress) -> torch.Tensor:
     """One pass: the whole image, or HRNet's sliding window of ``crop`` (the training crop, given when the image
     is larger than it)."""
-    with autocast(device):
-        logits = model(x) if crop is None else sliding_window_logits(model, x, crop, num_classes, progress=bar)
+    logits = model(x) if crop is None else sliding_window_logits(model, x, crop, num_classes, progress=bar)
     return logits.float()
 
 
@@ -138,7 +153,7 @@ class SegmentationModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.segmenter.decoder.parameters()).device
+        return self.segmenter.device
 
     def logits(self, image, *, flip: bool = False, scales: tuple[float, ...] = (1.0,), sliding_window: bool = False,
                out_size: tuple[int, int] | None = None, progress: bool = False) -> torch.Tensor:
@@ -179,10 +194,18 @@ def as_rgb_array(image) -> np.ndarray:
     return image
 
 
-def load_model(checkpoint: str | Path, *, weights: str | None = None, device: str = "auto") -> SegmentationModel:
+def load_model(checkpoint: str | Path, *, weights: str | None = None, device: str = "auto", precision: str = "auto",
+               backend: str = "torch") -> SegmentationModel:
     """The checkpoint as a :class:`SegmentationModel`: its encoder rebuilt from the identity it records
-    (``weights``: the encoder's weights file, when the checkpoint was trained on one)."""
+    (``weights``: the encoder's weights file, when the checkpoint was trained on one), running in ``precision``
+    (auto: bf16 autocast on CUDA, fp32 elsewhere). ``backend="onnxruntime"`` runs a model ``fusion-seg export``
+    wrote instead (``checkpoint`` is its .onnx file): the same preprocessing, test-time augmentation and sliding
+    window, with ONNX Runtime's forward."""
     checkpoint = arguments.path("checkpoint", checkpoint, "the checkpoint's path (best.pt or last.pt of a run)")
     weights = arguments.path("weights", weights, "the encoder's weights file", optional=True)
     device = arguments.text("device", device, "cpu")
-    return SegmentationModel(*load_segmenter(checkpoint, weights=weights, device=device))
+    if arguments.backend(backend, checkpoint, precision=precision, weights=weights) == "onnxruntime":
+        from fusion_seg.inference.onnx_runtime import load_onnx
+
+        return SegmentationModel(*load_onnx(checkpoint, device=device))
+    return SegmentationModel(*load_segmenter(checkpoint, weights=weights, device=device, precision=precision))

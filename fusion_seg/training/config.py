@@ -41,6 +41,9 @@ class Schedule:
     class_weights: str = "none"
     seed: int = 0
     init: str | None = None  # a checkpoint to start from (two-stage schedules)
+    # The decoder step's forward (device.py): auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16. Online,
+    # also the encoder's, which the run's encoder identity then records (a validation store must match it).
+    precision: str = "auto"
     # How the device and ram tiers hold the training views (formats.py): auto (the most precise that fits),
     # float16, uint8, float8 or int4. Part of the schedule: a lossy format changes the features the decoder sees.
     resident_dtype: str = "auto"
@@ -51,7 +54,7 @@ class Schedule:
 
     def check_schedule(self) -> None:
         """Refuse settings out of range (a UserError naming the option) before any work."""
-        from fusion_seg.checks import (RESIDENT_DTYPES, fraction_problem, int_problem, non_negative_problem,
+        from fusion_seg.checks import (PRECISIONS, RESIDENT_DTYPES, fraction_problem, int_problem, non_negative_problem,
                                        require, require_feature_crop, seed_problem)
         from fusion_seg.training.class_weights import check_class_weights_option
 
@@ -73,6 +76,8 @@ class Schedule:
         if self.loss not in ("ohem", "ce"):
             require("--loss", self.loss, "choose ohem or ce")
         check_class_weights_option(self.class_weights)
+        if self.precision not in PRECISIONS:
+            require("--precision", self.precision, f"choose one of {', '.join(PRECISIONS)}")
         if self.resident_dtype not in RESIDENT_DTYPES:
             require("--resident-dtype", self.resident_dtype, f"choose one of {', '.join(RESIDENT_DTYPES)}")
         self._check_decoder()

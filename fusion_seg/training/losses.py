@@ -112,13 +112,13 @@ def build_loss(name: str, ignore_index: int = 255, **opts) -> nn.Module:
 
 
 def decoder_loss(model: nn.Module, decoder: Decoder, features: dict, labels: torch.Tensor, criterion,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, precision: str = "auto") -> torch.Tensor:
     """The training loss of one batch: the sum of ``decoder.losses`` (logits upsampled to the labels,
-    plus any deep supervision), under autocast.
+    plus any deep supervision), under ``precision``'s autocast (:func:`fusion_seg.device.autocast`).
 
     ``model`` is ``decoder`` itself, or its DistributedDataParallel wrapper.
     """
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(features)
         loss = sum(decoder.losses(logits, labels, criterion).values())
     return loss

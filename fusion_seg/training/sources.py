@@ -18,7 +18,7 @@ from fusion_seg.cache.reader import CachedViews, collate_views
 from fusion_seg.cache.resident import ResidentViews, TierChoice, choose_tier, format_bytes, resident_bytes
 from fusion_seg.cache.store import FeatureStore
 from fusion_seg.data.views import ViewSource
-from fusion_seg.device import autocast, memory_format, to_device
+from fusion_seg.device import memory_format, to_device
 from fusion_seg.errors import Failed, UserError
 from fusion_seg.training.config import TrainConfig
 from fusion_seg.training.ddp import DistEnv
@@ -90,8 +90,7 @@ class OnlineSource:
         self.views.view_offset = epoch  # a fresh augmentation every epoch
         for batch in _loader(self.views, self.cfg, epoch, _collate_images, self.device):
             images, labels = Failed.check(batch)
-            with autocast(self.device):
-                features = self.encoder(to_device(images, self.device))
+            features = self.encoder(to_device(images, self.device))  # in its own precision (FrozenEncoder)
             # Inference tensors cannot be saved for backward: clone them into normal tensors.
             yield ({k: v.float().clone() for k, v in features.items()}, to_device(labels, self.device))
 

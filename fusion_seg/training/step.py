@@ -27,7 +27,7 @@ class TrainingStep:
     def __init__(self, decoder: nn.Module, cfg: TrainConfig, device: torch.device, *, ignore_index: int = 255,
                  loss_weights=None, world: int = 1, total_steps: int | None = None, extra_params=()):
         self.decoder = self.model = decoder
-        self.device = device
+        self.device, self.precision = device, cfg.precision
         self.criterion = build_loss(cfg.loss, ignore_index, thresh=cfg.ohem_thresh,
                                     min_kept=-(-cfg.ohem_min_kept // world), weight=loss_weights)
         self.optimizer = torch.optim.SGD([*decoder.parameters(), *extra_params], lr=cfg.lr, momentum=cfg.momentum,
@@ -36,7 +36,7 @@ class TrainingStep:
                                                                 power=cfg.poly_power) if total_steps else None)
 
     def loss(self, features: dict, labels: torch.Tensor) -> torch.Tensor:
-        return decoder_loss(self.model, self.decoder, features, labels, self.criterion, self.device)
+        return decoder_loss(self.model, self.decoder, features, labels, self.criterion, self.device, self.precision)
 
     def update(self, loss: torch.Tensor) -> None:
         """Backward (under DDP this averages the gradients over the processes), the SGD step and the lr decay."""

@@ -30,7 +30,7 @@ from fusion_seg.checks import memory_problem
 from fusion_seg.requests import Augment, DatasetRef, EncoderSpec, Resize
 from fusion_seg.data.views import ViewSource
 from fusion_seg.decoders import DECODERS, build_decoder
-from fusion_seg.device import resolve_device
+from fusion_seg.device import resolve_device, resolve_precision
 from fusion_seg.encoder.build import build_image_encoder
 from fusion_seg.extract.local import check_view_requests
 from fusion_seg.errors import UserError, require_path, require_type
@@ -185,6 +185,7 @@ def _online(out, data: OnlineData, cfg: TrainConfig, val_cache: str | None) -> _
         enc = build_image_encoder()  # e.g. the HRNet baseline: trains from images with its own stem
     else:
         enc = data.encoder.build()
+    enc.with_precision(resolve_precision(resolve_device(cfg.device), cfg.precision))  # the identity records it
     views = ViewSource(ds, 1, data.augment, data.resize, enc.identity.mean, enc.identity.std)
     training = TrainingData(
         input_shapes=enc.output_shape(), classes=list(ds.classes), ignore_index=ds.ignore_index,

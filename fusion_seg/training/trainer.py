@@ -177,7 +177,8 @@ class Trainer:
         record = {"type": "epoch", "epoch": epoch + 1, "step": self.step,
                   "loss": float(np.mean(losses)) if losses else None, "seconds": seconds}
         if self.val_views and ((epoch + 1) % self.cfg.val_every == 0 or epoch + 1 == self.cfg.epochs):
-            self.val = validate(self.decoder, self.val_views, len(self.data.classes), self.data.classes, self.device)
+            self.val = validate(self.decoder, self.val_views, len(self.data.classes), self.data.classes, self.device,
+                                self.cfg.precision)
             record["val"] = {k: self.val[k] for k in ("miou", "pixel_acc", "mean_acc", "per_class_iou")}
             if self.best is None or self.val["miou"] > self.best:
                 self.best = self.val["miou"]

@@ -58,14 +58,15 @@ def validation_views(path: str, names: list[str], tier: TierChoice, device: torc
                            workers=min(cfg.workers, 1), progress=progress, echo=echo)
 
 
-def validate(decoder: nn.Module, views: ValidationViews, num_classes: int, classes, device) -> dict:
-    """mIoU of ``decoder`` on every view of a (whole-image) feature store."""
+def validate(decoder: nn.Module, views: ValidationViews, num_classes: int, classes, device,
+             precision: str = "auto") -> dict:
+    """mIoU of ``decoder`` on every view of a (whole-image) feature store, its forward in ``precision``."""
     evaluator = SegEvaluator(num_classes, views.spec.ignore_index, list(classes))
     was_training = decoder.training
     decoder.eval()
     with torch.inference_mode():
         for features, labels in views:
-            with autocast(device):
+            with autocast(device, precision):
                 logits = decoder(features)
             pred = upsample_logits(logits.float(), labels.shape[-2:]).argmax(1)
             evaluator.process(pred.cpu(), labels.cpu())
