@@ -10,7 +10,8 @@ imports no torch).
   (``fusion-seg train-decoder [--online]``; ``train_decoder`` and ``train_online`` are it with one or the
   other), ``evaluate``, ``predict`` (returning ``EvaluationResult``, ``PredictionResult``: frozen
   dataclasses that also read as mappings); ``run_recipe`` (``fusion-seg run``: a TOML recipe's stages);
-- models: ``load_model`` (a checkpoint as a :class:`SegmentationModel`: image in, mask out),
+- models: ``load_model`` (a checkpoint as a :class:`SegmentationModel`: image in, mask out; or with
+  ``backend="onnxruntime"`` the model ``export_onnx`` (``fusion-seg export``) wrote),
   ``build_decoder`` (from ``{name: ShapeSpec(channels, stride)}``) and the registries ``DECODERS`` and
   ``DATASETS``; ``FeatureStore`` (a cache);
 - errors: ``UserError``, the base of every error a caller's input or settings can cause (one line that
@@ -45,6 +46,7 @@ _API = {  # name -> (module, attribute)
     "predict": ("fusion_seg.inference.predict", "predict"),
     "PredictionResult": ("fusion_seg.inference.predict", "PredictionResult"),
     "load_model": ("fusion_seg.inference.segmenter", "load_model"),
+    "export_onnx": ("fusion_seg.inference.export", "export_onnx"),
     "SegmentationModel": ("fusion_seg.inference.segmenter", "SegmentationModel"),
     "build_decoder": ("fusion_seg.decoders", "build_decoder"),
     "ShapeSpec": ("fusion_seg.shapes", "ShapeSpec"),

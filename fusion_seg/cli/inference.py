@@ -1,4 +1,4 @@
-"""Models at work on images: ``evaluate``, ``predict`` and ``visualize`` (the paper's Figure 2)."""
+"""Models at work on images: ``evaluate``, ``predict``, ``export`` (ONNX) and ``visualize`` (the paper's Figure 2)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,6 +60,22 @@ def predict(checkpoint, inputs, out, sliding_window, flip, scales, weights, devi
     r = run(checkpoint, inputs, out, sliding_window=sliding_window, flip=flip, scales=scales, weights=weights,
             device=device, precision=precision, backend=backend)
     click.echo(f"{r['images']} image(s) -> {r['out']}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(), help="A run's best.pt or last.pt.")
+@click.option("--out", required=True, type=click.Path(), help="The ONNX file to write, e.g. model.onnx.")
+@click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset (17 or newer).")
+@user_errors
+def export(checkpoint, out, weights, opset):
+    """The trained model (frozen encoder, decoder, upsample to the input size) as one ONNX file, with dynamic
+    batch, height and width; run it with `predict --backend onnxruntime --checkpoint model.onnx`."""
+    from fusion_seg.inference.export import export_onnx
+
+    r = export_onnx(checkpoint, out, weights=weights, opset=opset)
+    click.echo(f"{r.out}: {r.encoder} + {r.decoder} ({r.num_classes} classes), opset {r.opset}, "
+               f"{r.bytes / 2**20:.1f} MiB, {r.seconds:.1f} s")
 
 
 @main.command()

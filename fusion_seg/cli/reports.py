@@ -91,7 +91,8 @@ def run(recipe, overrides, dry_run, epoch_scale):
 @main.command()
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (AMP bf16, channels_last, pinned memory).")
 @click.option("--sections", default="extraction,format,training,scaling,inference", show_default=True,
-              help="Comma-separated sections to run.")
+              help="Comma-separated sections to run; also deploy (PyTorch fp32 against bf16, ONNX Runtime and "
+                   "torch.compile; needs the onnx extra).")
 @click.option("--camvid", type=click.Path(), default="../shared/data/camvid", show_default=True,
               help="CamVid root for real images and features (synthetic images when it does not exist).")
 @click.option("--encoder", default="resnet50", show_default=True)

@@ -73,11 +73,10 @@ def evaluate(checkpoint: str | Path, *, dataset: DatasetRef | str, split: str | 
                  if value is not None]
         if given:
             raise UserError(f"evaluate(dataset={dataset!r}, {', '.join(f'{n}=...' for n in given)}): the DatasetRef "
-                            f"holds the split, root and options; drop {', '.join(given)} or pass them in the DatasetRef.")
+                            f"holds the split, root and options; drop {', '.join(given)}, or pass the dataset's name "
+                            f"and settings one by one: dataset={dataset.name!r}, split={dataset.split!r}, "
+                            f"root={dataset.root!r}, dataset_options={dataset.options!r}.")
         dataset, split, root, dataset_options = dataset.name, dataset.split, dataset.root, dict(dataset.options)
-    elif split is None:
-        raise UserError(f"evaluate(dataset={dataset!r}) needs split= (say split='val'), or pass "
-                        f"dataset=DatasetRef({dataset!r}, 'val', ...).")
     dataset = arguments.text("dataset", dataset, "camvid")
     split = arguments.text("split", split, "val")
     root = arguments.path("root", root, "the dataset's folder", optional=True)

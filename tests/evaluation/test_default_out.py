@@ -66,5 +66,5 @@ def test_evaluate_takes_a_dataset_ref_or_the_same_settings_one_by_one(tmp_path):
     assert typed.out == loose.out and typed.miou == loose.miou  # the same evaluation, the same folder
     with pytest.raises(UserError, match=r"the DatasetRef holds the split, root and options; drop split"):
         evaluate(best, dataset=DatasetRef("synthetic", "val"), split="val", device="cpu", progress=False)
-    with pytest.raises(UserError, match=r"needs split="):
+    with pytest.raises(UserError, match=r"split=None: pass a name, e.g. split='val'"):
         evaluate(best, dataset="synthetic", device="cpu", progress=False)

@@ -241,3 +241,25 @@ def test_the_bench_decoder_is_any_cache_decoder_with_its_own_options(tmp_path):
     r = CliRunner().invoke(main, ["bench", "--decoder", "fpn", "--decoder-opt", "streams=4", "--camvid", str(tmp_path)])
     assert r.exit_code == 2 and "decoder 'fpn' has no option(s) streams" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_the_deploy_section_compares_backends_precisions_and_compile(tmp_path):
+    """Issue 23: the encoder forward four ways, predict with each backend and precision (their masks compared
+    with torch fp32's), and the decoder step in bf16 against fp32 at the bench's and the recipe's decoder."""
+    pytest.importorskip("onnxruntime")
+    cfg = BenchConfig(encoder=ENCODER, camvid=None, size=(64, 96), views=4, repeats=1, warmup=1, batch_size=2,
+                      loader_workers=0, workdir=str(tmp_path), forward_sizes=((64, 96),))
+    r = run_bench(cfg, sections=("deploy",), echo=lambda m: None)
+    d = r["sections"]["deploy"]
+    assert set(d["encoder_forward_s"]) == {"torch fp32", "torch bf16", "torch.compile fp32", "onnxruntime fp32",
+                                           "torch.compile first call"}
+    assert all(v > 0 for v in d["encoder_forward_s"].values())
+    predict = d["predict"]
+    assert set(predict) == {"torch fp32", "torch bf16", "onnxruntime fp32"}
+    assert predict["torch fp32"]["same_class"] == 1.0 and predict["onnxruntime fp32"]["same_class"] >= 0.999
+    assert all(row["images_per_s"] > 0 for row in predict.values())
+    for row in d["step"].values():
+        assert row["bf16_s"] > 0 and row["fp32_s"] > 0 and row["bf16_over_fp32"] > 0
+    assert "recipe" in d["step"] and "w18" in d["step"]["recipe"]["what"]
+    md = render_markdown(r)
+    assert "7. Deploying" in md and "| onnxruntime fp32 |" in md and "bf16 / fp32 (paired)" in md

@@ -1,8 +1,9 @@
 """``fusion-seg bench``: the cache's costs and savings, measured side by side in one run.
 
 Sections (each a module here): ``extraction``, ``format`` (cache_format), ``training``
-(loader and the three training modes, with the whole-schedule projection), ``scaling``
-and ``inference``. Every comparison inside a run uses the same decoder, batch, crop and
+(loader and the three training modes, with the whole-schedule projection), ``scaling``,
+``inference`` and ``deploy`` (PyTorch fp32 against bf16, ONNX Runtime and torch.compile; needs the onnx extra,
+so it runs only when asked for). Every comparison inside a run uses the same decoder, batch, crop and
 input size, and quotes the median of several repetitions.
 """
 from __future__ import annotations
@@ -15,17 +16,18 @@ import time
 from pathlib import Path
 
 from fusion_seg.files import write_json_atomic, write_text_atomic
-from fusion_seg.reports.bench import cache_format, extraction, inference, scaling, training
+from fusion_seg.reports.bench import cache_format, deploy, extraction, inference, scaling, training
 from fusion_seg.reports.bench.common import BenchConfig, machine
 
-__all__ = ["BenchConfig", "SECTIONS", "render_markdown", "run_bench", "save_json", "update_benchmarks"]
+__all__ = ["BenchConfig", "DEFAULT_SECTIONS", "SECTIONS", "render_markdown", "run_bench", "save_json", "update_benchmarks"]
 
-SECTIONS = ("extraction", "format", "training", "scaling", "inference")
+SECTIONS = ("extraction", "format", "training", "scaling", "inference", "deploy")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # deploy needs the onnx extra: it runs when asked for
 MARK_BEGIN = "<!-- fusion-seg bench: begin -->"
 MARK_END = "<!-- fusion-seg bench: end -->"
 
 
-def run_bench(cfg: BenchConfig, sections=SECTIONS, echo=print) -> dict:
+def run_bench(cfg: BenchConfig, sections=DEFAULT_SECTIONS, echo=print) -> dict:
     """Run the chosen sections; returns plain JSON data (``render_markdown`` turns it into tables)."""
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -39,7 +41,7 @@ def run_bench(cfg: BenchConfig, sections=SECTIONS, echo=print) -> dict:
                "command": " ".join(["fusion-seg", *sys.argv[1:]]) if sys.argv else "fusion-seg bench", "sections": {}}
     t_all = time.perf_counter()
     try:
-        needs_store = {"training", "inference"} & set(sections)
+        needs_store = {"training", "inference", "deploy"} & set(sections)
         if "extraction" in sections or (needs_store and not store.exists()):
             echo("bench: extraction")
             results["sections"]["extraction"] = extraction.run(cfg, workdir, store)
@@ -63,6 +65,9 @@ def run_bench(cfg: BenchConfig, sections=SECTIONS, echo=print) -> dict:
         if "inference" in sections:
             echo("bench: inference")
             results["sections"]["inference"] = inference.run(cfg, store, workdir)
+        if "deploy" in sections:
+            echo("bench: deploy")
+            results["sections"]["deploy"] = deploy.run(cfg, store, workdir)
     finally:
         if not cfg.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -93,6 +98,9 @@ def render_markdown(results: dict) -> str:
         out += ["", "### 5. Scaling with resolution and data", "", scaling.to_markdown(s["scaling"])]
     if "inference" in s:
         out += ["", "### 6. Inference", "", inference.to_markdown(s["inference"])]
+    if "deploy" in s:
+        out += ["", "### 7. Deploying: PyTorch fp32 and bf16, ONNX Runtime, torch.compile", "",
+                deploy.to_markdown(s["deploy"])]
     return "\n".join(out) + "\n"
 
 

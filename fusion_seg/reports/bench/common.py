@@ -185,13 +185,13 @@ def decoder_for_store(cfg: BenchConfig, store: str):
     return decoder, decoder.in_features
 
 
-def decoder_step(decoder, device: torch.device, extra_params=()):
+def decoder_step(decoder, device: torch.device, extra_params=(), precision: str = "auto"):
     """The trainer's step (:class:`fusion_seg.training.step.TrainingStep`) with train-decoder's defaults (OHEM,
-    SGD at lr 0.01, no decay over the few steps timed), on ``decoder`` placed and in train mode as training
-    places it (channels_last on CUDA)."""
+    SGD at lr 0.01, no decay over the few steps timed; ``--precision`` ``precision``), on ``decoder`` placed and
+    in train mode as training places it (channels_last on CUDA)."""
     from fusion_seg.device import memory_format
     from fusion_seg.training.config import TrainConfig
     from fusion_seg.training.step import TrainingStep
 
     decoder = decoder.to(device).to(memory_format=memory_format(device)).train()
-    return TrainingStep(decoder, TrainConfig(), device, extra_params=extra_params)
+    return TrainingStep(decoder, TrainConfig(precision=precision), device, extra_params=extra_params)

@@ -16,27 +16,12 @@ from fusion_seg.reports.bench.common import BenchConfig, data_label, images
 
 def run(cfg: BenchConfig, store: Path, workdir: Path, count: int = 8) -> dict:
     from fusion_seg.inference.predict import predict
-    from fusion_seg.data.io import write_rgb_png
-    from fusion_seg.training.config import TrainConfig
-    from fusion_seg.training.train import train_decoder
     from fusion_seg.reports.bench.common import build_frozen_encoder
 
-    h, w = cfg.size
-    crop = [h * 2 // 3 // 32 * 32, w * 2 // 3 // 32 * 32]
-    run_dir = workdir / "predict-run"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    train_decoder(str(store), run_dir, TrainConfig(decoder=cfg.decoder, decoder_config=cfg.decoder_config, epochs=1,
-                                                   batch_size=cfg.batch_size, crop=crop, workers=0,
-                                                   device=cfg.device), progress=False)
-    folder = workdir / "predict-images"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    run_dir, crop = bench_checkpoint(cfg, store, workdir / "predict-run").parent, predict_crop(cfg)
     encoder = build_frozen_encoder(cfg)
     x, _ = images(cfg, cfg.size, count, encoder)
-    mean, std = np.array(encoder.identity.mean), np.array(encoder.identity.std)
-    for i in range(count):  # the test images as files, so predict reads and decodes them as a user's would
-        rgb = (x[i].permute(1, 2, 0).numpy() * std + mean).clip(0, 1) * 255
-        write_rgb_png(folder / f"{i:03d}.png", rgb.round().astype(np.uint8))
+    folder = write_images(workdir / "predict-images", x, encoder)
     rows = {}
     for mode, sliding in (("whole image", False), ("sliding window", True)):
         best = []
@@ -47,6 +32,38 @@ def run(cfg: BenchConfig, store: Path, workdir: Path, count: int = 8) -> dict:
             shutil.rmtree(out, ignore_errors=True)
         rows[mode] = float(np.median(best))
     return {"size": list(cfg.size), "data": data_label(cfg), "images": count, "crop": crop, "images_per_s": rows}
+
+
+def predict_crop(cfg: BenchConfig) -> list[int]:
+    """The bench checkpoint's crop: two thirds of the image each way, a multiple of 32 (several windows an image)."""
+    h, w = cfg.size
+    return [h * 2 // 3 // 32 * 32, w * 2 // 3 // 32 * 32]
+
+
+def bench_checkpoint(cfg: BenchConfig, store: Path, run_dir: Path) -> Path:
+    """best.pt of the bench decoder trained afresh in ``run_dir`` for one epoch on the bench store (its weights do
+    not change the speed)."""
+    from fusion_seg.training.config import TrainConfig
+    from fusion_seg.training.train import train_decoder
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train_decoder(str(store), run_dir, TrainConfig(decoder=cfg.decoder, decoder_config=cfg.decoder_config,
+                                                   epochs=1, batch_size=cfg.batch_size, crop=predict_crop(cfg),
+                                                   workers=0, device=cfg.device), progress=False)
+    return run_dir / "best.pt"
+
+
+def write_images(folder: Path, x, encoder) -> Path:
+    """The normalised images ``x`` as PNG files in ``folder``, so that predict reads and decodes them as a user's."""
+    from fusion_seg.data.io import write_rgb_png
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    mean, std = np.array(encoder.identity.mean), np.array(encoder.identity.std)
+    for i in range(len(x)):
+        rgb = (x[i].permute(1, 2, 0).numpy() * std + mean).clip(0, 1) * 255
+        write_rgb_png(folder / f"{i:03d}.png", rgb.round().astype(np.uint8))
+    return folder
 
 
 def to_markdown(r: dict) -> str:
