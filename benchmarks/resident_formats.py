@@ -1,8 +1,9 @@
 """What each resident format costs in CamVid val mIoU (issue 21): the recipe's configuration trained with its
 training views held as float16, uint8, float8 and int4 (`train-decoder --resident-dtype`), the same seed and
 schedule, and float16, int4 and uint8 with a second seed, so that a format's difference can be read against the
-spread between seeds. The row float16-bf16-s0 is float16-s0 with the decoder step in bf16 autocast
-(`--precision bf16`, issue 23).
+spread between seeds. The rows float16-bf16-s0 and float16-fp32-s0 are float16-s0 with the decoder step in
+bf16 autocast and in fp32 (`--precision`, issue 23), run one at a time with the same torch threads, so that
+they differ in the precision alone.
 
 The configuration is pipelines/camvid.toml's (the half-resolution recipe): images resized to 240x180, 4 views a
 training image at a 160x224 crop, strides 2-32, a seeded random-init ResNet-50 (`--random-init --seed 0`, which
@@ -29,9 +30,9 @@ from camvid_ablation import load_results, run
 
 ROWS = {"float16-s0": ("float16", 0), "uint8-s0": ("uint8", 0), "float8-s0": ("float8", 0),
         "int4-s0": ("int4", 0), "float16-s1": ("float16", 1), "int4-s1": ("int4", 1), "uint8-s1": ("uint8", 1),
-        "float16-bf16-s0": ("float16", 0)}
+        "float16-bf16-s0": ("float16", 0), "float16-fp32-s0": ("float16", 0)}
 # Rows that train with other settings than their format's (issue 23: the decoder step in bf16 autocast on the CPU).
-EXTRA = {"float16-bf16-s0": ["--precision", "bf16"]}
+EXTRA = {"float16-bf16-s0": ["--precision", "bf16"], "float16-fp32-s0": ["--precision", "fp32"]}
 RECIPE = ["--decoder", "reverse-hrnet", "--preset", "w18", "--streams", "5", "--class-weights", "inverse-log"]
 
 
