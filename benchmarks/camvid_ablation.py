@@ -15,6 +15,13 @@ half-way resumes from its last.pt. Then the table of every finished row is print
 
     python benchmarks/camvid_ablation.py --root ../shared/data/camvid            # everything
     python benchmarks/camvid_ablation.py --rows small-4,linear --epochs 10       # a subset
+
+Cross-sequence (issue 24, docs/datasets.md): `--held-out 0006R0` trains every row on the train split's other
+drives and validates it on that drive (a store of its frames, whole images), and also scores each row on the
+official val (`fusion-seg evaluate`, the "evaluate" figures): give it its own --cache and --out.
+
+    python benchmarks/camvid_ablation.py --held-out 0006R0 --cache cache/camvid-xseq --out runs/camvid-xseq \
+        --rows w18-5
 """
 from __future__ import annotations
 
@@ -61,6 +68,9 @@ def main() -> None:
     ap.add_argument("--evaluate-rows", default="", help="Rows also scored by `fusion-seg evaluate` on the val "
                     "images, to compare with the end-to-end HRNet rows (which have no val store).")
     ap.add_argument("--figure", default=None, help="Also draw the val mIoU curves into this PNG.")
+    ap.add_argument("--held-out", default=None, metavar="DRIVE",
+                    help="Validate on this drive of the train split (e.g. 0006R0), trained on the others; every row "
+                         "is also scored on the official val.")
     args = ap.parse_args()
     steps_epochs = args.views * args.epochs  # one online epoch = one view of each image: the same samples
     hrnet_epochs = args.hrnet_epochs or steps_epochs
@@ -105,11 +115,21 @@ def main() -> None:
     want = (lambda row: not wanted or row in wanted)
     common = [*ENCODER, "--strides", "2,4,8,16,32", "--batch-size", "4"]
     val, train = cache / "val.zarr", cache / "train.zarr"
-    once("extract-val", ["extract", "--dataset", "camvid", "--root", args.root, "--split", "val", "--views", "1",
-                         "--no-augment", "--size", args.size, *common, "--out", str(val)])
-    once("extract-train", ["extract", "--dataset", "camvid", "--root", args.root, "--split", "train", "--views",
-                           str(args.views), "--crop", args.crop, "--scale-range", "0.5", "2.0", "--size", args.size,
-                           *common, "--out", str(train)])
+    val_split, val_subset, train_subset = "val", [], []
+    if args.held_out:
+        from fusion_seg.data.datasets import build_dataset
+        from fusion_seg.data.datasets.base import sequence_of
+
+        drives = sorted({sequence_of(i) for i in build_dataset("camvid", root=args.root, split="train").ids})
+        if args.held_out not in drives:
+            raise SystemExit(f"--held-out {args.held_out}: not a drive of the train split ({', '.join(drives)})")
+        val_split, val_subset = "train", ["--dataset-opt", f"sequences={args.held_out}"]
+        train_subset = ["--dataset-opt", "sequences=" + ",".join(d for d in drives if d != args.held_out)]
+    once("extract-val", ["extract", "--dataset", "camvid", "--root", args.root, "--split", val_split, *val_subset,
+                         "--views", "1", "--no-augment", "--size", args.size, *common, "--out", str(val)])
+    once("extract-train", ["extract", "--dataset", "camvid", "--root", args.root, "--split", "train", *train_subset,
+                           "--views", str(args.views), "--crop", args.crop, "--scale-range", "0.5", "2.0", "--size",
+                           args.size, *common, "--out", str(train)])
     schedule = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                 "--device", "cpu", "--log-every", "50"]
 
@@ -146,9 +166,9 @@ def main() -> None:
                 once(key, [*base, "--class-weights", method, "--out", str(out / key)], out / key)
                 if row not in CACHED:
                     scored(key)
-    for row in filter(None, args.evaluate_rows.split(",")):
-        if row in results:
-            scored(row)
+    for row in filter(None, args.evaluate_rows.split(",")) if not args.held_out else list(results):
+        if row in results and not row.startswith(("extract-", "hrnet-probe")):
+            scored(row)  # with --held-out every row: its official-val score beside the held-out one
     final = load_results(out)
     print(table(final))
     if args.figure:

@@ -91,6 +91,13 @@ def scale_range_problem(scale_range) -> str | None:
     return None
 
 
+def bounded_problem(value, low: float, high: float) -> str | None:
+    """A number in [low, high] (a photometric amount: --brightness, --hue, --blur)."""
+    if not _is_number(value) or not low <= value <= high:
+        return f"must be a number from {low:g} to {high:g}"
+    return None
+
+
 def strides_problem(strides) -> str | None:
     """Feature strides: one or more of 2, 4, 8, 16, 32, ascending, each once."""
     allowed = ",".join(map(str, STRIDES))

@@ -80,14 +80,41 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
+class Photometric:
+    """Photometric augmentation, mmsegmentation's ``PhotoMetricDistortion`` (its defaults), and an optional blur.
+
+    Each step with probability 1/2: ``brightness`` (a delta up to that many pixel values), ``contrast`` and
+    ``saturation`` (factors in those ranges), ``hue`` (a rotation up to that many degrees: mmseg's 18 on
+    OpenCV's 0-180 scale); then with probability ``blur`` a Gaussian blur (sigma in [0.1, 2.0]). See
+    :func:`fusion_seg.data.transforms.photometric_distortion`.
+    """
+
+    brightness: float = 32.0
+    contrast: tuple[float, float] = (0.5, 1.5)
+    saturation: tuple[float, float] = (0.5, 1.5)
+    hue: float = 36.0
+    blur: float = 0.0
+
+    def __post_init__(self):
+        check_fields(self, "Photometric")
+        _tuples(self, "contrast", "saturation")
+
+    def to_json(self) -> dict:
+        return {"brightness": self.brightness, "contrast": list(self.contrast), "saturation": list(self.saturation),
+                "hue": self.hue, "blur": self.blur}
+
+
+@dataclass(frozen=True)
 class Augment:
-    """HRNet's training augmentation; ``enabled=False`` keeps the whole (resized) image."""
+    """HRNet's training augmentation; ``enabled=False`` keeps the whole (resized) image. ``photometric``
+    (None: off) adds a photometric draw to every view (:class:`Photometric`)."""
 
     enabled: bool = True
     crop: tuple[int, int] | None = (512, 512)
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
     seed: int = 0
+    photometric: Photometric | None = None
 
     def __post_init__(self):
         check_fields(self, "Augment")  # a caller's crop="64x64" is refused here, not deep in a worker
@@ -102,6 +129,10 @@ class Augment:
         d = asdict(self)
         d["crop"] = list(self.crop) if self.crop else None
         d["scale_range"] = list(self.scale_range)
+        if self.photometric is None:
+            del d["photometric"]  # as every store's record before the option: the same spec and hash
+        else:
+            d["photometric"] = self.photometric.to_json()
         return d
 
 
@@ -200,18 +231,34 @@ def encoder_spec(*, encoder: str = DEFAULT_ENCODER, weights: str | Path | None =
 
 
 def augment(*, augment: bool = True, crop: tuple[int, int] | None = None,
-            scale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True, seed: int = 0) -> Augment:
+            scale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True, seed: int = 0,
+            photometric: bool = False, brightness: float | None = None, contrast: tuple[float, float] | None = None,
+            saturation: tuple[float, float] | None = None, hue: float | None = None,
+            blur: float | None = None) -> Augment:
     """How each view is cut from an image: ``augment`` (``--no-augment``: the whole image), the ``crop``
-    (None: the default, 512x512), ``scale_range``, ``flip`` (``--no-flip``), drawn from ``seed``.
+    (None: the default, 512x512), ``scale_range``, ``flip`` (``--no-flip``), drawn from ``seed``; and with
+    ``photometric`` (``--photometric``) a photometric draw of ``brightness``, ``contrast``, ``saturation``,
+    ``hue`` and ``blur`` (None: :class:`Photometric`'s defaults, mmseg's).
 
     A ``crop`` with ``augment=False`` is refused: the view is the whole image, and the crop would be ignored.
+    So are photometric ranges without ``photometric``, and ``photometric`` with ``augment=False``.
     """
     if not augment and crop is not None:
         raise UserError(f"--crop {'x'.join(map(str, crop)) if isinstance(crop, (list, tuple)) else crop} has no "
                         "effect with --no-augment (augment = false): the view is the whole, resized image. Drop "
                         "--crop, or use --size/--short-side to set the size of the view.")
+    ranges = {k: v for k, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation),
+                                ("hue", hue), ("blur", blur)) if v is not None}
+    if ranges and not photometric:
+        flags = ", ".join("--" + k for k in ranges)
+        one = len(ranges) == 1
+        raise UserError(f"{flags} set{'s' if one else ''} the photometric augmentation, which is off: add "
+                        f"--photometric (photometric = true), or drop {'it' if one else 'them'}.")
+    if photometric and not augment:
+        raise UserError("--photometric with --no-augment: a view without augmentation is the plain image; drop "
+                        "one of them.")
     return Augment(enabled=augment, crop=DEFAULT_CROP if crop is None else crop, scale_range=scale_range,
-                   flip=flip, seed=seed)
+                   flip=flip, seed=seed, photometric=Photometric(**ranges) if photometric else None)
 
 
 def resize(*, short_side: int | None = None, size: tuple[int, int] | None = None) -> Resize:

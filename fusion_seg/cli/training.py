@@ -16,7 +16,8 @@ from fusion_seg.errors import UserError
 
 # train-decoder's options that only one of its two modes uses, and what to say when the other is given them.
 ONLINE_ONLY = ("dataset", "root", "split", "dataset_opt", "no_augment", "scale_range", "no_flip", "short_side", "size",
-               "encoder", "weights", "random_init", "strides")
+               "encoder", "weights", "random_init", "strides", "photometric", "brightness", "contrast", "saturation",
+               "hue", "blur")
 CACHE_ONLY = ("cache", "views", "resident_dtype")
 UNUSED = {False: "only --online training uses {flags} (from a cache, its views were made by extract); drop {them}, "
                  "or add --online to train from images.",

@@ -109,6 +109,54 @@ def hrnet_train_view(image: np.ndarray, mask: np.ndarray | None, rng: np.random.
     return image, mask, meta
 
 
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator, *, brightness: float,
+                           contrast: tuple[float, float], saturation: tuple[float, float], hue: float,
+                           blur: float) -> np.ndarray:
+    """mmsegmentation's ``PhotoMetricDistortion`` on an RGB uint8 image, with an optional Gaussian blur.
+
+    In mmseg's order, each step with probability 1/2: brightness (add a delta uniform in
+    ``[-brightness, brightness]`` pixel values), contrast (multiply by a factor uniform in ``contrast``) either
+    first or last, then in HSV saturation (multiply S by a factor in ``saturation``) and hue (rotate H by up to
+    ``hue`` degrees; mmseg's ``hue_delta=18`` on OpenCV's 0-180 scale is 36 degrees). Then, with probability
+    ``blur``, a Gaussian blur of sigma uniform in [0.1, 2.0]. Values are clipped to 0..255 after each step; the
+    HSV steps go through uint8 HSV (PIL's; mmseg's through OpenCV's), which rounds by a few levels.
+    Draws come from ``rng`` alone, a fixed number of them whatever is applied, so a view's photometric draw
+    depends only on its stream.
+    """
+    from PIL import Image, ImageFilter
+
+    draws = rng.random(8)  # apply brightness, contrast-first, contrast, saturation, hue, blur; two spares
+    amounts = rng.random(5)  # the amount of each: brightness, contrast, saturation, hue, blur sigma
+    out = image.astype(np.float32)
+    if draws[0] < 0.5:
+        out = np.clip(out + (2 * amounts[0] - 1) * brightness, 0, 255)
+    contrast_factor = contrast[0] + amounts[1] * (contrast[1] - contrast[0])
+    contrast_first, apply_contrast = draws[1] < 0.5, draws[2] < 0.5
+    if apply_contrast and contrast_first:
+        out = np.clip(out * contrast_factor, 0, 255)
+    if draws[3] < 0.5 or draws[4] < 0.5:
+        hsv = np.asarray(Image.fromarray(out.round().astype(np.uint8)).convert("HSV")).astype(np.float32)
+        if draws[3] < 0.5:
+            hsv[..., 1] = np.clip(hsv[..., 1] * (saturation[0] + amounts[2] * (saturation[1] - saturation[0])), 0, 255)
+        if draws[4] < 0.5:
+            hsv[..., 0] = np.mod(hsv[..., 0] + (2 * amounts[3] - 1) * hue * 256 / 360, 256)  # PIL's H: 0..255
+        rgb = Image.fromarray(np.floor(hsv).astype(np.uint8), mode="HSV").convert("RGB")
+        out = np.asarray(rgb).astype(np.float32)
+    if apply_contrast and not contrast_first:
+        out = np.clip(out * contrast_factor, 0, 255)
+    out = out.round().astype(np.uint8)
+    if draws[5] < blur:
+        sigma = float(0.1 + amounts[4] * 1.9)
+        out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(radius=sigma)))
+    return np.ascontiguousarray(out)
+
+
+def photometric_rng(seed: int, image_index: int, view_index: int) -> np.random.Generator:
+    """The photometric draw's own stream for one view: another stream than :func:`view_rng`'s, so that turning
+    photometric augmentation on leaves every view's scale, crop and flip as they were."""
+    return np.random.default_rng([int(seed), int(image_index), int(view_index), 1])
+
+
 def view_rng(seed: int, image_index: int, view_index: int) -> np.random.Generator:
     """The random stream of one view, a function of ``(seed, image_index, view_index)`` only.
 

@@ -2,7 +2,8 @@
 
 View ``k`` of image ``i`` is made exactly as HRNet makes a training sample (random
 scale, padded random crop, random flip), with randomness drawn only from
-``view_rng(seed, i, k)``. A view is therefore reproducible from its index alone,
+``view_rng(seed, i, k)``; with photometric augmentation, first a photometric draw (mmseg's
+PhotoMetricDistortion) from its own stream ``photometric_rng(seed, i, k)``. A view is therefore reproducible from its index alone,
 whatever the order, the process or the machine that makes it: this is what makes
 extraction resumable and distributable with bit-identical results.
 """
@@ -13,7 +14,8 @@ import torch
 
 from fusion_seg.data.datasets.base import SegDataset
 from fusion_seg.errors import Failed, UserError
-from fusion_seg.data.transforms import hrnet_train_view, resize_pair, to_tensor, view_rng
+from fusion_seg.data.transforms import (hrnet_train_view, photometric_distortion, photometric_rng, resize_pair,
+                                        to_tensor, view_rng)
 
 
 class ViewSource(torch.utils.data.Dataset):
@@ -49,6 +51,10 @@ class ViewSource(torch.utils.data.Dataset):
         image, mask = resize_pair(sample.image, mask, short_side=self.resize.short_side, size=self.resize.size)
         resized_hw = image.shape[:2]
         scale, flip = 1.0, False
+        photometric = getattr(self.augment, "photometric", None)
+        if photometric is not None:  # before the crop: the crop's padding stays the padding
+            image = photometric_distortion(image, photometric_rng(self.augment.seed, i, k + self.view_offset),
+                                           **photometric.to_json())
         if self.augment.enabled:
             rng = view_rng(self.augment.seed, i, k + self.view_offset)
             image, mask, m = hrnet_train_view(

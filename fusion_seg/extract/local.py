@@ -66,12 +66,20 @@ class ExtractResult:
 def check_view_requests(augment: Augment, resize: Resize, encoder: EncoderSpec) -> None:
     """The ranges of how views are made and encoded, as the command line checks them (a UserError naming the
     option): extraction's, and online training's, which makes the same views every epoch."""
-    from fusion_seg.checks import (int_problem, require, scale_range_problem, seed_problem, size_problem,
-                                   strides_problem)
+    from fusion_seg.checks import (bounded_problem, int_problem, require, scale_range_problem, seed_problem,
+                                   size_problem, strides_problem)
 
     if augment.enabled:
         require("--crop", augment.crop, size_problem(augment.crop), sep="x")
     require("--scale-range", augment.scale_range, scale_range_problem(augment.scale_range), sep=" ")
+    photometric = augment.photometric
+    if photometric is not None:  # mmseg's ranges are the defaults; these are what keeps an image an image
+        require("--brightness", photometric.brightness, bounded_problem(photometric.brightness, 0, 255))
+        for name in ("contrast", "saturation"):  # factor ranges, as the scale range
+            value = getattr(photometric, name)
+            require(f"--{name}", value, scale_range_problem(value), sep=" ")
+        require("--hue", photometric.hue, bounded_problem(photometric.hue, 0, 180))
+        require("--blur", photometric.blur, bounded_problem(photometric.blur, 0, 1))
     if resize.short_side is not None and resize.size is not None:
         raise UserError("--short-side and --size are mutually exclusive.")
     if resize.short_side is not None:

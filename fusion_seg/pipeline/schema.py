@@ -22,7 +22,7 @@ KINDS = ("extract", "train", "evaluate", "predict")
 _RUNNER_ARGS = ("cache", "out", "cfg", "val_cache", "resume", "progress")
 # Keys whose values are files or folders; a relative one is resolved against the recipe's folder (recipes.py).
 PATH_KEYS = ("root", "out", "weights", "cache", "val_cache", "init", "checkpoint", "input")
-DATASET_PATH_OPTIONS = ("sbd",)  # dataset options that are paths (voc's SBD folder)
+DATASET_PATH_OPTIONS = ("sbd", "ids_file")  # dataset options that are paths (voc's SBD folder, a list of ids)
 
 
 

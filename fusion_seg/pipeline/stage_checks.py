@@ -23,7 +23,9 @@ def dataset_errors(name, options) -> list[str]:
     if not isinstance(options, dict):
         return []
     schema = {k: v for k, v in parameters(DATASETS[name]).items() if k not in ("root", "split")}
-    schema["limit"] = Option("limit", int, None)
+    schema["limit"] = Option("limit", int, None)  # build_dataset's own, for every file dataset; so are:
+    schema["sequences"] = Option("sequences", str | list[str], None)
+    schema["ids_file"] = Option("ids_file", str, None)
     return [f"dataset_options: {e}" for e in check_keys(options, schema, "option", f"dataset {name!r}")]
 
 

@@ -74,3 +74,22 @@ def test_a_backend_and_a_file_that_do_not_go_together_are_refused_before_any_wor
     result = CliRunner().invoke(main, ["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path),
                                        "--out", str(tmp_path / "p"), "--backend", "onnxruntime"])
     assert result.exit_code == 2 and "Traceback" not in result.output and not (tmp_path / "p").exists()
+
+
+def test_the_end_to_end_hrnet_baseline_is_refused_with_one_line_and_no_file(tmp_path):
+    """Its padding to a multiple of 32 is fixed at the traced size by the exporter: export's own check against
+    torch refuses the graph, naming the decoder and the fix, and writes nothing."""
+    from fusion_seg.inference.export import export_onnx
+    from fusion_seg.requests import Augment, DatasetRef
+    from fusion_seg.training.train import train_online
+    from pipeline_helpers import tiny_config
+
+    opts = {"num_images": 2, "size": (72, 100)}
+    train_online(tmp_path / "hrnet", tiny_config(epochs=1, decoder="hrnet", decoder_config={}),
+                 dataset=DatasetRef("synthetic", "train", options=opts), augment=Augment(enabled=False),
+                 progress=False)
+    with pytest.raises(UserError) as info:
+        export_onnx(tmp_path / "hrnet" / "last.pt", tmp_path / "hrnet.onnx", progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "the hrnet decoder" in message and "torch backend" in message, message
+    assert not (tmp_path / "hrnet.onnx").exists() and list(tmp_path.glob("*.onnx*")) == []

@@ -243,10 +243,15 @@ def test_the_bench_decoder_is_any_cache_decoder_with_its_own_options(tmp_path):
     assert len(r.output.strip().splitlines()) == 1
 
 
-def test_the_deploy_section_compares_backends_precisions_and_compile(tmp_path):
+def test_the_deploy_section_compares_backends_precisions_and_compile(tmp_path, monkeypatch):
     """Issue 23: the encoder forward four ways, predict with each backend and precision (their masks compared
-    with torch fp32's), and the decoder step in bf16 against fp32 at the bench's and the recipe's decoder."""
+    with torch fp32's), and the decoder step in bf16 against fp32 at the bench's and the recipe's decoder (its
+    batch and crop made small here: the recipe's take seconds a step on a CPU)."""
     pytest.importorskip("onnxruntime")
+    from fusion_seg.reports.bench import deploy
+
+    monkeypatch.setattr(deploy, "RECIPE_BATCH", 2)
+    monkeypatch.setattr(deploy, "RECIPE_CROP", (64, 96))
     cfg = BenchConfig(encoder=ENCODER, camvid=None, size=(64, 96), views=4, repeats=1, warmup=1, batch_size=2,
                       loader_workers=0, workdir=str(tmp_path), forward_sizes=((64, 96),))
     r = run_bench(cfg, sections=("deploy",), echo=lambda m: None)

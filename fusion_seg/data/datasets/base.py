@@ -211,6 +211,45 @@ class FileSegDataset(SegDataset):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def keep_sequences(self, names: list[str]) -> None:
+        """Keep only the samples of the sequences ``names`` (the ``sequences`` option): a sample's sequence is its
+        id up to the first ``_`` (CamVid's drive, ``0016E5`` of ``0016E5_07959``; Cityscapes' city). A name
+        that is no sequence of this split is refused, listing those there are; recorded in :meth:`describe`."""
+        present = sorted({sequence_of(sid) for sid in self.ids})
+        unknown = [n for n in names if n not in present]
+        if unknown:
+            raise DataError(f"--dataset-opt sequences: {', '.join(unknown)} is no sequence of {self.name}/{self.split}; "
+                            f"its sequences (an image id up to its first '_'): {', '.join(present)}.")
+        self._entries = [e for e in self._entries if sequence_of(e[0]) in names]
+        self.options["sequences"] = sorted(names)
+
+    def keep_ids(self, path: Path) -> None:
+        """Keep only the samples whose ids the text file ``path`` lists, one a line (the ``ids_file`` option; blank
+        lines and ``#`` comments skipped), in the dataset's order. An id that is not in this split is refused,
+        naming its line; recorded in :meth:`describe` (the file's path; the image ids themselves go into every
+        store's and run's record)."""
+        try:
+            lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"--dataset-opt ids_file={path}: cannot read it ({getattr(exc, 'strerror', None) or exc}); "
+                            "pass a text file of image ids, one a line.") from None
+        wanted: dict[str, int] = {}
+        for line_no, line in enumerate(lines, start=1):
+            entry = line.split("#", 1)[0].strip()
+            if entry:
+                wanted.setdefault(entry, line_no)
+        if not wanted:
+            raise DataError(f"--dataset-opt ids_file={path} lists no image id; write one id a line.")
+        known = set(self.ids)
+        missing = [(sid, n) for sid, n in wanted.items() if sid not in known]
+        if missing:
+            sid, line_no = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"{path}, line {line_no}: {sid!r} is no image id of {self.name}/{self.split}{more}; ids are "
+                            f"file names without the extension, e.g. {self.ids[0]!r}. Fix the line or the --split.")
+        self._entries = [e for e in self._entries if e[0] in wanted]
+        self.options["ids_file"] = str(path)
+
     def keep_first(self, n: int) -> None:
         """Keep only the first ``n`` samples (the ``limit`` option); recorded in :meth:`describe`."""
         if n < 1:
@@ -246,6 +285,11 @@ class FileSegDataset(SegDataset):
         """
         mask = read_mask(path)
         return mask if self.label_map is None else self.label_map[mask]
+
+
+def sequence_of(sample_id: str) -> str:
+    """The sequence of an image id: its part before the first ``_`` (the whole id when it has none)."""
+    return sample_id.split("_", 1)[0]
 
 
 def import_optional(module: str, extra: str, purpose: str):
