@@ -166,11 +166,16 @@ def images(cfg: BenchConfig, size: tuple[int, int], count: int, encoder) -> tupl
 
 # --------------------------------------------------------------------------- models and the step
 def build_frozen_encoder(cfg: BenchConfig):
+    """The bench's encoder, running in the precision ``extract`` and ``--online`` use on its device (``auto``:
+    bf16 autocast on CUDA, fp32 on a CPU)."""
+    from fusion_seg.device import resolve_device, resolve_precision
     from fusion_seg.encoder.build import build_encoder
 
     if cfg.weights:
-        return build_encoder(cfg.encoder, weights_file=cfg.weights)
-    return build_encoder(cfg.encoder, random_init=True, seed=cfg.seed)
+        encoder = build_encoder(cfg.encoder, weights_file=cfg.weights)
+    else:
+        encoder = build_encoder(cfg.encoder, random_init=True, seed=cfg.seed)
+    return encoder.with_precision(resolve_precision(resolve_device(cfg.device)))
 
 
 def decoder_for_store(cfg: BenchConfig, store: str):

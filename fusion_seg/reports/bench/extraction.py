@@ -15,17 +15,17 @@ from fusion_seg.reports.timing import median_seconds
 def bare_forward_views_per_second(cfg: BenchConfig, encoder, size, batch: int, device) -> float:
     """The encoder alone, on a batch already on the device: the limit extraction can approach.
 
-    On CUDA the batch and the encoder's weights are channels_last and the forward runs under bf16 autocast.
+    On CUDA the batch and the encoder's weights are channels_last and the forward runs in bf16 autocast (the
+    encoder's precision, as extract's: :func:`~fusion_seg.reports.bench.common.build_frozen_encoder`).
     """
-    from fusion_seg.device import autocast, memory_format, to_device
+    from fusion_seg.device import memory_format, to_device
 
     x, _ = images(cfg, size, batch, encoder)
     x = to_device(x, device)
     encoder = encoder.to(device, memory_format=memory_format(device))
 
     def forward():
-        with autocast(device):
-            encoder(x)
+        encoder(x)
 
     return batch / median_seconds(forward, cfg.repeats, cfg.warmup, synchronizer(device))
 

@@ -130,8 +130,7 @@ def measure_mode(cfg_json: dict, mode: str, size, batch: int, store: str) -> dic
             encoder = encoder.to(device, memory_format=memory_format(device))
 
             def one():
-                with autocast(device):
-                    feats = encoder(x)
+                feats = encoder(x)  # in its own precision, as train-decoder --online runs it
                 step({k: feats[k].float().clone() for k in names}, y)
         elif mode == "finetune":
             model = encoder.model.to(device, memory_format=memory_format(device))  # timm features_only, trained
