@@ -28,7 +28,6 @@ way no file is left: it is written only once the model is whole and checked, ato
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import time
@@ -42,15 +41,12 @@ from fusion_seg.decoders.base import upsample_logits
 from fusion_seg.errors import UserError
 from fusion_seg.files import atomic_write, check_out_file, reporting_write_errors
 from fusion_seg.inference import arguments
+from fusion_seg.inference.onnx_format import (INPUT, METADATA_FORMAT, METADATA_KEY, NORMALISATION, OUTPUT,
+                                              first_line, new_session, require_onnx)
 from fusion_seg.inference.segmenter import Segmenter, load_segmenter
 from fusion_seg.progress import Progress
 from fusion_seg.results import ResultMapping
 
-ONNX_INSTALL = "pip install 'fusion-seg[onnx]'"
-METADATA_KEY = "fusion_seg"  # the metadata_props key of the JSON that load_onnx reads
-METADATA_FORMAT = 1
-INPUT, OUTPUT = "image", "logits"
-NORMALISATION = "(pixel/255 - mean)/std"
 MIN_OPSET = 17  # the first with LayerNormalization as one op (ConvNeXt and ViT encoders)
 EXAMPLE_SHAPE = (2, 3, 67, 101)  # what the exporter traces: a batch > 1 and sizes no stride divides, so none is fixed
 # What verify runs both backends on: other batches, and sizes below and above the example's.
@@ -59,23 +55,6 @@ CHECK_SHAPES = ((1, 3, 29, 45), (3, 3, 131, 211))
 # order differ by about 1e-6 of the logits (1e-5 at most, measured over the decoders and sizes up to 257x513),
 # while a graph fixed at the traced size is off by a whole part of them (1e-2 and more).
 CHECK_TOLERANCE = 1e-3
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: the first line of its message`` (at most 300 characters): a long error as one line."""
-    message = str(exc).strip()
-    return f"{type(exc).__name__}: {message.splitlines()[0][:300]}" if message else type(exc).__name__
-
-
-def require_onnx(what: str, modules: tuple[str, ...] = ("onnx", "onnxscript", "onnxruntime")) -> None:
-    """Refuse (a one-line :class:`UserError` with the install command) when one of ``modules`` of the ``onnx``
-    extra cannot be imported; ``what`` is the command or function that needs them ("fusion-seg export")."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise UserError(f"{what} needs the onnx extra: {ONNX_INSTALL} ({name} cannot be imported: "
-                            f"{first_line(exc)}).") from exc
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,8 +185,6 @@ def trace(module: nn.Module, what: str, opset: int, outputs: tuple[str, ...] = (
 def verify(model: Segmenter, data: bytes, decoder: str) -> None:
     """Refuse the exported graph (``data``) unless ONNX Runtime's logits are torch's at :data:`CHECK_SHAPES`,
     within :data:`CHECK_TOLERANCE`: a graph the exporter fixed at the traced size fails or differs there."""
-    from fusion_seg.inference.onnx_runtime import new_session
-
     session = new_session(data, ["CPUExecutionProvider"], log_severity=4)  # its errors are reported below
     graph = f"the ONNX graph of the {decoder} decoder on {model.identity.tag}"
     fix = ("the exporter fixed a step of the decoder at the traced size; nothing was written. Run the checkpoint "

@@ -18,7 +18,8 @@ from fusion_seg.device import resolve_device
 from fusion_seg.encoder.identity import EncoderIdentity
 from fusion_seg.errors import UserError
 from fusion_seg.inference import arguments
-from fusion_seg.inference.export import INPUT, METADATA_FORMAT, METADATA_KEY, OUTPUT, first_line, require_onnx
+from fusion_seg.inference.onnx_format import (INPUT, METADATA_FORMAT, METADATA_KEY, OUTPUT, first_line, new_session,
+                                              require_onnx)
 
 
 class OnnxSegmenter:
@@ -67,18 +68,6 @@ def load_onnx(path: str | Path, *, device: str = "auto") -> tuple[OnnxSegmenter,
     ckpt = {"classes": list(info["classes"]), "data": info["data"], "decoder": dict(info["decoder"]),
             "encoder": dict(info["encoder"])}
     return OnnxSegmenter(session, EncoderIdentity.from_dict(info["encoder"])), ckpt
-
-
-def new_session(model: str | bytes, providers: list, *, log_severity: int = 3):
-    """An ``onnxruntime.InferenceSession`` of ``model`` (a path, or the bytes of one) with torch's number of
-    threads, logging ``log_severity`` and above (3: errors, not every session's provider-placement warnings;
-    4: nothing but fatal errors, for a caller that reports the exceptions itself)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = log_severity
-    return ort.InferenceSession(model, options, providers=providers)
 
 
 def _providers(dev: torch.device, asked: str, available: list[str]) -> list:

@@ -30,7 +30,8 @@ RECIPE_BATCH, RECIPE_CROP = 8, (160, 224)
 
 
 def run(cfg: BenchConfig, store: Path, workdir: Path, count: int = 8) -> dict:
-    from fusion_seg.inference.export import export_onnx, require_onnx
+    from fusion_seg.inference.export import export_onnx
+    from fusion_seg.inference.onnx_format import require_onnx
 
     require_onnx("the bench's deploy section")
     encoder = build_frozen_encoder(cfg)
@@ -49,7 +50,7 @@ def run(cfg: BenchConfig, store: Path, workdir: Path, count: int = 8) -> dict:
 def encoder_forward(cfg: BenchConfig, encoder, one: torch.Tensor) -> dict:
     """Seconds a forward of one image: torch fp32 and bf16, torch.compile (fp32), ONNX Runtime (fp32)."""
     from fusion_seg.inference.export import trace
-    from fusion_seg.inference.onnx_runtime import new_session
+    from fusion_seg.inference.onnx_format import new_session
 
     times = {}
     for precision in ("fp32", "bf16"):
