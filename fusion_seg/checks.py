@@ -20,7 +20,8 @@ FEATURE_CROP_ALIGN = 32  # a feature-space crop is cut at the coarsest stride (c
 STRIDES = (2, 4, 8, 16, 32)  # the strides a feature map may have
 CACHE_MODES = ("auto", "device", "ram", "stream")  # train-decoder --cache-mode (resident.py)
 RESIDENT_DTYPES = ("auto", "float16", "uint8", "float8", "int4")  # train-decoder --resident-dtype (formats.py)
-# --precision of extract, train-decoder, evaluate and predict (device.py): auto is bf16 autocast on CUDA, fp32 elsewhere.
+# --precision of extract, train-decoder, evaluate and predict (device.py): auto is bf16 autocast on CUDA, fp32
+# elsewhere.
 PRECISIONS = ("auto", "fp32", "bf16")
 # --backend of predict and evaluate: a checkpoint in torch, or a model `fusion-seg export` wrote in ONNX Runtime.
 BACKENDS = ("torch", "onnxruntime")

@@ -120,6 +120,9 @@ class Augment:
         check_fields(self, "Augment")  # a caller's crop="64x64" is refused here, not deep in a worker
         # One form per augmentation, whoever builds it: a store records to_json(), and equal requests must
         # record equal specs. Without augmentation there is no crop and no flip.
+        if not self.enabled and self.photometric is not None:
+            raise UserError("Augment(enabled=False, photometric=...): a view without augmentation is the plain "
+                            "image; enable the augmentation or drop photometric (--photometric with --no-augment).")
         if not self.enabled:
             object.__setattr__(self, "crop", None)
             object.__setattr__(self, "flip", False)
@@ -241,7 +244,8 @@ def augment(*, augment: bool = True, crop: tuple[int, int] | None = None,
     ``hue`` and ``blur`` (None: :class:`Photometric`'s defaults, mmseg's).
 
     A ``crop`` with ``augment=False`` is refused: the view is the whole image, and the crop would be ignored.
-    So are photometric ranges without ``photometric``, and ``photometric`` with ``augment=False``.
+    So are photometric ranges without ``photometric`` (and :class:`Augment` refuses ``photometric`` without
+    ``augment``).
     """
     if not augment and crop is not None:
         raise UserError(f"--crop {'x'.join(map(str, crop)) if isinstance(crop, (list, tuple)) else crop} has no "
@@ -254,9 +258,6 @@ def augment(*, augment: bool = True, crop: tuple[int, int] | None = None,
         one = len(ranges) == 1
         raise UserError(f"{flags} set{'s' if one else ''} the photometric augmentation, which is off: add "
                         f"--photometric (photometric = true), or drop {'it' if one else 'them'}.")
-    if photometric and not augment:
-        raise UserError("--photometric with --no-augment: a view without augmentation is the plain image; drop "
-                        "one of them.")
     return Augment(enabled=augment, crop=DEFAULT_CROP if crop is None else crop, scale_range=scale_range,
                    flip=flip, seed=seed, photometric=Photometric(**ranges) if photometric else None)
 

@@ -3,8 +3,8 @@
 View ``k`` of image ``i`` is made exactly as HRNet makes a training sample (random
 scale, padded random crop, random flip), with randomness drawn only from
 ``view_rng(seed, i, k)``; with photometric augmentation, first a photometric draw (mmseg's
-PhotoMetricDistortion) from its own stream ``photometric_rng(seed, i, k)``. A view is therefore reproducible from its index alone,
-whatever the order, the process or the machine that makes it: this is what makes
+PhotoMetricDistortion) from its own stream ``photometric_rng(seed, i, k)``. A view is therefore
+reproducible from its index alone, whatever the order, the process or the machine that makes it: this is what makes
 extraction resumable and distributable with bit-identical results.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ViewSource(torch.utils.data.Dataset):
         image, mask = resize_pair(sample.image, mask, short_side=self.resize.short_side, size=self.resize.size)
         resized_hw = image.shape[:2]
         scale, flip = 1.0, False
-        photometric = getattr(self.augment, "photometric", None)
+        photometric = self.augment.photometric
         if photometric is not None:  # before the crop: the crop's padding stays the padding
             image = photometric_distortion(image, photometric_rng(self.augment.seed, i, k + self.view_offset),
                                            **photometric.to_json())

@@ -148,7 +148,8 @@ def default_out_folder(checkpoint: str | Path, dataset: str, split: str, *, root
     """Where :func:`evaluate` writes without ``out``: a folder beside the checkpoint, one per evaluation that differs.
 
     The name says what is readable at a glance: ``eval-<checkpoint stem>-<dataset>-<split>``, then ``-flip``,
-    ``-scales0.75_1_1.25``, ``-sliding`` and ``-bf16``/``-fp32`` (``--precision``) when used; then, when there is a root, a dataset option or an encoder
+    ``-scales0.75_1_1.25``, ``-sliding`` and ``-bf16``/``-fp32`` (``--precision``) when used; then, when there
+    is a root, a dataset option or an encoder
     weights file, the first 8 hex digits of a sha256 of them (the root resolved, so that one folder spelled two
     ways is one evaluation), since paths and options do not fit a folder name. So ``best.pt`` and ``last.pt``,
     with and without test-time augmentation, on two copies of a dataset, each get their own folder, and the same

@@ -218,8 +218,8 @@ class FileSegDataset(SegDataset):
         present = sorted({sequence_of(sid) for sid in self.ids})
         unknown = [n for n in names if n not in present]
         if unknown:
-            raise DataError(f"--dataset-opt sequences: {', '.join(unknown)} is no sequence of {self.name}/{self.split}; "
-                            f"its sequences (an image id up to its first '_'): {', '.join(present)}.")
+            raise DataError(f"--dataset-opt sequences: {', '.join(unknown)} is no sequence of "
+                            f"{self.name}/{self.split}; its sequences (an image id up to its first '_'): {', '.join(present)}.")
         self._entries = [e for e in self._entries if sequence_of(e[0]) in names]
         self.options["sequences"] = sorted(names)
 
@@ -231,8 +231,9 @@ class FileSegDataset(SegDataset):
         try:
             lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"--dataset-opt ids_file={path}: cannot read it ({getattr(exc, 'strerror', None) or exc}); "
-                            "pass a text file of image ids, one a line.") from None
+            reason = getattr(exc, "strerror", None) or exc
+            raise DataError(f"--dataset-opt ids_file={path}: cannot read it ({reason}); pass a text file of image ids, "
+                            "one a line.") from None
         wanted: dict[str, int] = {}
         for line_no, line in enumerate(lines, start=1):
             entry = line.split("#", 1)[0].strip()
