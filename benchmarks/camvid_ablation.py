@@ -68,6 +68,9 @@ def main() -> None:
     ap.add_argument("--evaluate-rows", default="", help="Rows also scored by `fusion-seg evaluate` on the val "
                     "images, to compare with the end-to-end HRNet rows (which have no val store).")
     ap.add_argument("--figure", default=None, help="Also draw the val mIoU curves into this PNG.")
+    ap.add_argument("--photometric", action="store_true",
+                    help="Extract the training views with photometric augmentation (mmseg's defaults): give it its "
+                         "own --cache and --out.")
     ap.add_argument("--held-out", default=None, metavar="DRIVE",
                     help="Validate on this drive of the train split (e.g. 0006R0), trained on the others; every row "
                          "is also scored on the official val.")
@@ -129,7 +132,7 @@ def main() -> None:
                          "--views", "1", "--no-augment", "--size", args.size, *common, "--out", str(val)])
     once("extract-train", ["extract", "--dataset", "camvid", "--root", args.root, "--split", "train", *train_subset,
                            "--views", str(args.views), "--crop", args.crop, "--scale-range", "0.5", "2.0", "--size",
-                           args.size, *common, "--out", str(train)])
+                           args.size, *(["--photometric"] if args.photometric else []), *common, "--out", str(train)])
     schedule = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                 "--device", "cpu", "--log-every", "50"]
 
