@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from fusion_seg.cli.app import main
-from fusion_seg.cli.options import backend_option, dataset_options, precision_option, tta_options
+from fusion_seg.cli.options import dataset_options, inference_options
 from fusion_seg.cli.params import parse_key_values
 from fusion_seg.cli.shell import user_errors
 
@@ -17,12 +17,7 @@ from fusion_seg.cli.shell import user_errors
 @click.option("--out", type=click.Path(), default=None,
               help="Output folder (default: one beside the checkpoint per evaluation setting, e.g. "
                    "eval-best-camvid-val-flip-1a2b3c4d: checkpoint, dataset, split, TTA, a hash of root and options).")
-@click.option("--sliding-window", is_flag=True, help="Sliding-window inference with the training crop.")
-@tta_options
-@click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
-@click.option("--device", default="auto", show_default=True)
-@precision_option
-@backend_option
+@inference_options
 @user_errors
 def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window, flip, scales, weights, device,
              precision, backend):
@@ -46,12 +41,7 @@ def evaluate(checkpoint, dataset, root, split, dataset_opt, out, sliding_window,
 @click.option("--checkpoint", required=True, type=click.Path())
 @click.option("--input", "inputs", required=True, type=click.Path(), help="An image file or a folder of images.")
 @click.option("--out", required=True, type=click.Path())
-@click.option("--sliding-window", is_flag=True, help="Sliding-window inference with the training crop.")
-@tta_options
-@click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one.")
-@click.option("--device", default="auto", show_default=True)
-@precision_option
-@backend_option
+@inference_options
 @user_errors
 def predict(checkpoint, inputs, out, sliding_window, flip, scales, weights, device, precision, backend):
     """Image(s) to label PNGs and colour overlays, end to end."""

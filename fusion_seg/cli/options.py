@@ -122,6 +122,17 @@ tta_options = stacked(
 )
 
 
+# evaluate's and predict's: how the model runs on an image.
+inference_options = stacked(
+    click.option("--sliding-window", is_flag=True, help="Sliding-window inference with the training crop."),
+    tta_options,
+    click.option("--weights", type=click.Path(), default=None, help="Encoder weights file, if the checkpoint needs one."),
+    click.option("--device", default="auto", show_default=True),
+    precision_option,
+    backend_option,
+)
+
+
 # train-decoder's and compare's: the views, the schedule, the loss and where training starts from.
 schedule_options = stacked(
     click.option("--views", type=click.IntRange(min=1), default=None,
