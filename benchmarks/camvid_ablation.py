@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--crop", default="160x224", help="HxW crop of each cached training view.")
     ap.add_argument("--views", type=int, default=4, help="Cached views per training image.")
     ap.add_argument("--epochs", type=int, default=30, help="Epochs over the K*367 cached views (poly schedule).")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="Stop a cached row once its val mIoU has not improved for N epochs (train-decoder "
+                         "--patience): with --held-out, early stopping by the held-out drive.")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--rows", default="", help="Comma-separated rows to run (default: all). Known: "
@@ -134,7 +137,7 @@ def main() -> None:
                            "--views", str(args.views), "--crop", args.crop, "--scale-range", "0.5", "2.0", "--size",
                            args.size, *(["--photometric"] if args.photometric else []), *common, "--out", str(train)])
     schedule = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                "--device", "cpu", "--log-every", "50"]
+                "--device", "cpu", "--log-every", "50", *(["--patience", str(args.patience)] if args.patience else [])]
 
     def cached(row):  # a cached row's training command, without --out
         return ["train-decoder", "--cache", str(train), "--val-cache", str(val), *CACHED[row], *schedule]

@@ -47,6 +47,7 @@ TRAIN = [
     ("--epochs", "0"), ("--batch-size", "0"), ("--lr", "0"), ("--lr", "-0.1"),
     ("--ohem-thresh", "0"), ("--ohem-thresh", "1.5"), ("--ohem-min-kept", "0"),
     ("--val-every", "0"), ("--log-every", "0"), ("--decoder", "nope"), ("--class-weights", "median"),
+    ("--patience", "0"),
 ]
 EVALUATE = [("--scales", "0"), ("--scales", "0.5,-1"), ("--scales", "a,b"), ("--scales", "40"), ("--scales", ",")]
 COMPARE = [
@@ -151,6 +152,7 @@ def test_extract_with_a_corrected_scale_range_after_a_bad_one(tmp_path):
     (dict(ohem_min_kept=0), "ohem-min-kept"), (dict(seed=-1), "seed"), (dict(seed=2**63), "seed"),
     (dict(workers=-1), "workers"),
     (dict(val_every=0), "val-every"), (dict(log_every=0), "log-every"), (dict(cache_mode="disk"), "cache-mode"),
+    (dict(patience=0), "patience"),
 ])
 def test_train_config_refuses_bad_values(bad, name):
     from fusion_seg.training.config import TrainConfig

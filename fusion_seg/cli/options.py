@@ -152,6 +152,9 @@ schedule_options = stacked(
                       "labels."),
     click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
                  help="Validate every N epochs."),
+    click.option("--patience", type=click.IntRange(min=1), default=None,
+                 help="Stop early once the val mIoU has not improved for N epochs (needs --val-cache); best.pt "
+                      "keeps the best epoch. Default: train every epoch."),
     click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
                  help="Log the loss every N steps."),
     click.option("--init", "init", type=click.Path(), default=None,

@@ -108,6 +108,8 @@ def train_decoder(ctx, **params):
     else:
         r = from_cache(cache, out, cfg, val_cache=val_cache, resume=resume, allow_val_on_train=allow_val_on_train)
     best = f"{r.best_miou:.4f}" if r.best_miou is not None else "n/a"
+    if r.stopped_early:
+        best += f" (epoch {r.stopped_early['best_epoch']}; stopped early after epoch {r.stopped_early['epoch']})"
     if is_main_process():  # under torchrun, print once
         if r.losses:
             click.echo(f"{r.run_dir}: {len(r.losses)} steps in {r.seconds:.1f}s (step {r.steps} of the run), "

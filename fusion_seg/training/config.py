@@ -103,6 +103,9 @@ class RunSettings:
 
     workers: int = 2
     val_every: int = 1
+    # Early stopping: end the run once the val mIoU has not improved for this many epochs (None: train every
+    # epoch). best.pt keeps the best epoch; the poly decay stays that of ``epochs``. A resume may change it.
+    patience: int | None = None
     log_every: int = 10
     device: str = "auto"
     # Where cached views are read from (resident.py): auto, device, ram or stream. Every tier gives the
@@ -126,6 +129,8 @@ class RunSettings:
 
         for name, minimum in (("workers", 0), ("val_every", 1), ("log_every", 1)):
             require("--" + name.replace("_", "-"), getattr(self, name), int_problem(getattr(self, name), minimum))
+        if self.patience is not None:
+            require("--patience", self.patience, int_problem(self.patience, 1))
         if self.cache_mode not in CACHE_MODES:
             require("--cache-mode", self.cache_mode, f"choose one of {', '.join(CACHE_MODES)}")
 
@@ -217,6 +222,8 @@ class TrainResult:
     peak_memory_mib: float | None = None
     cache: dict | None = None  # the cache tier used, its resident bytes and load time (cache path only)
     previous_run: str | None = None  # where an earlier run of other settings in the same out was kept ("auto")
+    # Set when --patience ended the run before cfg.epochs: {"epoch", "best_epoch", "patience"}.
+    stopped_early: dict | None = None
 
 
 DECODER_KEYS = ("streams", "preset", "widths", "modules", "blocks")  # reverse-hrnet's; others via decoder_options

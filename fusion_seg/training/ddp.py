@@ -57,6 +57,14 @@ class DistEnv:
         dist.all_reduce(t)
         return float(t) / self.world
 
+    def from_main(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, in every process (the flag itself in a single process)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([float(flag) if self.is_main else 0.0], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item())
+
     def barrier(self) -> None:
         """Wait for every process (nothing to wait for in a single process)."""
         if self.distributed:

@@ -178,7 +178,7 @@ class RunDirectory:
             except json.JSONDecodeError:
                 continue  # a line cut by the interruption
             kind = rec.get("type")
-            if kind == "summary":
+            if kind in ("summary", "early_stop"):
                 continue  # rewritten at the end of the resumed run
             if kind == "epoch":
                 done = rec["epoch"] <= epoch

@@ -85,6 +85,10 @@ def train(out: str | Path, cfg: TrainConfig, data: CachedData | OnlineData, *, v
         raise UserError(f"data={data!r:.60}: pass what the run trains on as fusion_seg.CachedData(cache) (a feature "
                         "store) or fusion_seg.OnlineData(dataset=DatasetRef(...), encoder=..., augment=..., "
                         "resize=...) (images, the encoder run every step).")
+    if cfg.patience is not None and not val_cache:
+        raise UserError(f"--patience {cfg.patience} stops the run by its val mIoU, and no --val-cache was given: "
+                        "pass --val-cache STORE (a store made by `fusion-seg extract` of the val split), or drop "
+                        "--patience.")
     cached = isinstance(data, CachedData)
     if cached:
         require_path("cache", data.cache, "the training store (a folder made by `fusion-seg extract`, or a URL)")

@@ -2,7 +2,8 @@
 
 A :class:`Trainer` (detectron2's TrainerBase, kept simple) has a few steps: :meth:`~Trainer.restore`
 (resume from ``last.pt``, or start, from ``--init``'s decoder when given), :meth:`~Trainer.train_epoch`
-and :meth:`~Trainer.end_epoch` (validate, log, checkpoint); :meth:`~Trainer.fit` runs them. What the
+and :meth:`~Trainer.end_epoch` (validate, log, checkpoint); :meth:`~Trainer.fit` runs them, and ends the
+run early once the val mIoU has not improved for ``--patience`` epochs. What the
 run shows and logs on the way is :class:`~fusion_seg.training.hooks.RunLog`'s; its files are the
 :class:`~fusion_seg.training.run_dir.RunDirectory`'s. Since every random draw is seeded by (seed,
 epoch, index), the losses after a resume equal those of an uninterrupted run.
@@ -58,6 +59,10 @@ class Trainer:
         self.record = decoder_record(cfg.decoder, self.decoder, data.input_shapes, len(data.classes))
         # Where the run stands: set by restore, advanced by every step and validation.
         self.start_epoch, self.step, self.best = 0, 0, None
+        self.epoch = 0  # epochs done
+        self.best_epoch: int | None = None  # the epoch of the best val mIoU
+        self.last_val_epoch = 0  # the epoch of the latest validation
+        self.stopped_early: dict | None = None  # set when --patience ended the run
         self.init_info: dict | None = None  # what --init started from (kept across resumes)
         self.lr_changes: list[dict] = []  # explicit --lr changes on resume: {"epoch", "step", "from", "to"}
         self.lr_change: dict | None = None  # the one made by this resume
@@ -77,10 +82,14 @@ class Trainer:
                                    self.steps_per_epoch, self.total_steps, self.start_epoch, self.step),
                       self.lr_change, self.notices)
             for epoch in range(self.start_epoch, self.cfg.epochs):
+                if self.dist.from_main(self.out_of_patience()):  # rank 0 alone validates: its decision
+                    self.stop_early(log)
+                    break
                 started = time.perf_counter()
                 losses = self.train_epoch(epoch, log)
                 if self.dist.is_main:  # rank 0 alone validates (no collectives there) and writes; the others wait
                     self.end_epoch(epoch, losses, time.perf_counter() - t0, started, log)
+                self.epoch = epoch + 1
                 self.dist.barrier()
             peak = peak_memory_mib(self.device)
             if self.dist.is_main:
@@ -88,9 +97,9 @@ class Trainer:
         if self.dist.is_main:
             self.run.plot_curves()
         self.dist.barrier()
-        return TrainResult(str(self.run), self.cfg.epochs, self.step, self.losses, self.best, self.val,
+        return TrainResult(str(self.run), self.epoch, self.step, self.losses, self.best, self.val,
                            time.perf_counter() - t0, peak, self.cache_info,
-                           str(self.previous_run) if self.previous_run else None)
+                           str(self.previous_run) if self.previous_run else None, self.stopped_early)
 
     def restore(self, resume: bool | str) -> None:
         """Continue the run in the run directory from its last.pt, or start one there (from ``--init``'s
@@ -142,6 +151,10 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch, self.step, self.best = ckpt["epoch"], ckpt["step"], ckpt.get("best_miou")
+        self.epoch = self.start_epoch
+        # A checkpoint from before early stopping has no best_epoch: patience then counts from the resume.
+        self.best_epoch = ckpt.get("best_epoch", self.start_epoch if self.best is not None else None)
+        self.last_val_epoch = ckpt.get("last_val_epoch", self.start_epoch)
         self.init_info = ckpt.get("init")
         self.lr_changes = list(ckpt.get("lr_changes") or [])
         if old_lr is not None:  # the poly decay continues from the new base lr
@@ -180,20 +193,34 @@ class Trainer:
             self.val = validate(self.decoder, self.val_views, len(self.data.classes), self.data.classes, self.device,
                                 self.cfg.precision)
             record["val"] = {k: self.val[k] for k in ("miou", "pixel_acc", "mean_acc", "per_class_iou")}
+            self.last_val_epoch = epoch + 1
             if self.best is None or self.val["miou"] > self.best:
-                self.best = self.val["miou"]
+                self.best, self.best_epoch = self.val["miou"], epoch + 1
                 self.run.save_best(self.checkpoint(epoch + 1) | {"val": record["val"]})
         log.after_epoch(record, started)
         self.run.save_last(self.checkpoint(epoch + 1))
 
+    def out_of_patience(self) -> bool:
+        """Whether ``--patience`` epochs have passed, at the latest validation, since the best one."""
+        patience = self.cfg.patience
+        return (patience is not None and self.best_epoch is not None
+                and self.last_val_epoch - self.best_epoch >= patience)
+
+    def stop_early(self, log: RunLog) -> None:
+        """End the run after epoch ``self.epoch``: its record, and the line that says why."""
+        self.stopped_early = {"epoch": self.epoch, "best_epoch": self.best_epoch, "patience": self.cfg.patience}
+        if self.dist.is_main:
+            log.stopped_early(self.stopped_early, self.best, self.cfg.epochs, self.step)
+
     def finish(self, log: RunLog, t0: float, peak: float) -> None:
         """Rank 0, after the last epoch: best.pt when nothing validated, and the run's summary record."""
         if not self.val_views:  # without validation, the final model is the best one we know
-            self.run.save_best(self.checkpoint(self.cfg.epochs))
-        log.append({"type": "summary", "epoch": self.cfg.epochs, "step": self.step, "seconds": time.perf_counter() - t0,
+            self.run.save_best(self.checkpoint(self.epoch))
+        log.append({"type": "summary", "epoch": self.epoch, "step": self.step, "seconds": time.perf_counter() - t0,
                     "steps_this_run": len(self.losses), "world_size": self.dist.world, "peak_memory_MiB": peak,
                     "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
                     "peak_memory_scope": "rank 0, per process" if self.dist.distributed else "the process",
+                    **({"stopped_early": self.stopped_early} if self.stopped_early else {}),
                     **({"cache": self.cache_info} if self.cache_info else {})})
 
     def checkpoint(self, epoch: int) -> dict:
@@ -201,7 +228,8 @@ class Trainer:
         data = self.data
         return {"decoder": self.record, "classes": data.classes, "ignore_index": data.ignore_index,
                 "encoder": data.encoder.to_dict(), "data": data.record(), "train": asdict(self.cfg), "init": self.init_info,
-                "epoch": epoch, "step": self.step, "best_miou": self.best, "world_size": self.dist.world,
+                "epoch": epoch, "step": self.step, "best_miou": self.best, "best_epoch": self.best_epoch,
+                "last_val_epoch": self.last_val_epoch, "world_size": self.dist.world,
                 "lr_changes": self.lr_changes,
                 # the unwrapped decoder's keys: no DDP "module." prefix
                 "model": self.decoder.state_dict(), "optimizer": self.optimizer.state_dict(),
