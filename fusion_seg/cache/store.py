@@ -55,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -184,6 +185,8 @@ class CacheSpec:
         """``key: stored A, requested B`` for each setting that differs; for a dict setting (augment,
         resize, encoder, ...) only its differing entries, and a long list (image ids) by its length."""
         a, b = self.to_json(), other.to_json()
+        if _same_folder((a.get("dataset") or {}).get("root"), (b.get("dataset") or {}).get("root")):
+            b["dataset"] = {**b["dataset"], "root": a["dataset"]["root"]}  # data/camvid here = /abs/data/camvid
         out = []
         for k in a:
             if a[k] == b[k]:
@@ -196,6 +199,23 @@ class CacheSpec:
             else:
                 out.append(f"{k}: stored {a[k]!r}, requested {b[k]!r}")
         return out
+
+
+def _file_key(path: str) -> str:
+    """The absolute path a listed ``path`` names from this working directory."""
+    return os.path.abspath(path)
+
+
+def _same_folder(a, b) -> bool:
+    """Whether two dataset roots name one folder from this working directory (a relative and an absolute
+    spelling): a resume from another folder of the project is not other settings. What the folder holds is
+    checked apart, file by file (:meth:`FeatureStore.check_inputs`)."""
+    if not (isinstance(a, str) and isinstance(b, str)) or a == b:
+        return False
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 class FeatureStore:
@@ -289,12 +309,16 @@ class FeatureStore:
                 f"files then, {len(listing)} now). Its views would mix features of the old and the new data: "
                 "extract into a new --out, or delete the store to start over."
             )
-        old = {path: rest for path, *rest in stored}
-        new = {path: rest for path, *rest in listing}
+        # Keyed by the file each path names from here: a root given relatively once and absolutely now is the
+        # same files, and the store's record of them stays as it is.
+        old = {_file_key(path): rest for path, *rest in stored}
+        new = {_file_key(path): rest for path, *rest in listing}
         changes = sorted([(p, "added") for p in new.keys() - old.keys()]
                          + [(p, "removed") for p in old.keys() - new.keys()]
                          + [(p, "changed") for p in old.keys() & new.keys() if old[p] != new[p]])
-        allowed = set(may_change)
+        if not changes:
+            return
+        allowed = {_file_key(p) for p in may_change}
         refused = [(p, kind) for p, kind in changes if not (kind == "changed" and p in allowed)]
         if refused:
             counts = ", ".join(f"{n} {kind}" for kind in ("changed", "added", "removed")

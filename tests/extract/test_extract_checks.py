@@ -218,6 +218,16 @@ def test_a_store_without_a_record_still_resumes(tmp_path):
     assert extract_folder(root, out).views_written == 1
 
 
+def test_a_relative_and_an_absolute_root_of_one_folder_resume_one_store(tmp_path, monkeypatch):
+    root = folder_dataset(tmp_path / "data")
+    out = tmp_path / "a.zarr"
+    extract_folder(root, out)
+    monkeypatch.chdir(tmp_path)
+    assert extract_folder(Path("data"), out).views_written == 0  # the same folder, spelt from here
+    with pytest.raises(CacheError, match="dataset.root: stored"):
+        extract_folder(folder_dataset(tmp_path / "other"), out)  # another folder is other settings
+
+
 def test_unchanged_inputs_resume_and_the_record_is_part_of_the_content_id(tmp_path):
     root = folder_dataset(tmp_path / "data")
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
