@@ -80,11 +80,12 @@ def figure_format(path: str | Path, option: str | None = None) -> str:
     return suffix[1:]
 
 
-def save_figure(fig, out: str | Path, *, dpi: float = 100) -> Path:
+def save_figure(fig, out: str | Path, *, dpi: float = 100, metadata: dict[str, str] | None = None) -> Path:
     """Write ``fig`` atomically (:func:`fusion_seg.files.atomic_write`) in the format of ``out``'s suffix
-    (:func:`figure_format`; a suffix that names no figure format is refused)."""
+    (:func:`figure_format`; a suffix that names no figure format is refused), with ``metadata`` (matplotlib's
+    ``savefig(metadata=)``: a PNG's text chunks)."""
     fmt = figure_format(out)
-    return atomic_write(out, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi))
+    return atomic_write(out, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi, metadata=metadata))
 
 
 # --------------------------------------------------------------------------- training curves
@@ -297,9 +298,10 @@ def legend_figure(class_names, palette, *, title: str = "classes"):
     return fig
 
 
-def plot_legend(class_names, palette, out_png: str | Path, *, title: str = "classes") -> Path:
+def plot_legend(class_names, palette, out_png: str | Path, *, title: str = "classes",
+                metadata: dict[str, str] | None = None) -> Path:
     """Write the colour legend of a palette (e.g. ``legend.png`` beside ``predict``'s overlays)."""
-    return save_figure(legend_figure(class_names, palette, title=title), out_png)
+    return save_figure(legend_figure(class_names, palette, title=title), out_png, metadata=metadata)
 
 
 # --------------------------------------------------------------------------- speed / accuracy
@@ -347,9 +349,9 @@ def plot_compare(rows: list[dict], out_png: str | Path, *, title: str | None = N
     return save_figure(fig, out_png)
 
 
-def plot_if_available(name: str, *args) -> Path | None:
+def plot_if_available(name: str, *args, **kwargs) -> Path | None:
     """Call the plot function ``name`` when matplotlib is installed; else do nothing (it is optional)."""
     try:
-        return globals()[name](*args)
+        return globals()[name](*args, **kwargs)
     except UserError:  # matplotlib missing
         return None

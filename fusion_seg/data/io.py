@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from fusion_seg.errors import DataError
 from fusion_seg.files import atomic_write
@@ -158,17 +158,32 @@ def image_size(path) -> tuple[int, int]:
     return (width, height) if orientation in _SWAPS_AXES else (height, width)
 
 
-def _save_atomic(path, img: Image.Image) -> None:
-    """Save ``img`` as PNG with :func:`fusion_seg.files.atomic_write`.
+def _save_atomic(path, img: Image.Image, text: dict[str, str] | None = None) -> None:
+    """Save ``img`` as PNG with :func:`fusion_seg.files.atomic_write` (``text``: its PNG text chunks).
 
     A reader never sees a half-written file, and an interrupted run leaves the
     previous file (if any) intact. Not fsync'ed (``durable=False``): ``predict``
     writes two of these per image, and a rerun rewrites any a power cut lost.
     """
-    atomic_write(path, lambda fh: img.save(fh, format="PNG"), durable=False)
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    atomic_write(path, lambda fh: img.save(fh, format="PNG", pnginfo=info), durable=False)
 
 
-def write_mask_png(path, mask: np.ndarray, palette: np.ndarray | None = None) -> None:
+def png_text(path, key: str) -> str | None:
+    """The PNG text chunk ``key`` of ``path`` (None: not a PNG, unreadable, or no such chunk); reads the header only."""
+    try:
+        with Image.open(path) as img:
+            return img.text.get(key) if img.format == "PNG" else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def write_mask_png(path, mask: np.ndarray, palette: np.ndarray | None = None,
+                   text: dict[str, str] | None = None) -> None:
     """Write an ``(H, W)`` uint8 mask as PNG, atomically.
 
     With ``palette`` (``(N, 3)`` uint8) the file is a palette PNG: it shows the
@@ -185,15 +200,15 @@ def write_mask_png(path, mask: np.ndarray, palette: np.ndarray | None = None) ->
         full[255] = 255
         full[: len(palette)] = palette
         img.putpalette(full.tobytes())
-    _save_atomic(path, img)
+    _save_atomic(path, img, text)
 
 
-def write_rgb_png(path, image: np.ndarray) -> None:
-    """Write an ``(H, W, 3)`` uint8 RGB image as PNG, atomically."""
+def write_rgb_png(path, image: np.ndarray, text: dict[str, str] | None = None) -> None:
+    """Write an ``(H, W, 3)`` uint8 RGB image as PNG, atomically (``text``: its PNG text chunks)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be a (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
-    _save_atomic(path, Image.fromarray(image))
+    _save_atomic(path, Image.fromarray(image), text)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5,

@@ -1,17 +1,21 @@
-"""``predict``: images in, masks and overlays out, never over an input or another result.
+"""``predict``: images in, masks and overlays out, never over an input, another result or a file of the user's.
 
 Its output folder is checked before any work (:func:`fusion_seg.files.check_out_folder`), and a write that
 fails all the same (a full disk) is one line naming the file (:func:`fusion_seg.files.reporting_write_errors`).
+Every file it writes carries the PNG text ``Software: fusion-seg predict`` (:data:`WRITTEN_BY`): a rerun
+replaces its own results, and a file of the same name that it did not write is refused, not overwritten.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusion_seg.data.io import (IMAGE_EXTENSIONS, file_problem, list_images as list_image_files, overlay, read_image,
-                                write_mask_png, write_rgb_png)
+from fusion_seg.data.io import (IMAGE_EXTENSIONS, file_problem, list_images as list_image_files, overlay, png_text,
+                                read_image, write_mask_png, write_rgb_png)
 from fusion_seg.errors import UserError
 from fusion_seg.files import check_out_folder, reporting_write_errors
 from fusion_seg.inference import arguments
@@ -36,7 +40,31 @@ def list_images(path: str | Path) -> list[Path]:
     return files
 
 
+def not_images(folder: Path) -> list[Path]:
+    """The files of ``folder`` that :func:`list_images` leaves out for their type (hidden files aside)."""
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir()
+                   and not p.name.lower().endswith(IMAGE_EXTENSIONS)), key=lambda p: p.name)
+
+
+def skipped_line(folder: Path, skipped: list[Path]) -> str:
+    """What predict says of the files of ``--input`` it does not read."""
+    names = ", ".join(p.name for p in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+    return (f"predict: skipping {len(skipped)} file{'s' if len(skipped) != 1 else ''} of {folder} that "
+            f"{'is' if len(skipped) == 1 else 'are'} not an image type it reads ({names}); it reads "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}.")
+
+
 LEGEND = "legend.png"  # predict's colour legend (class names), beside the overlays
+WRITTEN_BY = {"Software": "fusion-seg predict"}  # the PNG text of every file predict writes
+
+
+def refuse_foreign_files(paths: dict[Path, str], out: Path) -> None:
+    """Refuse, before any work, to overwrite a file at one of ``paths`` (path -> what predict would write
+    there) that predict did not write: a user's own file of the same name is not a result to replace."""
+    for path, what in paths.items():
+        if path.is_file() and png_text(path, "Software") != WRITTEN_BY["Software"]:
+            raise UserError(f"--out {out}: {path.name} is there and was not written by fusion-seg predict; "
+                            f"{what} would overwrite it. Move it, or pass another --out folder.")
 
 
 def prediction_paths(files: list[Path], out: Path) -> dict[Path, tuple[Path, str]]:
@@ -132,14 +160,21 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
     progress = arguments.flag("progress", progress)
     device = arguments.text("device", device, "cpu")
     targets = prediction_targets(inputs, out)
-    check_out_folder(out, {path: f"the {what} of {src}" for path, (src, what) in targets.items()})
+    writes = {path: f"the {what} of {src}" for path, (src, what) in targets.items()}
+    check_out_folder(out, writes)
+    if importlib.util.find_spec("matplotlib") is not None:  # the legend is written only with matplotlib
+        writes[out / LEGEND] = "the class legend"
+    refuse_foreign_files(writes, out)
     files = list(dict.fromkeys(src for src, _ in targets.values()))
+    skipped = not_images(inputs) if inputs.is_dir() else []
+    if skipped:
+        print(skipped_line(inputs, skipped), file=sys.stderr, flush=True)
     model = load_model(checkpoint, weights=weights, device=device, precision=precision, backend=backend)
     palette = model.palette
     with reporting_write_errors(out, "the output folder"):
         out.mkdir(parents=True, exist_ok=True)
     with reporting_write_errors(out / LEGEND, "the class legend"):
-        plot_if_available("plot_legend", model.classes, palette, out / LEGEND)  # colour -> class name
+        plot_if_available("plot_legend", model.classes, palette, out / LEGEND, metadata=WRITTEN_BY)  # colour -> name
     t0 = time.perf_counter()
     with Progress(len(files), "predict", "image", enabled=progress) as bar:
         for path in files:
@@ -147,9 +182,9 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
             mask = model.predict(image, sliding_window=sliding_window, flip=flip, scales=scales, progress=progress)
             label_map, overlaid = out / f"{path.stem}.png", out / f"{path.stem}_overlay.png"
             with reporting_write_errors(label_map, f"the label map of {path.name}"):
-                write_mask_png(label_map, mask, palette)
+                write_mask_png(label_map, mask, palette, text=WRITTEN_BY)
             with reporting_write_errors(overlaid, f"the overlay of {path.name}"):
-                write_rgb_png(overlaid, overlay(image, mask, palette))
+                write_rgb_png(overlaid, overlay(image, mask, palette), text=WRITTEN_BY)
             bar.update(1)
     seconds = time.perf_counter() - t0
     return PredictionResult(len(files), str(out), seconds, len(files) / seconds if seconds else None)

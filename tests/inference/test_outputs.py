@@ -103,7 +103,7 @@ def test_predict_on_a_full_disk_names_the_file(tmp_path, checkpoint, image):
 
 def test_predict_names_the_mask_or_overlay_it_could_not_write(tmp_path, checkpoint, image, monkeypatch):
     """Past the legend, each image's label map and overlay: the write that fails is named."""
-    def full(path, *args):
+    def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     for writer, name in (("write_mask_png", "a.png"), ("write_rgb_png", "a_overlay.png")):

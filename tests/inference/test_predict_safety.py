@@ -140,3 +140,45 @@ def test_predict_into_its_own_input_folder_is_refused_even_when_no_name_collides
                                        "--out", str(images)])
     assert result.exit_code == 2 and "is the --input folder" in result.output, result.output
     assert sorted(p.name for p in images.iterdir()) == ["a.jpg"]
+
+
+@pytest.mark.parametrize("name, what", [("a.png", "the label map of"), ("a_overlay.png", "the overlay of"),
+                                        ("legend.png", "the class legend")])
+def test_a_file_of_the_users_where_a_result_would_go_is_refused_not_overwritten(checkpoint, tmp_path, no_model,
+                                                                               name, what):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    out.mkdir()
+    image(images / "a.jpg")
+    mine = image(out / name, seed=1)  # a PNG, but not one predict wrote
+    with pytest.raises(UserError, match=f"--out {out}: {name} is there and was not written by fusion-seg predict; "
+                                        f"{what}"):
+        infer.predict(checkpoint, images, out, device="cpu", progress=False)
+    assert (out / name).read_bytes() == mine
+
+
+def test_results_are_marked_and_a_rerun_replaces_them(checkpoint, tmp_path):
+    from fusion_seg.data.io import png_text
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    image(images / "a.jpg")
+    infer.predict(checkpoint, images, out, device="cpu", progress=False)
+    assert {png_text(out / n, "Software") for n in ("a.png", "a_overlay.png", "legend.png")} == {"fusion-seg predict"}
+    image(images / "a.jpg", seed=2)
+    infer.predict(checkpoint, images, out, device="cpu", progress=False)  # its own results: replaced
+    assert np.array(Image.open(out / "a.png")).shape == SYNTH["size"]
+
+
+def test_files_of_the_input_folder_that_are_not_images_are_named_not_ignored(checkpoint, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    image(images / "a.png")
+    (images / "notes.txt").write_text("x")
+    (images / "b.gif").write_bytes(b"GIF89a")
+    (images / ".hidden").write_text("x")
+    (images / "sub").mkdir()
+    r = infer.predict(checkpoint, images, tmp_path / "out", device="cpu", progress=False)
+    assert r["images"] == 1
+    err = capsys.readouterr().err
+    assert f"predict: skipping 2 files of {images} that are not an image type it reads (b.gif, notes.txt)" in err
