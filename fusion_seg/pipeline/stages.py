@@ -37,7 +37,8 @@ def run_stage(stage: dict, *, progress: bool = True) -> dict:
                               **extra)
         return {"run_dir": r.run_dir, "steps": r.steps, "steps_this_run": len(r.losses), "best_miou": r.best_miou,
                 "final_loss": r.losses[-1] if r.losses else None, "seconds": round(r.seconds, 1),
-                **({"previous_run_kept_as": r.previous_run} if r.previous_run else {})}
+                **({"previous_run_kept_as": r.previous_run} if r.previous_run else {}),
+                **({"stopped_early": r.stopped_early} if r.stopped_early else {})}
     if kind == "evaluate":
         from fusion_seg.evaluation.evaluate import evaluate
 

@@ -69,13 +69,12 @@ class RunLog:
                            if "val" in record else {})}, record["step"])
         self.bar.write(epoch_line(record, self.cfg.epochs, time.perf_counter() - started))
 
-
     def stopped_early(self, record: dict, best: float, epochs: int, step: int) -> None:
         """The run ends before epoch ``epochs`` (``--patience``): its record, and the line that says why."""
         self.append({"type": "early_stop", "step": step, **record})
         self.bar.write(f"stopping early after epoch {record['epoch']}/{epochs}: the val mIoU has not improved on "
-                       f"epoch {record['best_epoch']}'s {best:.4f} for {record['patience']} epochs (--patience); "
-                       "best.pt holds that epoch")
+                       f"epoch {record['best_epoch']}'s {best:.4f} for {record['epoch'] - record['best_epoch']} "
+                       f"epochs (--patience {record['patience']}); best.pt holds that epoch")
 
 
 def describe_run(run: RunDirectory, cfg: TrainConfig, source: dict, dist: DistEnv, views: int, steps_per_epoch: int,

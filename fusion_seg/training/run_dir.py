@@ -153,11 +153,15 @@ class RunDirectory:
         """
         diffs, changed = run_differences(ckpt, record, cfg, classes, encoder, data)
         if changed == ["lr"] and len(diffs) == 1:
-            if ckpt.get("epoch", 0) >= cfg.epochs:
+            stopped = (cfg.patience is not None and ckpt.get("best_epoch") is not None
+                       and ckpt.get("last_val_epoch", 0) - ckpt["best_epoch"] >= cfg.patience)
+            if ckpt.get("epoch", 0) >= cfg.epochs or stopped:
+                how = (f"stopped early after epoch {ckpt['epoch']} by --patience {cfg.patience}" if stopped
+                       else f"{ckpt['epoch']} of {cfg.epochs} epochs")
                 raise CheckpointError(
-                    f"cannot resume {self.last} with --lr {cfg.lr:g}: that run is finished ({ckpt['epoch']} of "
-                    f"{cfg.epochs} epochs), so a new --lr would change no step. Drop --lr to keep it as it is, or "
-                    "pass a new --out to train a new run with this --lr.")
+                    f"cannot resume {self.last} with --lr {cfg.lr:g}: that run is finished ({how}), so a new --lr "
+                    "would change no step. Drop --lr to keep it as it is (or give more --patience), or pass a new "
+                    "--out to train a new run with this --lr.")
             return TrainConfig(**ckpt["train"]).lr
         if diffs:
             note = " (--lr alone may change on --resume)" if "lr" in changed else ""

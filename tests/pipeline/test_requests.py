@@ -27,7 +27,7 @@ def calls(monkeypatch):
 
     seen: dict[str, list] = {"extract": [], "train_online": [], "train_decoder": []}
     trained = SimpleNamespace(run_dir="r", epochs=1, steps=0, seconds=0.0, best_miou=None, losses=[],
-                              previous_run=None)
+                              previous_run=None, stopped_early=None)
 
     def record(module, name, result):
         @functools.wraps(getattr(module, name))  # the same signature: the recipe runner reads it

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from fusion_seg.checkpoint import load_checkpoint
 from fusion_seg.cli import main
+from fusion_seg.errors import CheckpointError
 from fusion_seg.training import trainer
 from fusion_seg.training.train import train_decoder
 from pipeline_helpers import extract_synthetic, tiny_config
@@ -69,6 +70,9 @@ def test_the_run_stops_once_the_val_miou_has_not_improved_for_patience_epochs(st
     again = run(stores, out, resume=True, patience=2)  # stopped: nothing to train, and said once
     assert again.losses == [] and again.stopped_early == r.stopped_early and len(scripted) == 4
     assert len(records(out, "early_stop")) == 1
+    with pytest.raises(CheckpointError, match="that run is finished \\(stopped early after epoch 4 by --patience 2\\)"):
+        run(stores, out, resume=True, patience=2, lr=0.05)  # a new lr would change no step: not stamped on it
+    assert load_checkpoint(out / "last.pt")["train"]["lr"] == 0.01
 
     more = run(stores, out, resume=True, patience=3)  # more patience (a run setting) continues from epoch 5
     assert more.epochs == 8 and len(more.losses) == 4 * 2 and more.best_miou == 0.60 and len(scripted) == 8
