@@ -100,8 +100,7 @@ class Photometric:
         _tuples(self, "contrast", "saturation")
 
     def to_json(self) -> dict:
-        return {"brightness": self.brightness, "contrast": list(self.contrast), "saturation": list(self.saturation),
-                "hue": self.hue, "blur": self.blur}
+        return {**asdict(self), "contrast": list(self.contrast), "saturation": list(self.saturation)}
 
 
 @dataclass(frozen=True)

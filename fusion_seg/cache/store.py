@@ -202,20 +202,15 @@ class CacheSpec:
 
 
 def _file_key(path: str) -> str:
-    """The absolute path a listed ``path`` names from this working directory."""
-    return os.path.abspath(path)
+    """The file or folder ``path`` names from this working directory (relative or absolute, through links)."""
+    return os.path.realpath(path)
 
 
 def _same_folder(a, b) -> bool:
     """Whether two dataset roots name one folder from this working directory (a relative and an absolute
     spelling): a resume from another folder of the project is not other settings. What the folder holds is
     checked apart, file by file (:meth:`FeatureStore.check_inputs`)."""
-    if not (isinstance(a, str) and isinstance(b, str)) or a == b:
-        return False
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError):
-        return False
+    return isinstance(a, str) and isinstance(b, str) and a != b and _file_key(a) == _file_key(b)
 
 
 class FeatureStore:

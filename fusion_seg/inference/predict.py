@@ -40,10 +40,11 @@ def list_images(path: str | Path) -> list[Path]:
     return files
 
 
-def not_images(folder: Path) -> list[Path]:
-    """The files of ``folder`` that :func:`list_images` leaves out for their type (hidden files aside)."""
-    return sorted((p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir()
-                   and not p.name.lower().endswith(IMAGE_EXTENSIONS)), key=lambda p: p.name)
+def not_images(folder: Path, images: list[Path]) -> list[Path]:
+    """The files of ``folder`` other than its ``images`` (:func:`list_images`'s), hidden files aside."""
+    listed = set(images)
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir() and p not in listed),
+                  key=lambda p: p.name)
 
 
 def skipped_line(folder: Path, skipped: list[Path]) -> str:
@@ -166,7 +167,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, out: str | Path, *, slid
         writes[out / LEGEND] = "the class legend"
     refuse_foreign_files(writes, out)
     files = list(dict.fromkeys(src for src, _ in targets.values()))
-    skipped = not_images(inputs) if inputs.is_dir() else []
+    skipped = not_images(inputs, files) if inputs.is_dir() else []
     if skipped:
         print(skipped_line(inputs, skipped), file=sys.stderr, flush=True)
     model = load_model(checkpoint, weights=weights, device=device, precision=precision, backend=backend)

@@ -134,6 +134,11 @@ class RunSettings:
         if self.cache_mode not in CACHE_MODES:
             require("--cache-mode", self.cache_mode, f"choose one of {', '.join(CACHE_MODES)}")
 
+    def out_of_patience(self, best_epoch: int | None, last_val_epoch: int) -> bool:
+        """Whether ``patience`` epochs have passed, at the latest validation (``last_val_epoch``), since the
+        best one (``best_epoch``; None: none yet): the run is over (:class:`~fusion_seg.training.trainer.Trainer`)."""
+        return self.patience is not None and best_epoch is not None and last_val_epoch - best_epoch >= self.patience
+
 
 @dataclass(frozen=True)
 class TrainConfig(RunSettings, Schedule):

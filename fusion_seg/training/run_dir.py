@@ -153,8 +153,7 @@ class RunDirectory:
         """
         diffs, changed = run_differences(ckpt, record, cfg, classes, encoder, data)
         if changed == ["lr"] and len(diffs) == 1:
-            stopped = (cfg.patience is not None and ckpt.get("best_epoch") is not None
-                       and ckpt.get("last_val_epoch", 0) - ckpt["best_epoch"] >= cfg.patience)
+            stopped = cfg.out_of_patience(ckpt.get("best_epoch"), ckpt.get("last_val_epoch", 0))
             if ckpt.get("epoch", 0) >= cfg.epochs or stopped:
                 how = (f"stopped early after epoch {ckpt['epoch']} by --patience {cfg.patience}" if stopped
                        else f"{ckpt['epoch']} of {cfg.epochs} epochs")

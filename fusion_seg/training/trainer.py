@@ -82,7 +82,8 @@ class Trainer:
                                    self.steps_per_epoch, self.total_steps, self.start_epoch, self.step),
                       self.lr_change, self.notices)
             for epoch in range(self.start_epoch, self.cfg.epochs):
-                if self.dist.from_main(self.out_of_patience()):  # rank 0 alone validates: its decision
+                # rank 0 alone validates: its decision
+                if self.dist.from_main(self.cfg.out_of_patience(self.best_epoch, self.last_val_epoch)):
                     self.stop_early(log)
                     break
                 started = time.perf_counter()
@@ -199,12 +200,6 @@ class Trainer:
                 self.run.save_best(self.checkpoint(epoch + 1) | {"val": record["val"]})
         log.after_epoch(record, started)
         self.run.save_last(self.checkpoint(epoch + 1))
-
-    def out_of_patience(self) -> bool:
-        """Whether ``--patience`` epochs have passed, at the latest validation, since the best one."""
-        patience = self.cfg.patience
-        return (patience is not None and self.best_epoch is not None
-                and self.last_val_epoch - self.best_epoch >= patience)
 
     def stop_early(self, log: RunLog) -> None:
         """End the run after epoch ``self.epoch``: its record, and the line that says why."""
